@@ -1,0 +1,164 @@
+"""Model bundles: a directory (local or any fsspec URL) with ``config.json`` and ``model.safetensors``.
+
+The bundle stores the encoder/decoder weights *and* the codebook tensor with its fingerprint. The codebook is always
+regenerated from (K, m, seed) on load and compared with the stored one, so a bundle made with a different codebook
+(seed, size, or a torch whose Sobol differs) is refused with a message saying what differs instead of silently
+producing other tokens. No pickle is involved anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from gq_model.codebook import codebook_fingerprint
+from gq_model.config import GQConfig
+
+__all__ = ["save_bundle", "load_bundle", "read_bundle_config", "resolve_model_url", "BUNDLE_FORMAT",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
+
+BUNDLE_FORMAT = "gq-bundle"
+BUNDLE_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CODEBOOK_KEY = "quantizer.codebook"
+
+
+def _builtin_dir(name: str) -> str | None:
+    root = resources.files("gq_model") / "builtin" / name
+    return str(root) if root.is_dir() and (root / CONFIG_NAME).is_file() else None
+
+
+def resolve_model_url(url: str) -> str:
+    """Map a built-in model name (e.g. ``"demo"``) to its packaged directory; other URLs pass through."""
+    url = os.fspath(url)
+    if "/" not in url and "://" not in url and not os.path.exists(url):
+        path = _builtin_dir(url)
+        if path is None:
+            raise FileNotFoundError(f"{url!r} is neither an existing path nor a built-in model name")
+        return path
+    return url
+
+
+def _join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
+
+
+def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write then rename on local filesystems (no reader sees half a file); object stores put atomically."""
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def save_bundle(model, url: str, **extra: Any) -> None:
+    """Save ``model`` (a GQModel) as a bundle under ``url``."""
+    fs, path = fsspec.core.url_to_fs(os.fspath(url))
+    fs.makedirs(path, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors[CODEBOOK_KEY] = model.quantizer.codebook.detach().to("cpu").contiguous()
+    fingerprint = codebook_fingerprint(tensors[CODEBOOK_KEY])
+    payload = save_safetensors_bytes(tensors, metadata={"format": BUNDLE_FORMAT, "codebook_fingerprint": fingerprint})
+    config = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "config": model.config.to_dict(),
+        "codebook_fingerprint": fingerprint,
+        "model_fingerprint": model.model_fingerprint,
+        "weights_sha256": hashlib.sha256(payload).hexdigest(),
+        "extra": extra,
+    }
+    _write_atomic(fs, _join(path, WEIGHTS_NAME), payload)
+    _write_atomic(fs, _join(path, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True).encode())
+
+
+def read_bundle_config(url: str) -> dict[str, Any]:
+    """The parsed ``config.json`` of a bundle, validated."""
+    url = resolve_model_url(url)
+    fs, path = fsspec.core.url_to_fs(url)
+    cfg_path = _join(path, CONFIG_NAME)
+    if not fs.exists(cfg_path):
+        raise FileNotFoundError(f"{url} is not a GQ bundle: {CONFIG_NAME} not found")
+    try:
+        with fs.open(cfg_path, "rb") as f:
+            meta = json.loads(f.read())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e}); the bundle is corrupt") from e
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{cfg_path} is not a GQ bundle config (format={meta.get('format')!r})")
+    if int(meta.get("format_version", 0)) > BUNDLE_VERSION:
+        raise ValueError(f"{url} has bundle format version {meta['format_version']}; this gq reads up to "
+                         f"{BUNDLE_VERSION}: upgrade gq")
+    return meta
+
+
+def load_bundle(url: str, map_location: str | torch.device = "cpu"):
+    """Load a GQModel from a bundle directory or URL, verifying weights and codebook."""
+    from gq_model.model import GQModel
+
+    url = resolve_model_url(url)
+    meta = read_bundle_config(url)
+    fs, path = fsspec.core.url_to_fs(url)
+    weights_path = _join(path, WEIGHTS_NAME)
+    if not fs.exists(weights_path):
+        raise FileNotFoundError(f"{url}: {WEIGHTS_NAME} not found")
+    with fs.open(weights_path, "rb") as f:
+        payload = f.read()
+    expected_sha = meta.get("weights_sha256")
+    if expected_sha and hashlib.sha256(payload).hexdigest() != expected_sha:
+        raise ValueError(f"{weights_path} does not match the sha256 recorded in {CONFIG_NAME}: the file is truncated "
+                         f"or corrupt ({len(payload)} bytes read)")
+    try:
+        tensors = load_safetensors_bytes(payload)
+    except Exception as e:  # safetensors raises its own error types for truncated headers
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
+
+    model = GQModel(GQConfig.from_dict(meta["config"]))
+    _verify_codebook(url, meta, tensors.pop(CODEBOOK_KEY, None), model)
+    missing, unexpected = _compare_keys(model.state_dict(), tensors)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not match its config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}"
+                         f", unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    model.load_state_dict(tensors, strict=True)
+    return model.to(map_location).eval()
+
+
+def _compare_keys(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    bad_shapes = [f"{k}: {tuple(got[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                  if k in got and tuple(got[k].shape) != tuple(v.shape)]
+    if bad_shapes:
+        raise ValueError(f"weight shapes do not match the config: {bad_shapes[:5]}")
+    return missing, unexpected
+
+
+def _verify_codebook(url: str, meta: dict[str, Any], stored: torch.Tensor | None, model) -> None:
+    cfg = model.config
+    regenerated = model.fingerprint
+    recorded = meta.get("codebook_fingerprint")
+    where = f"(K={cfg.codebook_size}, m={cfg.group}, seed={cfg.seed})"
+    if stored is None:
+        raise ValueError(f"{url}: the bundle has no stored codebook ({CODEBOOK_KEY})")
+    stored_fp = codebook_fingerprint(stored)
+    if tuple(stored.shape) != (cfg.codebook_size, cfg.group):
+        raise ValueError(f"{url}: stored codebook has shape {tuple(stored.shape)} but the config says {where}")
+    if stored_fp != recorded:
+        raise ValueError(f"{url}: stored codebook fingerprint {stored_fp} differs from the one recorded in "
+                         f"{CONFIG_NAME} ({recorded}); the bundle was modified")
+    if stored_fp != regenerated:
+        raise ValueError(f"{url}: the bundle's codebook (fingerprint {stored_fp}) differs from the codebook this "
+                         f"installation regenerates for {where} (fingerprint {regenerated}); its tokens would not "
+                         f"match. Was the bundle made with another seed or another torch Sobol implementation?")

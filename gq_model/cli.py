@@ -1,0 +1,61 @@
+"""The ``gq`` console command: one front for convert, tokenize, train, export, eval, decode, inspect and demo.
+
+Each sub-command lives next to the code it drives and registers itself through a ``add_parser(subparsers)`` function,
+imported lazily so that ``gq convert --help`` never pays for Ray or DeepSpeed imports.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module with add_parser(subparsers) that sets func=...; modules that are missing are skipped (partial installs).
+SUBCOMMANDS = {
+    "convert": "gq_model.convert_cli",
+    "tokenize": "jobs.tokenize",
+    "train": "jobs.train",
+    "export": "jobs.export",
+    "eval": "jobs.eval",
+    "decode": "gq_pipeline.decode_cli",
+    "inspect": "gq_pipeline.inspect_cli",
+    "demo": "jobs.demo",
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gq", description="Gaussian Quant (GQ) image tokenizer")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = None
+    if argv:
+        first = next((a for a in argv if not a.startswith("-")), None)
+        wanted = first if first in SUBCOMMANDS else None
+    for name, module_name in SUBCOMMANDS.items():
+        if wanted is not None and name != wanted:
+            sub.add_parser(name, help=f"(see gq {name} --help)")
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
+                continue  # this sub-command is not part of this installation
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"gq {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""GQModel: a Gaussian-VAE autoencoder plus its training-free quantizer, with one explicit API per use.
+
+``encode_moments`` gives the posterior; ``tokenize``/``detokenize`` are the VQ-VAE view (deterministic, never mutates
+state, unlike the reference whose ``encode`` switches behaviour on ``module.training``); ``encode_latent``/
+``decode_latent`` are the continuous Gaussian-VAE view for diffusion users.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from gq_model.config import GQConfig
+from gq_model.quantizer import GaussianQuantizer
+
+__all__ = ["GQModel", "build_autoencoder"]
+
+
+def build_autoencoder(config: GQConfig) -> tuple[nn.Module, nn.Module]:
+    """Encoder and decoder modules for ``config`` (the reference's classes, keys and shapes)."""
+    if config.arch == "unet":
+        from gq_model.unet import Decoder, Encoder
+    else:
+        from gq_model.vit import TransformerDecoder as Decoder, TransformerEncoder as Encoder
+    encoder_params = dict(config.encoder)
+    if not encoder_params.get("double_z", True):
+        raise ValueError("GQ needs double_z=True: the encoder must output both mu and log sigma^2")
+    return Encoder(**encoder_params), Decoder(**dict(config.decoder))
+
+
+class GQModel(nn.Module):
+    """A GQ tokenizer. Build it from a :class:`GQConfig` (or its dict), a bundle, or an official checkpoint."""
+
+    def __init__(self, config: GQConfig | dict[str, Any]):
+        super().__init__()
+        self.config = config if isinstance(config, GQConfig) else GQConfig.from_dict(config)
+        self.encoder, self.decoder = build_autoencoder(self.config)
+        c = self.config
+        self.quantizer = GaussianQuantizer(codebook_size=c.codebook_size, group=c.group, seed=c.seed, beta=c.beta,
+                                           logvar_range=c.logvar_range, layout=c.layout)
+        self._model_fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ shapes and identity
+    @property
+    def fingerprint(self) -> str:
+        """Codebook fingerprint: identifies the token vocabulary (sha256[:16] of the float32 codebook)."""
+        return self.quantizer.fingerprint
+
+    @property
+    def model_fingerprint(self) -> str:
+        """sha256[:16] over the config and the encoder/decoder weights: identifies which model made a token shard."""
+        if self._model_fingerprint is None:
+            h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            for name, tensor in sorted(self.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            self._model_fingerprint = h.hexdigest()[:16]
+        return self._model_fingerprint
+
+    def load_state_dict(self, *args, **kwargs):  # weights changed: forget the cached fingerprint
+        self._model_fingerprint = None
+        return super().load_state_dict(*args, **kwargs)
+
+    @property
+    def downsample_factor(self) -> int:
+        if self.config.arch == "unet":
+            return 2 ** (len(self.config.encoder["ch_mult"]) - 1)
+        return int(self.config.encoder["patch_size"])
+
+    def token_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(G, h, w) of the token grid for a square ``image_size`` input."""
+        self._check_size(image_size, image_size)
+        s = image_size // self.downsample_factor
+        return (self.config.num_groups, s, s)
+
+    def _check_size(self, h: int, w: int) -> None:
+        f = self.downsample_factor
+        if h % f or w % f:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the model's downsampling factor {f}")
+        if self.config.arch == "vit":
+            size = int(self.config.encoder["image_size"])
+            if (h, w) != (size, size):
+                raise ValueError(f"this ViT model takes {size}x{size} images only (fixed positional embedding), "
+                                 f"got {h}x{w}")
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"images must be [B,3,H,W], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"images must be floating point in [-1, 1], got {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError("empty batch")
+        self._check_size(x.shape[2], x.shape[3])
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("images contain NaN or Inf")
+
+    # ------------------------------------------------------------------ Gaussian-VAE view
+    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior (mu, logvar) for images ``x`` [B,3,H,W] in [-1, 1]: ``[B,C,h,w]`` (UNet) or ``[B,L,C]`` (ViT).
+
+        logvar is returned unclamped; the quantizer and TDC clamp it to ``config.logvar_range`` as the reference does.
+        """
+        self._check_images(x)
+        h = self.encoder(x)
+        return h.chunk(2, dim=1) if self.config.latent_format == "bchw" else h.chunk(2, dim=-1)
+
+    def encode_latent(self, x: torch.Tensor, sample: bool = False,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continuous latent: mu (deterministic, the default) or a posterior sample mu + sigma * eps."""
+        mu, logvar = self.encode_moments(x)
+        if not sample:
+            return mu
+        std = torch.exp(0.5 * logvar.clamp(*self.config.logvar_range))
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + std * eps
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Images from a continuous (or dequantized) latent; clamped to ``clamp_range`` when the config has one."""
+        x = self.decoder(z)
+        if self.config.clamp_range is not None:
+            x = x.clamp(*self.config.clamp_range)
+        return x
+
+    # ------------------------------------------------------------------ VQ-VAE view
+    @torch.no_grad()
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, quantized latent) for images."""
+        mu, logvar = self.encode_moments(x)
+        return self.quantizer.quantize(mu, logvar)
+
+    @torch.no_grad()
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        """int64 token indices: ``[B, G, h, w]`` (UNet) or ``[B, L, G]`` (ViT)."""
+        return self.quantize(x)[0]
+
+    @torch.no_grad()
+    def detokenize(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images [B,3,H,W] from token indices (the layout :meth:`tokenize` returns)."""
+        expected = 4 if self.config.latent_format == "bchw" else 3
+        if not isinstance(indices, torch.Tensor) or indices.dim() != expected:
+            shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+            raise ValueError(f"indices must be a {expected}-D tensor for a {self.config.arch} model, got {shape}")
+        g = indices.shape[1] if expected == 4 else indices.shape[2]
+        if g != self.config.num_groups:
+            raise ValueError(f"indices have {g} groups, this model has {self.config.num_groups}")
+        device = next(self.decoder.parameters()).device
+        return self.decode_latent(self.quantizer.dequantize(indices.to(device)))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, quantized: bool = True) -> torch.Tensor:
+        """Quantized (default) or Gaussian-mean reconstruction of ``x``."""
+        if quantized:
+            return self.decode_latent(self.quantize(x)[1])
+        return self.decode_latent(self.encode_latent(x))
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, url: str, **extra: Any) -> None:
+        """Write a bundle (``config.json`` + ``model.safetensors``, no pickle) to a local path or fsspec URL."""
+        from gq_model.bundle import save_bundle
+
+        save_bundle(self, url, **extra)
+
+    @classmethod
+    def from_pretrained(cls, url: str, map_location: str | torch.device = "cpu") -> "GQModel":
+        """Load a bundle from a local path or fsspec URL (or a built-in name such as ``"demo"``)."""
+        from gq_model.bundle import load_bundle
+
+        return load_bundle(url, map_location=map_location)
+
+    @classmethod
+    def from_reference_checkpoint(cls, checkpoint: str, config: str | None = None, *, preset: str | None = None,
+                                  trust_checkpoint: bool = False) -> "GQModel":
+        """Load the reference's own Lightning ``.ckpt`` with its YAML config (or a built-in preset name).
+
+        Only ``encoder.*``/``decoder.*`` are taken (strictly); ``loss.*`` and trainer state are ignored.
+        """
+        from gq_model.reference_checkpoint import load_reference_checkpoint
+
+        return load_reference_checkpoint(checkpoint, config, preset=preset, trust_checkpoint=trust_checkpoint)

@@ -1,0 +1,115 @@
+"""Target divergence constraint (TDC): the KL regularizer that makes a Gaussian VAE quantizable by GQ.
+
+Per latent group (m channels, the same strided grouping as the quantizer) the KL to N(0, I) is measured in bits and
+pushed toward T = floor(log2 K): by the paper's theorem a codebook of K = 2^T Gaussian codewords then contains a
+codeword within about one sigma of the posterior mean with overwhelming probability. The rule is the reference's:
+
+* R[b, l, j] = 1.4426 * 1/2 * sum_{a in group j} (mu^2 + sigma^2 - 1 - log sigma^2)           (bits)
+* weight w = lam_max if R > T + tol, lam_min if R < T - tol, else 1
+* loss = lam * sum(w * R) / B                                  (with the lambdas from *before* this step's update)
+* then lam *= f if mean(R) > T else /= f;  lam_max *= f if max(R) > T + tol else /= f, clipped to [1, 1e3];
+  lam_min /= f if min(R) < T - tol else *= f, clipped to [1e-3, 1]
+
+Unlike the reference the three lambdas are float64 buffers (saved with the model, restored on resume), lam is clamped
+to [1e-7, 1e7], the statistics are all-reduced across ranks when torch.distributed is initialized (so every rank takes
+the same step), and evaluation mode never mutates them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gq_model.codebook import bits_per_index
+from gq_model.quantizer import check_moments, to_groups
+
+__all__ = ["TDCRegularizer", "kl_bits_per_group"]
+
+# The reference's rounded 1/ln(2); keeping it makes losses match the reference to float precision.
+KL_BITS_CONSTANT = 1.4426
+
+
+def kl_bits_per_group(mu: torch.Tensor, logvar: torch.Tensor, group: int, layout: str = "strided") -> torch.Tensor:
+    """KL(q || N(0, I)) in bits for each group: ``[B,H,W,G]`` for 4-D latents, ``[B,L,G]`` for 3-D ones.
+
+    ``logvar`` must already be clamped. Computed in float32 like the reference.
+    """
+    mu, logvar = mu.float(), logvar.float()
+    per_channel = KL_BITS_CONSTANT * 0.5 * (mu * mu + torch.exp(logvar) - 1.0 - logvar)
+    return to_groups(per_channel, group, layout).sum(dim=-1)
+
+
+class TDCRegularizer(nn.Module):
+    """The TDC KL loss with its three multiplicative controllers (see module docstring)."""
+
+    def __init__(self, codebook_size: int = 65536, group: int = 16, tolerance: float = 0.5, lam_factor: float = 1.01,
+                 logvar_range: tuple[float, float] = (-30.0, 20.0), layout: str = "strided",
+                 lam_range: tuple[float, float] = (1e-7, 1e7), lam_min_range: tuple[float, float] = (1e-3, 1.0),
+                 lam_max_range: tuple[float, float] = (1.0, 1e3)):
+        super().__init__()
+        if codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
+        if lam_factor <= 1.0:
+            raise ValueError(f"lam_factor must be > 1, got {lam_factor}")
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        self.codebook_size, self.group, self.layout = int(codebook_size), int(group), layout
+        self.target_bits = float(bits_per_index(self.codebook_size))
+        self.tolerance, self.lam_factor = float(tolerance), float(lam_factor)
+        self.logvar_range = tuple(float(v) for v in logvar_range)
+        self.lam_range, self.lam_min_range, self.lam_max_range = lam_range, lam_min_range, lam_max_range
+        for name in ("lam", "lam_min", "lam_max"):
+            self.register_buffer(name, torch.ones((), dtype=torch.float64))
+
+    def extra_repr(self) -> str:
+        return (f"codebook_size={self.codebook_size}, group={self.group}, target_bits={self.target_bits}, "
+                f"tolerance={self.tolerance}, lam_factor={self.lam_factor}")
+
+    @torch.no_grad()
+    def _global_stats(self, bits: torch.Tensor) -> tuple[float, float, float]:
+        """(mean, min, max) of the per-group bits over this batch, across all ranks when distributed."""
+        stats = torch.stack([bits.sum(), torch.tensor(float(bits.numel()), device=bits.device),
+                             bits.max(), -bits.min()]).double()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            total = stats[:2].clone()
+            extremes = stats[2:].clone()
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+            stats = torch.cat([total, extremes])
+        return float(stats[0] / stats[1]), float(-stats[3]), float(stats[2])
+
+    @torch.no_grad()
+    def _update(self, mean_bits: float, min_bits: float, max_bits: float) -> None:
+        f, t, tol = self.lam_factor, self.target_bits, self.tolerance
+        lam = float(self.lam) * (f if mean_bits > t else 1.0 / f)
+        lam_max = float(self.lam_max) * (f if max_bits > t + tol else 1.0 / f)
+        lam_min = float(self.lam_min) / f if min_bits < t - tol else float(self.lam_min) * f
+        self.lam.fill_(min(max(lam, self.lam_range[0]), self.lam_range[1]))
+        self.lam_max.fill_(min(max(lam_max, self.lam_max_range[0]), self.lam_max_range[1]))
+        self.lam_min.fill_(min(max(lam_min, self.lam_min_range[0]), self.lam_min_range[1]))
+
+    def forward(self, mu: torch.Tensor, logvar: torch.Tensor, update: bool | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        """TDC loss for posterior (mu, logvar) in the quantizer's layouts, and statistics.
+
+        Args:
+            update: step the controllers after computing the loss. Defaults to ``self.training``; a training loop
+                calls it with ``update=True`` once per generator step and ``update=False`` elsewhere.
+        Returns: (scalar loss, {"bits_mean", "bits_min", "bits_max", "lam", "lam_min", "lam_max"}); the lambdas
+            reported are the ones used in this loss (before the update).
+        """
+        check_moments(mu, logvar, self.group)
+        logvar = logvar.float().clamp(*self.logvar_range)
+        bits = kl_bits_per_group(mu, logvar, self.group, self.layout)
+        lam, lam_min, lam_max = float(self.lam), float(self.lam_min), float(self.lam_max)
+        with torch.no_grad():
+            hi, lo = bits > self.target_bits + self.tolerance, bits < self.target_bits - self.tolerance
+            weights = torch.where(hi, torch.full_like(bits, lam_max),
+                                  torch.where(lo, torch.full_like(bits, lam_min), torch.ones_like(bits)))
+        loss = lam * (weights * bits).sum() / mu.shape[0]
+        mean_bits, min_bits, max_bits = self._global_stats(bits.detach())
+        if self.training if update is None else update:
+            self._update(mean_bits, min_bits, max_bits)
+        stats = {"bits_mean": mean_bits, "bits_min": min_bits, "bits_max": max_bits,
+                 "lam": lam, "lam_min": lam_min, "lam_max": lam_max}
+        return loss, stats
