@@ -1,0 +1,581 @@
+"""Find, validate and read the token shards written by ``gq tokenize`` (docs/token-format.md).
+
+Everything that touches shard *files* lives here, so that ``TokenDataset``, ``gq decode`` and ``gq inspect`` agree on
+what a shard set is: which files belong to it (never temporaries), how many samples each holds (Parquet footers,
+``webdataset/index.json``), which codebook made them (refuse a mix: the same integer means a different codeword in
+another codebook), and how a run of rows becomes sample dicts (uint16 widened to int64, never sign-extended).
+
+Listing reads only metadata (footers, index, manifest), so a dataset can be split into exact sample ranges before any
+token is decoded. File systems are re-created from ``(protocol, storage_options)`` in each process, never pickled or
+inherited through ``fork``: an s3fs instance copied into a DataLoader worker keeps a dead event loop and hangs.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import re
+import tarfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+__all__ = ["ShardError", "FingerprintMismatchError", "FSRef", "Shard", "ShardSet", "list_shards", "read_manifest",
+           "read_error_tables", "read_parquet_rows", "iter_tar_rows", "tokens_to_int64", "FORMAT_VERSION"]
+
+FORMAT_VERSION = "1"
+TOKEN_COLUMNS = ("tokens", "token_shape", "latent", "latent_shape")
+_MODEL_FP = re.compile(r"^(?P<unit>.+)-(?P<fp>[0-9a-f]{16})$")
+
+
+class ShardError(ValueError):
+    """A shard (named in the message) cannot be read or does not follow the token format."""
+
+
+class FingerprintMismatchError(ShardError):
+    """The shards were made with different codebooks: their token ids are not comparable."""
+
+
+# ---------------------------------------------------------------------------------------------- file systems
+@dataclass(frozen=True)
+class FSRef:
+    """A picklable handle on an fsspec file system: the instance is looked up per process (fsspec caches per pid)."""
+
+    protocol: str
+    storage_options: tuple = ()
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.filesystem(self.protocol, **dict(self.storage_options))
+
+    def url(self, path: str) -> str:
+        return path if self.protocol in ("file", "local") else f"{self.protocol}://{path}"
+
+    def open(self, path: str, mode: str = "rb"):
+        return self.fs.open(path, mode)
+
+
+def _fsref(url: str, storage_options: dict | None) -> tuple[FSRef, str]:
+    fs, path = fsspec.core.url_to_fs(os.fspath(url), **(storage_options or {}))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return FSRef(protocol, tuple(sorted((storage_options or {}).items()))), path
+
+
+def _is_temporary(path: str) -> bool:
+    return ".tmp" in posixpath.basename(path) or "/_tmp/" in path or path.startswith("_tmp/")
+
+
+# ---------------------------------------------------------------------------------------------- data model
+@dataclass
+class Shard:
+    """One shard file and what its metadata says. ``row_groups`` holds rows per Parquet row group ((n,) for a tar)."""
+
+    path: str
+    format: str  # "parquet" | "webdataset"
+    num_rows: int
+    row_groups: tuple[int, ...]
+    codebook_fingerprint: str | None = None
+    model_fingerprint: str | None = None
+    codebook_size: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    columns: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+
+@dataclass
+class ShardSet:
+    """The shards under one URL, in name order, with the output root (where manifest.json and errors/ live)."""
+
+    fsref: FSRef
+    format: str
+    shards: list[Shard]
+    root: str | None = None
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (url, message) of unreadable shards (strict=False)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_rows for s in self.shards)
+
+    def url(self, shard: Shard) -> str:
+        return self.fsref.url(shard.path)
+
+    def fingerprint_groups(self) -> dict[str | None, list[Shard]]:
+        groups: dict[str | None, list[Shard]] = {}
+        for s in self.shards:
+            groups.setdefault(s.codebook_fingerprint, []).append(s)
+        return groups
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The one codebook fingerprint of the set (validated), or None when the shards do not record it."""
+        return self.check_fingerprints()
+
+    @property
+    def codebook_size(self) -> int | None:
+        sizes = {s.codebook_size for s in self.shards if s.codebook_size}
+        return max(sizes) if sizes else None
+
+    def check_fingerprints(self) -> str | None:
+        """Raise :class:`FingerprintMismatchError` unless every shard comes from one codebook."""
+        groups = self.fingerprint_groups()
+        known = {k: v for k, v in groups.items() if k is not None}
+        if len(known) > 1:
+            desc = "; ".join(f"{fp}: {len(v)} shard(s), e.g. {self.url(v[0])}" for fp, v in sorted(known.items()))
+            raise FingerprintMismatchError(
+                f"the shards under this URL were made with {len(known)} different codebooks ({desc}). Token ids from "
+                "different codebooks mean different codewords; read each codebook's shards as a separate dataset")
+        if None in groups and known:
+            bad = groups[None]
+            raise FingerprintMismatchError(
+                f"{len(bad)} shard(s) record no codebook fingerprint (e.g. {self.url(bad[0])}) while the others use "
+                f"{next(iter(known))}; cannot prove they share one codebook")
+        if None in groups:
+            models = {s.model_fingerprint for s in self.shards}
+            if len(models) > 1:
+                raise FingerprintMismatchError(
+                    "cannot verify that these shards share one codebook: they come from "
+                    f"{len(models)} models ({', '.join(sorted(str(m) for m in models))}) and no manifest.json or "
+                    "Parquet metadata gives their codebook fingerprints")
+            return None
+        return next(iter(known), None)
+
+    def digest(self) -> str:
+        """Identity of the shard set for resume checks: names and row layout, not the location (copies resume)."""
+        h = hashlib.sha256()
+        for s in self.shards:
+            h.update(f"{s.name}:{','.join(map(str, s.row_groups))};".encode())
+        return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- listing
+def list_shards(url: str | list[str], format: str = "auto", storage_options: dict | None = None,
+                strict: bool = True) -> ShardSet:
+    """List and describe the shards under ``url`` (an output root, its ``parquet``/``webdataset`` folder, a glob, a
+    file, ``index.json``, or a list of files). ``format`` is ``auto`` (Parquet when both exist), ``parquet`` or
+    ``webdataset``. With ``strict=False`` unreadable shards go to ``problems`` instead of raising (for inspect)."""
+    if format not in ("auto", "parquet", "webdataset", "wds"):
+        raise ValueError(f"format must be auto, parquet or webdataset, got {format!r}")
+    format = "webdataset" if format == "wds" else format
+    urls = [url] if isinstance(url, (str, os.PathLike)) else list(url)
+    if not urls:
+        raise FileNotFoundError("no shard URL given")
+    fsref, _ = _fsref(urls[0], storage_options)
+    fs = fsref.fs
+    paths: list[str] = []
+    root = None
+    index_path = None
+    for u in urls:
+        ref, path = _fsref(u, storage_options)
+        if ref.protocol != fsref.protocol:
+            raise ValueError(f"all shard URLs must use one file system, got {fsref.protocol} and {ref.protocol}")
+        found, fmt, r, idx = _discover(fs, path, format, u)
+        format = fmt if format == "auto" else format
+        if fmt != format:
+            raise ValueError(f"{u}: holds {fmt} shards, expected {format}")
+        paths += found
+        root = root or r
+        index_path = index_path or idx
+    paths = sorted(dict.fromkeys(paths))
+    if not paths:
+        raise FileNotFoundError(f"no token shards (*.parquet or webdataset *.tar) under {', '.join(map(str, urls))}")
+    if format == "parquet":
+        shards, problems = _describe_parquet(fsref, paths, strict)
+    else:
+        shards, problems = _describe_tars(fsref, paths, root, index_path, strict)
+    return ShardSet(fsref, format, shards, root, problems)
+
+
+def _root_of(directory: str) -> str:
+    """The output root for a folder of shards: the parent of ``parquet/`` or ``webdataset/``, else the folder."""
+    return posixpath.dirname(directory) if posixpath.basename(directory) in ("parquet", "webdataset") else directory
+
+
+def _index_next_to(fs, directory: str) -> str | None:
+    idx = posixpath.join(directory, "index.json")
+    return idx if fs.exists(idx) else None
+
+
+def _discover(fs, path: str, format: str, url) -> tuple[list[str], str, str | None, str | None]:
+    """(shard paths, format, output root, index.json path) for one URL."""
+    path = path.rstrip("/")
+    if any(c in path for c in "*?["):
+        found = sorted(p for p in fs.glob(path) if not _is_temporary(p))
+        if not found:
+            return [], format, None, None
+        fmt = _format_of(found, url)
+        d = posixpath.dirname(found[0])
+        return found, fmt, _root_of(d), _index_next_to(fs, d) if fmt == "webdataset" else None
+    if fs.isfile(path):
+        d = posixpath.dirname(path)
+        if path.endswith(".json"):  # a wids index
+            idx = json.loads(fs.cat_file(path))
+            found = [posixpath.normpath(posixpath.join(d, e["url"])) for e in idx.get("shardlist", [])]
+            return found, "webdataset", _root_of(d), path
+        fmt = _format_of([path], url)
+        return [path], fmt, _root_of(d), _index_next_to(fs, d) if fmt == "webdataset" else None
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{url}: no such file or directory")
+    names = {posixpath.basename(p.rstrip("/")): p for p in fs.ls(path, detail=False)}
+    for sub, fmt in (("parquet", "parquet"), ("webdataset", "webdataset")):
+        if sub in names and format in ("auto", fmt) and fs.isdir(names[sub]):
+            found = _children(fs, names[sub], ".parquet" if fmt == "parquet" else ".tar")
+            if found:
+                return found, fmt, path, _index_next_to(fs, names[sub]) if fmt == "webdataset" else None
+    for ext, fmt in ((".parquet", "parquet"), (".tar", "webdataset")):
+        if format in ("auto", fmt):
+            found = _children(fs, path, ext)
+            if found:
+                return found, fmt, _root_of(path), _index_next_to(fs, path) if fmt == "webdataset" else None
+    raise FileNotFoundError(f"no token shards ({'*.parquet or *.tar' if format == 'auto' else format}) under {url}")
+
+
+def _children(fs, path: str, ext: str) -> list[str]:
+    return sorted(p for p in fs.ls(path, detail=False) if p.endswith(ext) and not _is_temporary(p))
+
+
+def _format_of(paths: list[str], url) -> str:
+    kinds = {"parquet" if p.endswith(".parquet") else "webdataset" if p.endswith(".tar") else None for p in paths}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(f"{url}: expected only .parquet or only .tar shard files")
+    return kinds.pop()
+
+
+def _map(fn, items: list, remote: bool) -> list:
+    if remote and len(items) > 4:
+        with ThreadPoolExecutor(16) as pool:
+            return list(pool.map(fn, items))
+    return [fn(x) for x in items]
+
+
+def _describe_parquet(fsref: FSRef, paths: list[str], strict: bool) -> tuple[list[Shard], list]:
+    def one(path):
+        try:
+            with fsref.open(path) as f:
+                md = pq.ParquetFile(f).metadata
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged files
+            return ShardError(f"{fsref.url(path)}: not a readable Parquet file ({type(e).__name__}: {e}); "
+                              "the file is truncated or corrupted")
+        meta = {k.decode(): v.decode() for k, v in (md.metadata or {}).items() if k.startswith(b"gq.")}
+        columns = tuple(md.schema.to_arrow_schema().names)
+        err = _check_meta(fsref.url(path), meta, columns)
+        if err:
+            return err
+        return Shard(path, "parquet", md.num_rows, tuple(md.row_group(i).num_rows for i in range(md.num_row_groups)),
+                     meta.get("gq.codebook_fingerprint"), meta.get("gq.model_fingerprint"),
+                     int(meta["gq.codebook_size"]) if meta.get("gq.codebook_size") else None, meta, columns)
+
+    return _collect(_map(one, paths, fsref.protocol not in ("file", "local")), strict)
+
+
+def _check_meta(url: str, meta: dict, columns: tuple) -> ShardError | None:
+    if "gq.format_version" not in meta:
+        return ShardError(f"{url}: not a gq token shard (no gq.format_version in the Parquet schema metadata)")
+    if meta["gq.format_version"] != FORMAT_VERSION:
+        return ShardError(f"{url}: token format version {meta['gq.format_version']} is not supported by this "
+                          f"reader (version {FORMAT_VERSION}); upgrade gq")
+    if "tokens" not in columns:
+        return ShardError(f"{url}: no 'tokens' column")
+    return None
+
+
+def _collect(results: list, strict: bool) -> tuple[list[Shard], list]:
+    shards, problems = [], []
+    for r in results:
+        if isinstance(r, ShardError):
+            if strict:
+                raise r
+            problems.append((str(r).split(": ", 1)[0], str(r)))
+        else:
+            shards.append(r)
+    return shards, problems
+
+
+def _describe_tars(fsref: FSRef, paths: list[str], root: str | None, index_path: str | None,
+                   strict: bool) -> tuple[list[Shard], list]:
+    """Tars carry no metadata of their own: counts come from index.json (else a header scan), the codebook from
+    manifest.json (same model fingerprint) or the sibling Parquet shard of the same unit."""
+    fs = fsref.fs
+    counts: dict[str, int] = {}
+    if index_path:
+        idx = json.loads(fs.cat_file(index_path))
+        base = posixpath.dirname(index_path)
+        counts = {posixpath.normpath(posixpath.join(base, e["url"])): int(e["nsamples"]) for e in idx["shardlist"]}
+    manifest = read_manifest(fsref, root) if root else None
+
+    def one(path):
+        stem = posixpath.basename(path)[: -len(".tar")]
+        m = _MODEL_FP.match(stem)
+        model_fp = m.group("fp") if m else None
+        n = counts.get(path)
+        if n is None:
+            try:
+                n = sum(1 for _ in _iter_tar_groups(fsref, path, skip_data=True))
+            except ShardError as e:
+                return e
+        cb_fp, size, meta = None, None, {}
+        if manifest and model_fp and manifest.get("model_fingerprint") == model_fp:
+            cb_fp, size = manifest.get("codebook_fingerprint"), manifest.get("codebook_size")
+        elif root:
+            sibling = posixpath.join(root, "parquet", stem + ".parquet")
+            if fs.exists(sibling):
+                try:
+                    with fsref.open(sibling) as f:
+                        raw = pq.ParquetFile(f).metadata.metadata or {}
+                    meta = {k.decode(): v.decode() for k, v in raw.items() if k.startswith(b"gq.")}
+                    cb_fp, size = meta.get("gq.codebook_fingerprint"), meta.get("gq.codebook_size")
+                except Exception:  # noqa: BLE001 - a damaged sibling only loses the fingerprint
+                    pass
+        return Shard(path, "webdataset", n, (n,), cb_fp, model_fp, int(size) if size else None, meta)
+
+    shards, problems = _collect(_map(one, paths, fsref.protocol not in ("file", "local")), strict)
+    if shards and all(s.codebook_fingerprint is None for s in shards) and \
+            len({s.model_fingerprint for s in shards}) == 1:
+        warnings.warn("these WebDataset shards record no codebook fingerprint (no manifest.json or Parquet sibling); "
+                      "they come from a single model, so they are read without a codebook check", stacklevel=3)
+    return shards, problems
+
+
+def read_manifest(fsref: FSRef, root: str | None) -> dict | None:
+    """``manifest.json`` at the output root, or None when absent (e.g. shards copied without it)."""
+    if not root:
+        return None
+    path = posixpath.join(root, "manifest.json")
+    fs = fsref.fs
+    if not fs.exists(path):
+        return None
+    try:
+        return json.loads(fs.cat_file(path))
+    except ValueError as e:
+        raise ShardError(f"{fsref.url(path)}: not valid JSON ({e})") from e
+
+
+def read_error_tables(fsref: FSRef, root: str | None) -> tuple[pa.Table | None, list[tuple[str, str]]]:
+    """All ``errors/*.parquet`` rows concatenated (None when there are none) and the files that could not be read."""
+    if not root:
+        return None, []
+    fs = fsref.fs
+    path = posixpath.join(root, "errors")
+    if not fs.isdir(path):
+        return None, []
+    tables, problems = [], []
+    for p in _children(fs, path, ".parquet"):
+        try:
+            with fsref.open(p) as f:
+                tables.append(pq.read_table(f, columns=["key", "source", "member", "error", "message"]))
+        except Exception as e:  # noqa: BLE001
+            problems.append((fsref.url(p), f"{fsref.url(p)}: unreadable error table ({type(e).__name__}: {e})"))
+    return (pa.concat_tables(tables, promote_options="permissive") if tables else None), problems
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def tokens_to_int64(arr: np.ndarray, where: str, codebook_size: int | None = None) -> np.ndarray:
+    """Widen stored token ids to int64. uint16 is zero-extended (65535 stays 65535); an int16 column written by a
+    foreign tool is reinterpreted as uint16, the only meaning a 16-bit id of a 65536-entry codebook can have."""
+    if arr.dtype == np.int16:
+        arr = arr.view(np.uint16)
+    if arr.dtype.kind not in "iu":
+        raise ShardError(f"{where}: token ids must be integers, got {arr.dtype}")
+    out = arr.astype(np.int64, copy=False)
+    if out.size:
+        lo, hi = int(out.min()), int(out.max())
+        if lo < 0 or (codebook_size and hi >= codebook_size):
+            raise ShardError(f"{where}: token id out of range [0, {codebook_size or '?'}): min {lo}, max {hi}")
+    return out
+
+
+def _list_column(table: pa.Table, name: str, shape_name: str, where: str, dtype=None,
+                 codebook_size: int | None = None) -> list[np.ndarray]:
+    col = table.column(name).combine_chunks()
+    if col.null_count:
+        raise ShardError(f"{where}: {col.null_count} null value(s) in column {name!r}")
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    flat = tokens_to_int64(flat, where, codebook_size) if dtype is None else flat.astype(dtype)
+    shapes = table.column(shape_name).to_pylist() if shape_name in table.column_names else None
+    n = len(col)
+    if pa.types.is_fixed_size_list(col.type):
+        rows = flat.reshape(n, col.type.list_size) if n else flat.reshape(0, col.type.list_size)
+    else:
+        lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+        rows = np.split(flat, np.cumsum(lengths)[:-1]) if n else []
+    out = []
+    for i in range(n):
+        shape = shapes[i] if shapes else None
+        r = rows[i]
+        if shape is not None:
+            if int(np.prod(shape)) != r.size:
+                raise ShardError(f"{where}: row {i} has {r.size} values in {name!r} but {shape_name} is {shape}")
+            r = r.reshape(shape)
+        out.append(r)
+    return out
+
+
+def read_parquet_rows(table: pa.Table, where: str, *, latents: bool = False,
+                      codebook_size: int | None = None) -> list[dict[str, Any]]:
+    """Sample dicts (``tokens`` int64 [G,h,w], ``key``, pass-through fields, optional ``latent``) from a table slice.
+    Null strings (``member`` of plain image files) become "" so the dicts collate with torch's default_collate."""
+    tokens = _list_column(table, "tokens", "token_shape", where, codebook_size=codebook_size)
+    lat = None
+    if latents:
+        if "latent" not in table.column_names:
+            raise ShardError(f"{where}: no 'latent' column (tokenize with --latents to store latents)")
+        lat = _list_column(table, "latent", "latent_shape", where, dtype=np.float32)
+    passthrough = [c for c in table.column_names if c not in TOKEN_COLUMNS]
+    strings = {c for c in passthrough if pa.types.is_string(table.schema.field(c).type)
+               or pa.types.is_large_string(table.schema.field(c).type)}
+    rows = table.select(passthrough).to_pylist()
+    for i, row in enumerate(rows):
+        for c in strings:
+            if row[c] is None:
+                row[c] = ""
+        row["tokens"] = torch.from_numpy(tokens[i])
+        if lat is not None:
+            row["latent"] = torch.from_numpy(lat[i])
+    return rows
+
+
+def _iter_tar_groups(fsref: FSRef, path: str, skip_data: bool = False,
+                     skip: int = 0) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample in tar order; the first ``skip`` samples are passed over undecoded."""
+    url = fsref.url(path)
+    key, parts, index = None, {}, 0
+    try:
+        with fsref.open(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                d, base = posixpath.split(member.name)
+                if base.startswith("."):
+                    continue
+                stem, _, ext = base.partition(".")
+                k = posixpath.join(d, stem) if d else stem
+                if k != key:
+                    if key is not None:
+                        if index >= skip:
+                            yield key, parts
+                        index += 1
+                    key, parts = k, {}
+                if not skip_data and index >= skip:
+                    parts[ext] = tar.extractfile(member).read()
+                else:
+                    parts[ext] = b""
+            if key is not None and index >= skip:
+                yield key, parts
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise ShardError(f"{url}: truncated or corrupted tar ({type(e).__name__}: {e})") from e
+
+
+def iter_tar_rows(fsref: FSRef, shard: Shard, start: int, stop: int, *, latents: bool = False,
+                  codebook_size: int | None = None) -> Iterator[dict[str, Any]]:
+    """Sample dicts for samples ``[start, stop)`` of a tar, with the same fields as the Parquet reader."""
+    url = fsref.url(shard.path)
+    n = start
+    for key, parts in _iter_tar_groups(fsref, shard.path, skip=start):
+        if n >= stop:
+            return
+        yield _tar_sample(key, parts, f"{url} (sample {key})", latents, codebook_size)
+        n += 1
+    if n < stop:
+        raise ShardError(f"{url}: ended after {n} samples but {shard.num_rows} were expected (index.json); "
+                         "the file is truncated")
+
+
+def _npy(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise ShardError(f"{where}: unreadable .npy ({e})") from e
+
+
+def _tar_sample(key: str, parts: dict[str, bytes], where: str, latents: bool,
+                codebook_size: int | None) -> dict[str, Any]:
+    if "tokens.npy" not in parts:
+        raise ShardError(f"{where}: no tokens.npy member (an incomplete sample: the file may be truncated)")
+    sample: dict[str, Any] = {"key": key}
+    if "json" in parts:
+        try:
+            meta = json.loads(parts["json"])
+        except ValueError as e:
+            raise ShardError(f"{where}: invalid .json member ({e})") from e
+        meta.pop("token_shape", None)
+        columns = meta.pop("columns", None)  # Parquet inputs: their other columns, as the Parquet shard keeps them
+        for k, v in meta.items():
+            if k == "json" and not isinstance(v, str):
+                v = json.dumps(v)
+            sample[k] = "" if v is None and k in ("member", "source") else v
+        if isinstance(columns, dict):
+            for k, v in columns.items():
+                sample[k if k not in sample else f"input_{k}"] = v
+    for ext, data in parts.items():
+        if ext in ("tokens.npy", "json", "latent.npy"):
+            continue
+        if ext == "txt":
+            sample["txt"] = data.decode("utf-8")
+        elif ext == "cls":
+            sample["cls"] = int(data.decode().strip())
+        else:
+            sample[ext] = data
+    sample["tokens"] = torch.from_numpy(tokens_to_int64(_npy(parts["tokens.npy"], where), where, codebook_size))
+    if latents:
+        if "latent.npy" not in parts:
+            raise ShardError(f"{where}: no latent.npy member (tokenize with --latents to store latents)")
+        sample["latent"] = torch.from_numpy(_npy(parts["latent.npy"], where).astype(np.float32))
+    return sample
+
+
+class BlockReader:
+    """Reads row ranges of one shard set in one process, keeping the last Parquet file open: consecutive blocks of a
+    worker's plan usually come from the same shard, so each shard's footer is fetched once per pass."""
+
+    def __init__(self, shardset: ShardSet, latents: bool = False):
+        self.shardset, self.latents = shardset, latents
+        self._open: tuple[str, Any, pq.ParquetFile] | None = None
+        self._codebook_size = shardset.codebook_size
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+    def _parquet(self, shard: Shard) -> pq.ParquetFile:
+        if self._open is None or self._open[0] != shard.path:
+            self.close()
+            f = self.shardset.fsref.open(shard.path)
+            try:
+                # verifies page CRCs when the writer stored them (write_page_checksum=True): catches bit flips
+                self._open = (shard.path, f, pq.ParquetFile(f, page_checksum_verification=True))
+            except Exception as e:  # noqa: BLE001
+                f.close()
+                raise ShardError(f"{self.shardset.url(shard)}: not a readable Parquet file ({e})") from e
+        return self._open[2]
+
+    def rows(self, shard: Shard, group: int, lo: int, hi: int) -> Iterator[dict[str, Any]]:
+        """Samples ``[lo, hi)`` of row group ``group`` (Parquet) or of the whole tar (``group`` 0)."""
+        url = self.shardset.url(shard)
+        if shard.format == "webdataset":
+            yield from iter_tar_rows(self.shardset.fsref, shard, lo, hi, latents=self.latents,
+                                     codebook_size=self._codebook_size)
+            return
+        columns = [c for c in shard.columns if self.latents or c not in ("latent", "latent_shape")]
+        where = f"{url} (row group {group})"
+        try:
+            table = self._parquet(shard).read_row_group(group, columns=columns, use_threads=False)
+        except ShardError:
+            raise
+        except Exception as e:  # noqa: BLE001 - damaged pages surface as OSError/ArrowInvalid/...
+            self.close()
+            raise ShardError(f"{where}: unreadable ({type(e).__name__}: {e}); the file is truncated or corrupted") \
+                from e
+        yield from read_parquet_rows(table.slice(lo, hi - lo), where, latents=self.latents,
+                                     codebook_size=self._codebook_size)

@@ -1,0 +1,320 @@
+"""TokenDataset: exactly-once over ranks x workers, deterministic shuffles, exact resume, validation, S3."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from gq_pipeline.dataset import ShuffleOrder, TokenDataset, TokenLoader, consumed_per_worker
+from gq_pipeline.shards import FingerprintMismatchError, ShardError, list_shards
+from tests.shard_writer import make_bucket, write_token_output
+
+SIZES = (5, 3, 7, 1, 4)  # 20 samples in unequal shards (not divisible by 2 ranks x 2 workers x batch 3)
+FORMATS = ["parquet", "webdataset"]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tokens"))
+    expected = write_token_output(root, SIZES, row_group_size=2, latents=True)
+    return root, expected
+
+
+def keys(items):
+    return [k for it in items for k in (it["key"] if isinstance(it["key"], list) else [it["key"]])]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_two_ranks_two_workers_read_every_sample_once(out, fmt):
+    root, expected = out
+    seen = []
+    for rank in range(2):
+        ds = TokenDataset(root, format=fmt, rank=rank, world_size=2, seed=3, buffer_size=4)
+        loader = DataLoader(ds, batch_size=2, num_workers=2)
+        for batch in loader:
+            assert batch["tokens"].dtype == torch.int64 and batch["tokens"].shape[1:] == (1, 4, 4)
+            for k, t in zip(batch["key"], batch["tokens"]):
+                assert np.array_equal(t.numpy(), expected[k]["tokens"])
+            seen += batch["key"]
+    assert sorted(seen) == sorted(expected)  # no duplicates, no gaps
+
+
+@pytest.mark.parametrize("mode", ["drop_last", "pad"])
+def test_equal_rank_counts_for_ddp(out, mode):
+    root, expected = out
+    per_rank = []
+    for rank in range(3):  # 20 samples over 3 ranks
+        ds = TokenDataset(root, rank=rank, world_size=3, batch_size=2, **{mode: True})
+        per_rank.append(keys(TokenLoader(ds, num_workers=2)))
+        assert len(TokenLoader(ds, num_workers=2)) == ds.num_batches(2)
+    assert len({len(k) for k in per_rank}) == 1
+    flat = [k for ks in per_rank for k in ks]
+    if mode == "drop_last":
+        assert len(flat) == 18 and len(set(flat)) == 18
+    else:
+        assert len(flat) == 21 and set(flat) == set(expected)
+
+
+def test_uneven_split_warns_under_ddp(out):
+    with pytest.warns(UserWarning, match="drop_last=True or pad=True"):
+        TokenDataset(out[0], rank=0, world_size=3)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_shuffle_is_deterministic_per_seed_and_epoch(out, fmt):
+    root, expected = out
+    order = lambda **kw: keys(TokenDataset(root, format=fmt, buffer_size=8, **kw))  # noqa: E731
+    a = order(seed=0)
+    assert a == order(seed=0) and sorted(a) == sorted(expected)
+    assert a != order(seed=1)
+    ds = TokenDataset(root, format=fmt, buffer_size=8, seed=0)
+    ds.set_epoch(1)
+    assert keys(ds) != a and sorted(keys(ds)) == sorted(a)
+    assert keys(TokenDataset(root, format=fmt, shuffle=False)) == sorted(expected)  # name order, then row order
+
+
+@pytest.mark.filterwarnings("ignore:.*do not split evenly")
+@pytest.mark.parametrize("fmt,workers,rank,world", [("parquet", 2, 0, 1), ("webdataset", 2, 0, 1), ("parquet", 0, 0, 1),
+                                                    ("webdataset", 2, 1, 3)])
+def test_resume_mid_epoch_is_exact(out, fmt, workers, rank, world):
+    root, _ = out
+    make = lambda: TokenDataset(root, format=fmt, seed=5, buffer_size=6, batch_size=3,  # noqa: E731
+                                rank=rank, world_size=world)
+    ds = make()
+    full = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        full += keys(TokenLoader(ds, num_workers=workers))
+    # interrupted run: stop after 4 batches of epoch 0 and keep the state (JSON-serializable)
+    ds = make()
+    loader = TokenLoader(ds, num_workers=workers)
+    part = []
+    stop = 3 if world == 1 else 1  # rank 1 of 3 holds 7 samples: workers of 3 and 4
+    for i, batch in enumerate(loader):
+        part += batch["key"]
+        if i == stop:
+            state = json.loads(json.dumps(loader.state_dict()))
+            break
+    assert state["consumed"] == len(part) == 3 * (stop + 1) and state["epoch"] == 0
+    ds = make()
+    loader = TokenLoader(ds, num_workers=workers)
+    loader.load_state_dict(state)
+    for epoch in range(ds.epoch, 2):
+        ds.set_epoch(epoch)
+        part += keys(loader)
+    assert part == full
+
+
+def test_resume_checks_workers_settings_and_epoch_end(out):
+    root, _ = out
+    ds = TokenDataset(root, batch_size=3)
+    loader = TokenLoader(ds, num_workers=2)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    del it
+    other = TokenDataset(root, batch_size=3)
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="same num_workers"):
+        list(TokenLoader(other, num_workers=0))
+    with pytest.raises(ValueError, match="seed was 0, now 1"):
+        TokenDataset(root, batch_size=3, seed=1).load_state_dict(state)
+    done = dict(state, consumed=20)
+    ds.load_state_dict(done)
+    assert ds.epoch == 1 and ds.state_dict()["consumed"] == 0
+    with pytest.raises(TypeError, match="batching"):
+        TokenLoader(ds, batch_size=4)
+    with pytest.raises(ValueError, match="persistent_workers"):
+        TokenLoader(ds, num_workers=1, persistent_workers=True)
+
+
+def test_consumed_per_worker_models_round_robin():
+    # worker lengths 5 and 4, batches of 2: w0 w1 w0 w1 w0(2) w1(2) w0(1)
+    assert consumed_per_worker(6, [5, 4], 2) == [4, 2]
+    assert consumed_per_worker(8, [5, 4], 2) == [4, 4]
+    assert consumed_per_worker(9, [5, 4], 2) == [5, 4]
+    with pytest.raises(ValueError, match="boundary"):
+        consumed_per_worker(3, [5, 4], 2)
+
+
+def test_shuffle_order_skip_replays_exactly():
+    full = list(ShuffleOrder(50, 8, key=7))
+    assert sorted(full) == list(range(50)) and full != list(range(50))
+    o = ShuffleOrder(50, 8, key=7)
+    o.skip(20)
+    assert list(o) == full[20:]
+    assert all(o.needed(p) == (p in full[20:]) for p in range(50))
+    assert list(ShuffleOrder(10, 1, key=7)) == list(range(10))
+
+
+def test_fields_latents_and_flatten(out):
+    root, expected = out
+    for fmt in FORMATS:
+        s = next(iter(TokenDataset(root, format=fmt, shuffle=False, latents=True, flatten=True)))
+        e = expected[s["key"]]
+        assert s["tokens"].shape == (16,) and s["latent"].dtype == torch.float32 and s["latent"].shape == (16, 4, 4)
+        assert np.array_equal(s["latent"].numpy(), e["latent"].astype(np.float32))
+        assert (s["source"], s["width"], s["height"], s["txt"], s["cls"]) == \
+               (e["source"], e["width"], e["height"], e["txt"], e["cls"])
+        assert s["member"] == (e["member"] or "")
+
+
+def test_mixed_fingerprints_are_refused(tmp_path):
+    write_token_output(str(tmp_path), (3, 2), codebook_fp="a" * 16, model_fp="1" * 16)
+    write_token_output(str(tmp_path), (2,), codebook_fp="b" * 16, model_fp="2" * 16, unit_offset=10)
+    with pytest.raises(FingerprintMismatchError, match="2 different codebooks.*aaaa.*bbbb"):
+        TokenDataset(str(tmp_path), format="parquet")
+    with pytest.raises(FingerprintMismatchError, match="different codebooks"):  # via the Parquet siblings
+        TokenDataset(str(tmp_path), format="webdataset")
+    wds_only = tmp_path / "wds"
+    write_token_output(str(wds_only), (3,), formats=("webdataset",), model_fp="1" * 16)
+    write_token_output(str(wds_only), (2,), formats=("webdataset",), model_fp="2" * 16, unit_offset=10)
+    with pytest.raises(FingerprintMismatchError, match="cannot prove"):
+        TokenDataset(str(wds_only))
+
+
+@pytest.mark.parametrize("size,dtype", [(65536, "uint16"), (100000, "int32")])
+def test_large_token_ids_read_back_unsigned(tmp_path, size, dtype):
+    high = lambda rng, shape, k, i: rng.integers(k - 40000, k, size=shape)  # noqa: E731
+    expected = write_token_output(str(tmp_path), (4, 3), codebook_size=size, tokens_fn=high)
+    assert list_shards(str(tmp_path)).shards[0].columns  # sanity
+    import pyarrow.parquet as pq
+    col_type = pq.read_schema(glob.glob(f"{tmp_path}/parquet/*.parquet")[0]).field("tokens").type.value_type
+    assert str(col_type) == dtype
+    for fmt in FORMATS:
+        got = list(TokenDataset(str(tmp_path), format=fmt, shuffle=False))
+        assert len(got) == 7
+        for s in got:
+            assert s["tokens"].dtype == torch.int64 and int(s["tokens"].min()) >= size - 40000
+            assert np.array_equal(s["tokens"].numpy(), expected[s["key"]]["tokens"])
+    assert max(int(s["tokens"].max()) for s in got) > 32767
+
+
+def test_corrupted_and_truncated_shards_name_the_file(tmp_path):
+    root = str(tmp_path)
+    write_token_output(root, (40, 30), row_group_size=10)
+    pq_file = sorted(glob.glob(f"{root}/parquet/*.parquet"))[0]
+    tar_file = sorted(glob.glob(f"{root}/webdataset/*.tar"))[0]
+    data = open(pq_file, "rb").read()
+    open(pq_file, "wb").write(data[: len(data) // 2])  # truncated: no footer
+    with pytest.raises(ShardError, match=f"{os.path.basename(pq_file)}.*truncated or corrupted"):
+        TokenDataset(root, format="parquet")
+    open(pq_file, "wb").write(data[:100] + bytes(300) + data[400:])  # damaged page inside row group 0
+    with pytest.raises(ShardError, match=f"{os.path.basename(pq_file)} \\(row group 0\\)"):
+        list(TokenDataset(root, format="parquet", shuffle=False))
+    data = open(tar_file, "rb").read()
+    open(tar_file, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ShardError, match=f"{os.path.basename(tar_file)}.*(truncated|corrupted)"):
+        list(TokenDataset(root, format="webdataset", shuffle=False))
+    block = len(data) // 2 // 512 * 512  # cut on a tar block boundary: tarfile sees a clean end of archive
+    open(tar_file, "wb").write(data[:block - 512 * 8])
+    with pytest.raises(ShardError, match=f"{os.path.basename(tar_file)}.*(truncated|corrupted)"):
+        list(TokenDataset(root, format="webdataset", shuffle=False))
+
+
+def test_temporaries_are_not_listed(tmp_path):
+    root = str(tmp_path)
+    write_token_output(root, (2, 2), formats=("parquet",))
+    real = sorted(glob.glob(f"{root}/parquet/*.parquet"))[0]
+    shutil.copy(real, real + ".tmp-123")
+    shutil.copy(real, f"{root}/parquet/x.tmp1.parquet")
+    assert len(list_shards(root).shards) == 2
+    assert len(list(TokenDataset(os.path.join(root, "parquet", "*.parquet")))) == 4
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_s3_with_workers(moto_s3, fmt):
+    bucket = f"tokens-{fmt}"
+    make_bucket(moto_s3, bucket)
+    expected = write_token_output(f"s3://{bucket}/run", SIZES, row_group_size=3, storage_options=moto_s3)
+    ds = TokenDataset(f"s3://{bucket}/run", format=fmt, storage_options=moto_s3, batch_size=4, seed=1)
+    assert ds.fingerprint == "80f16be97539daa4"
+    got = keys(TokenLoader(ds, num_workers=2))  # forked workers must not reuse the parent's s3fs event loop
+    assert sorted(got) == sorted(expected)
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_ar.py")
+
+
+def _run(cmd, **env):
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", **env)
+    proc = subprocess.run([sys.executable, *cmd] if cmd[0].endswith(".py") else cmd, capture_output=True, text=True,
+                          timeout=120, env=full_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory):
+    from tests.shard_writer import counting_tokens
+
+    root = str(tmp_path_factory.mktemp("learnable"))
+    write_token_output(root, (20, 13, 7), tokens_fn=counting_tokens, formats=("parquet",))
+    return root
+
+
+def test_train_ar_loss_falls_and_resumes(learnable, tmp_path):
+    ckpt = str(tmp_path / "ck.pt")
+    first = _run([EXAMPLE, "--shards", learnable, "--steps", "12", "--batch-size", "8", "--checkpoint", ckpt])
+    assert first["steps"] == 12 and first["last_loss"] < 0.5 * first["first_loss"]
+    resumed = _run([EXAMPLE, "--shards", learnable, "--steps", "15", "--batch-size", "8", "--checkpoint", ckpt,
+                    "--resume", "--num-workers", "0"])
+    assert resumed["steps"] == 15 and resumed["last_loss"] < first["first_loss"]
+
+
+def test_train_ar_under_torchrun_ddp(learnable):
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = _run([torchrun, "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+                EXAMPLE, "--shards", learnable, "--steps", "10", "--batch-size", "4"])
+    assert out["steps"] == 10 and out["last_loss"] < out["first_loss"]
+
+
+def test_tar_sample_passthrough_columns_and_json():
+    import io as _io
+
+    from gq_pipeline.shards import _tar_sample
+
+    buf = _io.BytesIO()
+    np.save(buf, np.array([[[65535, 0]]], dtype=np.uint16))
+    meta = {"source": "s3://in/a.parquet", "member": "row=3", "width": 9, "height": 8, "token_shape": [1, 1, 2],
+            "columns": {"caption": "a cat", "source": "clash"}, "json": {"a": 1}}
+    s = _tar_sample("k", {"tokens.npy": buf.getvalue(), "json": json.dumps(meta).encode()}, "x.tar", False, 65536)
+    assert s["tokens"].tolist() == [[[65535, 0]]] and s["caption"] == "a cat" and s["input_source"] == "clash"
+    assert s["json"] == '{"a": 1}' and s["member"] == "row=3"
+
+
+def test_resume_skips_delivered_blocks_without_reading(out, monkeypatch):
+    from gq_pipeline import shards as shards_mod
+
+    root, _ = out
+    ds = TokenDataset(root, shuffle=False)
+    want = keys(ds)[12:]
+    state = ds.state_dict(consumed=12, num_workers=0)
+    reads = []
+    real = shards_mod.BlockReader.rows
+
+    def counting(self, shard, group, lo, hi):
+        reads.append((shard.name, group, lo, hi))
+        return real(self, shard, group, lo, hi)
+
+    monkeypatch.setattr(shards_mod.BlockReader, "rows", counting)
+    ds.load_state_dict(state)
+    rest = keys(ds)
+    assert rest == want
+    starts = np.cumsum([0] + [g for s in ds.shards.shards for g in s.row_groups])
+    assert len(reads) == sum(1 for a, b in zip(starts[:-1], starts[1:]) if b > 12)  # only blocks past position 12
+    assert len(reads) < len(starts) - 1

@@ -1,0 +1,91 @@
+"""``gq decode`` and ``gq inspect`` on small shards written with known tokens."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gq_model.cli import main
+from gq_pipeline.decode_cli import to_uint8
+from tests.shard_writer import write_token_output
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tiny_model):
+    return tiny_model_dir, tiny_model
+
+
+@pytest.fixture(scope="module")
+def shards(model_dir, tmp_path_factory):
+    _, model = model_dir
+    root = str(tmp_path_factory.mktemp("out"))
+    expected = write_token_output(root, (4, 3), codebook_fp=model.fingerprint, model_fp=model.model_fingerprint,
+                                  errors={"decode": 2, "empty": 1})
+    return root, expected
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_decode_equals_detokenize(model_dir, shards, tmp_path, fmt):
+    mdir, model = model_dir
+    root, expected = shards
+    out = str(tmp_path / "png")
+    rc = main(["decode", "--model", mdir, "--input", root, "--out", out, "--limit", "5", "--batch-size", "5",
+               "--format", fmt])
+    assert rc == 0
+    keys = sorted(expected)[:5]  # shard name order, then row order
+    tokens = torch.stack([torch.from_numpy(expected[k]["tokens"]) for k in keys])
+    want = to_uint8(model.detokenize(tokens))
+    for k, w in zip(keys, want):
+        got = np.asarray(Image.open(os.path.join(out, f"{k}.png")))
+        assert got.shape == (32, 32, 3) and np.array_equal(got, w)
+    assert len(glob.glob(f"{out}/*.png")) == 6
+    grid = np.asarray(Image.open(os.path.join(out, "grid.png")))
+    assert grid.shape == (2 + 2 * 34, 2 + 3 * 34, 3)
+    assert np.array_equal(grid[2:34, 2:34], want[0])
+
+
+def test_decode_refuses_other_codebook(model_dir, tmp_path, capsys):
+    mdir, _ = model_dir
+    root = str(tmp_path / "out")
+    write_token_output(root, (2,), codebook_fp="0123456789abcdef")
+    assert main(["decode", "--model", mdir, "--input", root, "--out", str(tmp_path / "png")]) == 1
+    err = capsys.readouterr().err
+    assert "0123456789abcdef" in err and "not the one these shards were made with" in err
+    assert not os.path.exists(tmp_path / "png" / "grid.png")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_inspect_json_counts_errors_and_usage(shards, tmp_path, capsys, fmt):
+    root, expected = shards
+    plot = str(tmp_path / "usage.png")
+    assert main(["inspect", root, "--json", "--plot", plot, "--format", fmt]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["format"], r["shards"], r["samples"]) == (fmt, 2, 7)
+    assert r["errors"] == {"total": 3, "by_kind": {"decode": 2, "empty": 1}}
+    assert r["manifest"]["inputs"] == 10 and r["problems"] == [] and r["unreadable"] == []
+    counts = np.bincount(np.concatenate([e["tokens"].ravel() for e in expected.values()]), minlength=4096)
+    p = counts[counts > 0] / counts.sum()
+    t = r["token_stats"]
+    assert t["tokens"] == 7 * 16 and t["used_codes"] == int((counts > 0).sum()) and t["codebook_size"] == 4096
+    assert t["perplexity"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())))
+    assert t["usage"] == pytest.approx((counts > 0).sum() / 4096)
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inspect_text_reports_mixed_and_broken_shards(tmp_path, capsys):
+    root = str(tmp_path)
+    write_token_output(root, (3, 2), formats=("parquet",), codebook_fp="a" * 16)
+    write_token_output(root, (2,), formats=("parquet",), codebook_fp="b" * 16, model_fp="2" * 16, unit_offset=9,
+                       manifest=False)
+    broken = sorted(glob.glob(f"{root}/parquet/*.parquet"))[0]
+    with open(broken, "r+b") as f:
+        f.truncate(50)
+    assert main(["inspect", root]) == 1
+    out = capsys.readouterr().out
+    assert "UNREADABLE" in out and os.path.basename(broken) in out
+    assert "different codebooks" in out and "MIXED" in out
