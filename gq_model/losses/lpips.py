@@ -1,0 +1,159 @@
+"""LPIPS (VGG16 variant) in plain torch, loading the published weight files from a path: never a download.
+
+Two files are needed, exactly as published:
+
+* torchvision's ``vgg16`` ImageNet state dict (``vgg16-397923af.pth``): keys ``features.{0,2,5,...,28}.{weight,bias}``
+  (``classifier.*`` is ignored);
+* the LPIPS v0.1 linear heads ``vgg.pth`` (from the ``lpips`` package or the taming copy): keys
+  ``lin0.model.1.weight`` .. ``lin4.model.1.weight`` of shape ``[1, C, 1, 1]``.
+
+The distance is the usual one: inputs in [-1, 1] are shifted/scaled, the five relu{1_2,2_2,3_3,4_3,5_3} activations are
+unit-normalized over channels, their squared difference is weighted per channel by the linear heads, averaged over
+space and summed over layers, giving ``[B, 1, 1, 1]``. The module is frozen and pinned to eval mode (``train()`` is a
+no-op), so the heads' dropout is never active (the reference's rank-0 image logger switched it on: gq-reference.md §4.1).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["VGG16Features", "LPIPS", "build_lpips", "load_state_dict_file"]
+
+log = logging.getLogger(__name__)
+
+# torchvision vgg16 "D" configuration: conv widths, "M" = max-pool.
+_VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+# Slice ends (exclusive indices into ``features``) after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+_SLICE_ENDS = (4, 9, 16, 23, 30)
+LPIPS_CHANNELS = (64, 128, 256, 512, 512)
+
+
+def load_state_dict_file(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """A tensor state dict from a local path or fsspec URL, read with ``weights_only=True`` (no arbitrary pickle)."""
+    import fsspec
+
+    with fsspec.open(os.fspath(url), "rb", **dict(storage_options or {})) as f:
+        data = f.read()
+    sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{url}: expected a state dict, got {type(sd).__name__}")
+    return sd
+
+
+class VGG16Features(nn.Module):
+    """torchvision's ``vgg16().features`` with the same module indices (so its state-dict keys load as is)."""
+
+    def __init__(self):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for v in _VGG16_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(c_in, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+                c_in = int(v)
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs, start = [], 0
+        for end in _SLICE_ENDS:
+            for i in range(start, end):
+                x = self.features[i](x)
+            outs.append(x)
+            start = end
+        return outs
+
+
+class _LinearHead(nn.Module):
+    """``model = Sequential(Dropout, Conv1x1(C -> 1, bias=False))``: the LPIPS ``NetLinLayer`` key layout."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, 1, stride=1, padding=0, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    return x / (torch.sqrt(torch.sum(x * x, dim=1, keepdim=True)) + eps)
+
+
+class LPIPS(nn.Module):
+    """Perceptual distance ``[B,1,1,1]`` between two image batches in [-1, 1]. Frozen and always in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.net = VGG16Features()
+        for k, c in enumerate(LPIPS_CHANNELS):
+            setattr(self, f"lin{k}", _LinearHead(c))
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "LPIPS":  # pinned: LPIPS is a fixed metric, never trained
+        return super().train(False)
+
+    def load_weights(self, vgg_state: Mapping[str, torch.Tensor], lin_state: Mapping[str, torch.Tensor]) -> None:
+        """Load torchvision ``vgg16`` weights (``features.*``) and LPIPS heads (``lin{k}.model.1.weight``), strictly."""
+        feats = {k: v for k, v in vgg_state.items() if k.startswith("features.")}
+        missing, unexpected = self.net.load_state_dict(feats, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"not a torchvision vgg16 state dict: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        lin = {k: v for k, v in lin_state.items() if k.startswith("lin")}
+        expected = {f"lin{k}.model.1.weight" for k in range(len(LPIPS_CHANNELS))}
+        if set(lin) != expected:
+            raise ValueError(f"not an LPIPS vgg.pth: expected keys {sorted(expected)}, got {sorted(lin)[:6]}")
+        for k in range(len(LPIPS_CHANNELS)):
+            getattr(self, f"lin{k}").load_state_dict({"model.1.weight": lin[f"lin{k}.model.1.weight"]}, strict=True)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """LPIPS(x, y) per image, ``[B,1,1,1]``; differentiable in both inputs."""
+        fx = self.net((x - self.shift) / self.scale)
+        fy = self.net((y - self.shift) / self.scale)
+        total = None
+        for k, (a, b) in enumerate(zip(fx, fy)):
+            d = (_normalize(a) - _normalize(b)) ** 2
+            v = getattr(self, f"lin{k}")(d).mean(dim=(2, 3), keepdim=True)
+            total = v if total is None else total + v
+        return total
+
+
+def build_lpips(vgg_path: str | None, lin_path: str | None,
+                storage_options: Mapping[str, Any] | None = None) -> LPIPS | None:
+    """An LPIPS loaded from the two weight files, or ``None`` (with a loud warning) when either is not available.
+
+    Missing weights turn the perceptual term *off*; nothing is ever downloaded.
+    """
+    problems = []
+    for name, path in (("vgg_path (torchvision vgg16 state dict)", vgg_path), ("lin_path (LPIPS vgg.pth)", lin_path)):
+        if not path:
+            problems.append(f"{name} is not set")
+            continue
+        try:
+            import fsspec
+
+            fs, p = fsspec.core.url_to_fs(os.fspath(path), **dict(storage_options or {}))
+            if not fs.exists(p):
+                problems.append(f"{name} {path!r} does not exist")
+        except Exception as e:  # a broken URL is a missing file for this purpose
+            problems.append(f"{name} {path!r} cannot be opened ({e})")
+    if problems:
+        msg = ("LPIPS weights not available: " + "; ".join(problems) + ". THE PERCEPTUAL LOSS TERM IS OFF "
+               "(training continues with L1 only). Set loss.lpips.vgg_path and loss.lpips.lin_path to enable it.")
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return None
+    model = LPIPS()
+    model.load_weights(load_state_dict_file(vgg_path, storage_options), load_state_dict_file(lin_path, storage_options))
+    return model

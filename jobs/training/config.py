@@ -1,0 +1,202 @@
+"""Training configuration: a YAML file merged over :data:`DEFAULTS`, plus ``section.key=value`` overrides.
+
+The model section is either a built-in preset / reference YAML (``model.preset``) or an explicit GQConfig
+(``arch``, ``encoder``, ``decoder`` (defaults to the encoder's dict), ``codebook_size``, ``group``, ...); explicit keys
+override the preset's. Everything else configures the loss, optimizer, data, DeepSpeed and the run. See
+docs/training.md for every key.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Mapping, Sequence
+
+import fsspec
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from gq_model.config import GQConfig
+
+__all__ = ["DEFAULTS", "load_config", "to_container", "build_gq_config", "tdc_settings", "validate"]
+
+DEFAULTS: dict[str, Any] = {
+    "model": {
+        "preset": None,          # built-in preset name or reference YAML path/URL; explicit keys below override it
+        "arch": None, "encoder": None, "decoder": None, "codebook_size": None, "group": None,
+        "seed": None, "beta": None, "logvar_range": None, "layout": None, "clamp_range": None,
+    },
+    "loss": {
+        "rec": "l1",                 # l1 | l2, elementwise, summed per image like the reference
+        "perceptual_weight": 1.0,
+        "lpips": {"vgg_path": None, "lin_path": None},   # torchvision vgg16 state dict + LPIPS vgg.pth
+        "learn_logvar": True,
+        "logvar_init": 0.0,
+        "kl_weight": 0.1,
+        "tdc": {"tolerance": 0.5, "lam_factor": 1.01},
+        "disc": {
+            "enabled": True, "start": 10001, "weight": 0.75, "max_weight": 1.0e4, "loss": "hinge",
+            "ndf": 160, "n_layers": 6, "actnorm": True, "lr": None, "betas": None,
+        },
+        "vf": {
+            "enabled": False, "model": None, "weights": None, "model_kwargs": {}, "weight": 0.2, "adaptive": True,
+            "max_weight": 1.0e8, "distmat_margin": 0.25, "cos_margin": 0.5, "distmat_weight": 1.0,
+            "cos_weight": 1.0, "input_size": 224, "feature_dim": None,
+        },
+    },
+    "optim": {"lr": 1.0e-4, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.0, "warmup_steps": 0},
+    "data": {
+        "train": None,            # folder / glob / brace pattern / list of them / "skimage:" (fsspec URLs allowed)
+        "val": None,              # optional held-out source; default: `holdout` images split off `train`
+        "holdout": 16,
+        "image_column": "image",  # Parquet column holding encoded image bytes
+        "image_size": 256,
+        "resize": None,           # shorter side before cropping (default image_size; 0 = no resize)
+        "crop": "center",         # center | random
+        "flip": False,
+        "repeat": 1,              # virtual epoch = every image `repeat` times (tiny datasets with random crops)
+        "batch_size": 16,         # per rank, per micro-step
+        "num_workers": 2,
+        "shuffle": True,
+        "seed": 23,
+        "storage_options": {},    # fsspec options (e.g. endpoint_url, key, secret)
+    },
+    "deepspeed": {
+        "enabled": True,          # false: the same loop on plain PyTorch (benchmark baseline, quick CPU runs)
+        "zero_stage": 0,
+        "precision": "fp32",      # fp32 | bf16
+        "grad_accum": 1,
+        "grad_clip": 0.0,
+        "backend": "auto",        # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+        "config": {},             # raw DeepSpeed config merged over the generated one (both engines)
+        "disc_zero_stage": None,  # default: zero_stage
+    },
+    "run": {
+        "out_dir": "runs/gq",
+        "max_steps": 1000,        # generator optimizer steps
+        "seed": 23,
+        "ckpt_every": 5000,
+        "keep_last": 0,           # 0 keeps every checkpoint
+        "resume": "auto",         # auto (latest under out_dir/checkpoints if any) | never | <checkpoint dir or tag dir>
+        "log_every": 10,
+        "image_every": 1000,
+        "n_images": 8,
+        "progress": True,
+        "tensorboard": True,
+        "export_bundle": True,    # write out_dir/bundle (a GQModel bundle) from the final checkpoint
+        "threads": 0,             # torch intra-op threads per rank (0 = leave torch's default)
+        "crash_at_step": None,    # fault injection for tests: SIGKILL this process right after that step
+    },
+}
+
+_MODEL_KEYS = ("arch", "encoder", "decoder", "codebook_size", "group", "seed", "beta", "logvar_range", "layout",
+               "clamp_range")
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    with fsspec.open(os.fspath(path), "r", encoding="utf-8") as f:
+        data = yaml.safe_load(f.read()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a training config must be a YAML mapping")
+    return data
+
+
+def _check_keys(cfg: Mapping[str, Any], defaults: Mapping[str, Any], where: str = "") -> None:
+    """Unknown keys are errors (typos would otherwise be silently ignored); free-form dicts are exempt."""
+    free = {"model.encoder", "model.decoder", "deepspeed.config", "data.storage_options", "loss.vf.model_kwargs"}
+    for k, v in cfg.items():
+        path = f"{where}{k}"
+        if k not in defaults:
+            raise ValueError(f"unknown training config key {path!r}")
+        if isinstance(v, Mapping) and isinstance(defaults[k], Mapping) and path not in free:
+            _check_keys(v, defaults[k], path + ".")
+
+
+def load_config(spec: str | os.PathLike | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """DEFAULTS <- YAML file (path/URL) or mapping <- ``a.b=value`` overrides; validated."""
+    user: dict[str, Any] = {}
+    if isinstance(spec, (str, os.PathLike)):
+        user = _read_yaml(os.fspath(spec))
+    elif isinstance(spec, Mapping):
+        user = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else copy.deepcopy(dict(spec))
+    _check_keys(user, DEFAULTS)
+    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.create(user))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ValueError(f"overrides must look like section.key=value, got {bad}")
+        dot = OmegaConf.from_dotlist([o[1:] if o.startswith("+") else o for o in overrides])  # Hydra-style '+' ok
+        _check_keys(OmegaConf.to_container(dot), DEFAULTS)
+        cfg = OmegaConf.merge(cfg, dot)
+    validate(cfg)
+    return cfg
+
+
+def to_container(cfg: DictConfig | Mapping) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
+
+
+def _model_dict(cfg: DictConfig | Mapping) -> dict[str, Any]:
+    model = to_container(cfg)["model"]
+    base: dict[str, Any] = {}
+    if model.get("preset"):
+        from gq_model.reference_config import load_reference_config
+
+        base = load_reference_config(model["preset"])
+    enc_override = model.get("encoder") or {}
+    for key in _MODEL_KEYS:
+        if model.get(key) is None:
+            continue
+        if key in ("encoder", "decoder") and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **model[key]}  # partial override of the preset's constructor parameters
+        else:
+            base[key] = model[key]
+    if model.get("preset") and enc_override and not model.get("decoder") and isinstance(base.get("decoder"), dict):
+        base["decoder"] = {**base["decoder"], **enc_override}  # the decoder shares the encoder's parameters
+    return base
+
+
+def build_gq_config(cfg: DictConfig | Mapping) -> GQConfig:
+    """The GQConfig the run trains (preset, then explicit keys; decoder defaults to the encoder's parameters)."""
+    d = _model_dict(cfg)
+    if not d.get("arch") or not d.get("encoder"):
+        raise ValueError("model: set model.preset or model.arch + model.encoder (+ codebook_size, group)")
+    if not d.get("decoder"):
+        d["decoder"] = dict(d["encoder"])
+    keys = ("arch", "encoder", "decoder", "codebook_size", "group", "seed", "beta", "logvar_range", "layout",
+            "clamp_range", "source")
+    return GQConfig(**{k: d[k] for k in keys if k in d and d[k] is not None})
+
+
+def tdc_settings(cfg: DictConfig | Mapping) -> dict[str, float]:
+    """TDC tolerance and controller factor: the loss.tdc section, falling back to the model preset's values."""
+    d = _model_dict(cfg)
+    tdc = to_container(cfg)["loss"]["tdc"]
+    return {"tolerance": float(tdc.get("tolerance", d.get("tolerance", 0.5))),
+            "lam_factor": float(tdc.get("lam_factor", d.get("lam_factor", 1.01)))}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap consistency checks with messages that say what to change."""
+    build_gq_config(cfg)
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage must be 0..3, got {cfg.deepspeed.zero_stage}")
+    if cfg.deepspeed.disc_zero_stage not in (None, 0, 1, 2, 3):
+        raise ValueError(f"deepspeed.disc_zero_stage must be 0..3, got {cfg.deepspeed.disc_zero_stage}")
+    if cfg.deepspeed.precision not in ("fp32", "bf16"):
+        raise ValueError(f"deepspeed.precision must be fp32 or bf16, got {cfg.deepspeed.precision!r}")
+    if int(cfg.deepspeed.grad_accum) < 1:
+        raise ValueError("deepspeed.grad_accum must be >= 1")
+    if cfg.data.crop not in ("center", "random"):
+        raise ValueError(f"data.crop must be center or random, got {cfg.data.crop!r}")
+    if int(cfg.data.batch_size) < 1 or int(cfg.data.image_size) < 1:
+        raise ValueError("data.batch_size and data.image_size must be positive")
+    if cfg.loss.rec not in ("l1", "l2"):
+        raise ValueError(f"loss.rec must be l1 or l2, got {cfg.loss.rec!r}")
+    if cfg.loss.disc.loss not in ("hinge", "vanilla"):
+        raise ValueError(f"loss.disc.loss must be hinge or vanilla, got {cfg.loss.disc.loss!r}")
+    if cfg.loss.vf.enabled and not cfg.loss.vf.model:
+        raise ValueError("loss.vf.enabled needs loss.vf.model (a TorchScript file or 'package.module:factory')")
+    if cfg.loss.vf.enabled and build_gq_config(cfg).arch != "unet":
+        raise ValueError("the VF alignment term is implemented for the UNet (bchw) latents only")
+    if int(cfg.run.max_steps) < 0:
+        raise ValueError("run.max_steps must be >= 0")
