@@ -151,7 +151,15 @@ if hasattr(os, "register_at_fork"):
 def _run_tasks(fn, tasks: list, workers: int) -> list:
     if workers <= 1 or len(tasks) <= 1:
         return [fn(*t) for t in tasks]
-    return list(_pool(workers).map(lambda t: fn(*t), tasks))
+    # Grad and inference mode are thread-local: a caller inside torch.inference_mode() hands us inference tensors,
+    # which pool threads may only update in place under the same mode.
+    inference = torch.is_inference_mode_enabled()
+
+    def run(t):
+        with torch.inference_mode(inference), torch.no_grad():
+            return fn(*t)
+
+    return list(_pool(workers).map(run, tasks))
 
 
 # ---- one row block ----------------------------------------------------------------------------------------------

@@ -358,3 +358,16 @@ def test_full_float32_precision_whatever_the_global_setting():
     assert after == "medium"
     check_against_oracle(got, mu, lv, cb, 1.0)
     assert torch.equal(idx[:, 0], got)
+
+
+def test_cpu_path_works_inside_inference_mode():
+    """Pool threads must honour the caller's inference mode (its tensors are inference tensors)."""
+    from gq_model import GaussianQuantizer
+
+    q = GaussianQuantizer(codebook_size=4096, group=16)
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(4, 16, 16, 16, generator=g), torch.full((4, 16, 16, 16), -1.0)
+    expected, _ = q.quantize(mu, logvar)
+    with torch.inference_mode():
+        got, _ = q.quantize(mu, logvar)
+    assert torch.equal(got, expected)
