@@ -1,0 +1,28 @@
+"""GQ dataset tokenization: a Ray Data job that turns image folders, WebDataset tars and Parquet files into token
+shards (docs/token-format.md), plus the preprocessing it uses.
+
+``tokenize`` and ``preprocess_image`` are imported lazily so that ``import gq_pipeline`` stays cheap (no Ray import);
+readers (``TokenDataset``) live in ``gq_pipeline.dataset``.
+"""
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["tokenize", "preprocess_image", "SampleError", "ERROR_KINDS", "TokenDataset"]
+
+_LAZY = {"tokenize": ("gq_pipeline.job", "tokenize"),
+         "preprocess_image": ("gq_pipeline.preprocess", "preprocess_image"),
+         "SampleError": ("gq_pipeline.records", "SampleError"),
+         "ERROR_KINDS": ("gq_pipeline.records", "ERROR_KINDS"),
+         "TokenDataset": ("gq_pipeline.dataset", "TokenDataset")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'gq_pipeline' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,194 @@
+"""Driver side: regroup streamed rows into whole units, then write and commit each finished unit.
+
+Ray Data does not keep a unit's rows together after the actor pool (batches mix units and arrive in any order), so
+the driver keeps one small buffer per unit in flight (tokens only: ~2 KB per 256² image; images never reach the
+driver). A unit is complete when its ``end`` row has arrived and it holds that many distinct sample indices;
+duplicates from task or actor retries are dropped by index. ``commit_unit`` then writes the shards, the error file
+and, last, the commit record.
+"""
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gq_pipeline.manifest import OutputStore
+from gq_pipeline.records import ERROR_KINDS, ROW_END
+from gq_pipeline.sources import Unit
+from gq_pipeline.writers import (FORMAT_VERSION, ShardContext, build_error_table, build_token_table, parquet_bytes,
+                                 split_rows, tar_bytes)
+
+__all__ = ["UnitAssembler", "CompleteUnit", "FailedUnit", "commit_unit"]
+
+
+@dataclass
+class _Buffer:
+    tables: list[pa.Table] = field(default_factory=list)
+    rows: int = 0  # rows received, retries' duplicates included
+    expected: int | None = None
+    info: dict[str, Any] | None = None
+    failure: str | None = None
+    model_s: float = 0.0
+    nbytes: int = 0
+
+
+@dataclass
+class CompleteUnit:
+    unit: Unit
+    rows: pa.Table  # sample rows (ok + error), sorted by idx, one per index
+    info: dict[str, Any]
+    model_s: float
+
+
+@dataclass
+class FailedUnit:
+    unit: Unit
+    reason: str
+
+
+class UnitAssembler:
+    """Collects rows per unit; ``add`` returns the units that became complete (or failed) with this batch."""
+
+    def __init__(self, units: dict[str, Unit]):
+        self.units = units
+        self.buffers: dict[str, _Buffer] = {}
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
+
+    def add(self, table: pa.Table) -> list[CompleteUnit | FailedUnit]:
+        """Vectorized per batch: the cost is per unit present in the batch, not per row."""
+        if table.num_rows == 0:
+            return []
+        table = table.drop_columns([c for c in ("img", "img_h", "img_w") if c in table.column_names])
+        encoded = pc.dictionary_encode(table.column("unit")).combine_chunks()
+        names = encoded.dictionary.to_pylist()
+        if len(names) == 1:
+            parts = [(names[0], table)]
+        else:  # one stable sort by unit, then zero-copy slices
+            codes = encoded.indices.to_numpy(zero_copy_only=False)
+            order = np.argsort(codes, kind="stable")
+            table, codes = table.take(pa.array(order)), codes[order]
+            starts = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [len(codes)]])
+            parts = [(names[codes[a]], table.slice(a, b - a)) for a, b in zip(starts[:-1], starts[1:])]
+        done: list[CompleteUnit | FailedUnit] = []
+        for uid, rows in parts:
+            result = self._add_unit_rows(uid, rows)
+            if result is not None:
+                done.append(result)
+        return done
+
+    def _add_unit_rows(self, uid: str, rows: pa.Table) -> CompleteUnit | FailedUnit | None:
+        if uid not in self.units:  # a stale retry of a unit already handled
+            return None
+        buf = self.buffers.setdefault(uid, _Buffer())
+        is_end = pc.equal(rows.column("kind"), ROW_END)
+        if pc.any(is_end).as_py():
+            end = rows.filter(is_end).slice(0, 1).to_pylist()[0]
+            buf.expected = int(end["n"])
+            buf.info = pickle.loads(end["info"]) if end["info"] else {}
+            buf.failure = end["error"] or None
+            rows = rows.filter(pc.invert(is_end))
+        if rows.num_rows:
+            buf.tables.append(rows)
+            buf.rows += rows.num_rows
+            buf.nbytes += rows.nbytes
+            buf.model_s += float(pc.sum(rows.column("model_s")).as_py() or 0.0)
+        unit = self.units[uid]
+        if buf.failure:
+            self._forget(uid)
+            return FailedUnit(unit, buf.failure)
+        if buf.expected is None or buf.rows < buf.expected:
+            return None
+        all_rows = None
+        if buf.tables:
+            all_rows = pa.concat_tables(buf.tables)
+            all_rows = all_rows.take(pc.sort_indices(all_rows, sort_keys=[("idx", "ascending")]))
+            idx = all_rows.column("idx").to_numpy()
+            keep = np.ones(len(idx), dtype=bool)
+            keep[1:] = idx[1:] != idx[:-1]
+            if not keep.all():  # duplicates from task/actor retries: keep the first of each index
+                all_rows = all_rows.filter(pa.array(keep))
+                idx = idx[keep]
+            if len(idx) < buf.expected:  # duplicates made the count look complete: wait for the rest
+                buf.tables, buf.rows = [all_rows], len(idx)
+                return None
+            if len(idx) != buf.expected or idx[0] != 0 or idx[-1] != buf.expected - 1:
+                self._forget(uid)
+                return FailedUnit(unit, f"sample indices are not 0..{buf.expected - 1}")
+        self._forget(uid)
+        if unit.expected_inputs is not None and buf.expected != unit.expected_inputs:
+            return FailedUnit(unit, f"read {buf.expected} samples but the unit lists {unit.expected_inputs} files")
+        return CompleteUnit(unit, all_rows, buf.info or {}, buf.model_s)
+
+    def _forget(self, uid: str) -> None:
+        self.buffers.pop(uid, None)
+        self.units.pop(uid, None)
+
+    def leftovers(self) -> list[FailedUnit]:
+        """Units that never completed (the stream ended early): reported as failed, not committed."""
+        out = []
+        for uid, buf in self.buffers.items():
+            out.append(FailedUnit(self.units[uid], f"incomplete: {buf.rows} of "
+                                                   f"{buf.expected if buf.expected is not None else '?'} samples"))
+        return out
+
+
+def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], done: CompleteUnit
+                ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Write a complete unit's files, then its commit record. Returns (record, token histogram of this unit)."""
+    import hashlib
+
+    unit = done.unit
+    fp = ctx.model_fingerprint
+    if done.rows is not None:
+        ok, err = split_rows(done.rows)
+    else:
+        ok = err = None
+    n_ok = ok.num_rows if ok is not None else 0
+    n_err = err.num_rows if err is not None else 0
+    shards = []
+    passthrough_schema = None
+    if done.info.get("passthrough_schema"):
+        passthrough_schema = pa.ipc.read_schema(pa.py_buffer(done.info["passthrough_schema"]))
+    hist = None
+    if n_ok:
+        if "parquet" in formats:
+            data = parquet_bytes(build_token_table(ok, ctx, unit.unit_id, passthrough_schema))
+            rel = store.shard_relpath("parquet", unit.unit_id, fp)
+            store.put(rel, data)
+            shards.append({"format": "parquet", "path": rel, "rows": n_ok, "bytes": len(data),
+                           "sha256": hashlib.sha256(data).hexdigest()})
+        if "webdataset" in formats:
+            data = tar_bytes(ok, ctx, parquet_input=unit.kind == "parquet")
+            rel = store.shard_relpath("webdataset", unit.unit_id, fp)
+            store.put(rel, data)
+            shards.append({"format": "webdataset", "path": rel, "rows": n_ok, "bytes": len(data),
+                           "sha256": hashlib.sha256(data).hexdigest()})
+        flat = np.frombuffer(b"".join(ok.column("tokens").to_pylist()), dtype=ctx.token_numpy)
+        hist = np.bincount(flat.astype(np.int64), minlength=ctx.codebook_size)
+    errors_file = None
+    by_kind: dict[str, int] = {}
+    if n_err:
+        by_kind = dict(sorted(Counter(err.column("error").to_pylist()).items()))
+        data = parquet_bytes(build_error_table(err, ctx, unit.unit_id))
+        errors_file = store.shard_relpath("errors", unit.unit_id, fp)
+        store.put(errors_file, data)
+    assert set(by_kind) <= set(ERROR_KINDS), by_kind
+    record = {"format_version": FORMAT_VERSION, "unit_id": unit.unit_id, "kind": unit.kind, "source": unit.source,
+              "inputs": n_ok + n_err, "tokenized": n_ok, "errors": n_err, "errors_by_kind": by_kind,
+              "shards": shards, "errors_file": errors_file, "formats": sorted(formats), "latents": ctx.latents,
+              "model_fingerprint": fp, "codebook_fingerprint": ctx.codebook_fingerprint,
+              "preprocess": ctx.preprocess}
+    if unit.kind == "files":
+        record["files"] = {"count": len(unit.files), "first": unit.files[0], "last": unit.files[-1]}
+    if done.info.get("image_column"):
+        record["image_column"] = done.info["image_column"]
+    store.commit(record)
+    return record, hist

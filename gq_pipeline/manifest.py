@@ -1,0 +1,174 @@
+"""The output directory's bookkeeping: commit records, the compatibility guard, ``manifest.json`` and the wids index.
+
+A unit is done exactly when ``units/<unit_id>.json`` exists; it is written after the unit's shards, so a crash at any
+moment leaves either a committed unit or one that a rerun redoes (rewriting the same names with the same bytes).
+Resuming reads ``manifest.json`` plus only the commit records the manifest does not list yet, so a rerun costs one
+listing of ``units/`` and a few reads, never a scan of the shards or a re-read of finished inputs.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+from gq_pipeline.sources import get_fs, to_url
+from gq_pipeline.writers import FORMAT_VERSION, ShardContext, is_local, put_atomic
+
+__all__ = ["OutputStore", "OutputState", "IncompatibleOutputError", "manifest_unit_entry", "RUN_CONSTANTS"]
+
+SUBDIRS = ("parquet", "webdataset", "errors", "units")
+# Commit-record fields that are the same for the whole output: stored once at the top of manifest.json.
+RUN_CONSTANTS = ("format_version", "model_fingerprint", "codebook_fingerprint", "preprocess")
+
+
+def manifest_unit_entry(record: dict[str, Any]) -> dict[str, Any]:
+    """A commit record without the output-wide constants (the manifest stores those once)."""
+    return {k: v for k, v in record.items() if k not in RUN_CONSTANTS}
+
+
+class IncompatibleOutputError(ValueError):
+    """The output already holds tokens made by another model, codebook or preprocessing."""
+
+
+@dataclass
+class OutputState:
+    """What is already committed under an output."""
+
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
+    foreign_shards: list[str] = field(default_factory=list)
+
+
+class OutputStore:
+    """Paths and I/O under ``--output`` (any fsspec URL but ``memory://``)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.fs, self.root = get_fs(url, storage_options)
+        self.root = self.root.rstrip("/")
+        self.url = to_url(self.fs, self.root)
+        self.local = is_local(self.fs)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    @staticmethod
+    def shard_relpath(fmt: str, unit_id: str, model_fp: str) -> str:
+        sub, ext = {"parquet": ("parquet", "parquet"), "webdataset": ("webdataset", "tar"),
+                    "errors": ("errors", "parquet")}[fmt]
+        return f"{sub}/{unit_id}-{model_fp}.{ext}"
+
+    # ------------------------------------------------------------------ start of a run
+    def prepare(self) -> None:
+        """Create directories (local) and remove temporaries left by a killed run (local only: object stores have
+        none, since every object is one PUT)."""
+        if not self.local:
+            bucket = self.root.split("/", 1)[0]
+            try:
+                ok = self.fs.exists(bucket)
+            except Exception as e:  # no permission to look: the first write will tell
+                ok, _ = True, e
+            if not ok:
+                raise FileNotFoundError(f"{self.url}: bucket {bucket!r} does not exist (gq does not create buckets)")
+            return
+        for sub in SUBDIRS:
+            self.fs.makedirs(self.path(sub), exist_ok=True)
+            for p in self.fs.glob(self.path(sub, "*.tmp-*")):
+                try:
+                    self.fs.rm_file(p)
+                except FileNotFoundError:
+                    pass
+        for p in self.fs.glob(self.path("*.tmp-*")):
+            try:
+                self.fs.rm_file(p)
+            except FileNotFoundError:
+                pass
+
+    def _ls_names(self, sub: str) -> list[str]:
+        try:
+            return [posixpath.basename(p) for p in self.fs.ls(self.path(sub), detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def load(self) -> OutputState:
+        self.fs.invalidate_cache()  # another process (an earlier, killed run) may have written since
+        state = OutputState()
+        try:
+            state.manifest = json.loads(self.fs.cat_file(self.path("manifest.json")))
+        except FileNotFoundError:
+            state.manifest = None
+        except ValueError as e:
+            raise ValueError(f"{self.url}/manifest.json is not valid JSON ({e}); it is rewritten at the end of every "
+                             f"run, so delete it and rerun to rebuild it from units/") from e
+        names = [n for n in self._ls_names("units") if n.endswith(".json") and ".tmp-" not in n]
+        m = state.manifest or {}
+        shared = {k: m[k] for k in RUN_CONSTANTS if k in m}
+        known = {u["unit_id"]: u for u in m.get("units", []) if "formats" in u}
+        missing = []
+        for n in names:
+            uid = n[:-5]
+            if uid in known:
+                state.records[uid] = {**known[uid], **shared}
+            else:
+                missing.append(self.path("units", n))
+        if missing:
+            for p, blob in self.fs.cat(missing, on_error="return").items():
+                if isinstance(blob, BaseException):
+                    raise OSError(f"cannot read commit record {p}: {blob}")
+                rec = json.loads(blob)
+                state.records[rec["unit_id"]] = rec
+        for sub in ("parquet", "webdataset"):
+            for n in self._ls_names(sub):
+                if n.endswith((".parquet", ".tar")):
+                    state.foreign_shards.append(f"{sub}/{n}")
+        return state
+
+    def check_compatible(self, state: OutputState, ctx: ShardContext) -> None:
+        """Refuse to mix tokens of different models/codebooks/preprocessing under one output."""
+        want = {"model_fingerprint": ctx.model_fingerprint, "codebook_fingerprint": ctx.codebook_fingerprint,
+                "image_size": ctx.preprocess["image_size"], "crop": ctx.preprocess["crop"]}
+        sources = list(state.records.values())[:1]
+        if state.manifest:
+            sources.append({**state.manifest, **(state.manifest.get("preprocess") or {})})
+        for rec in sources:
+            pre = rec.get("preprocess", rec)
+            have = {"model_fingerprint": rec.get("model_fingerprint"),
+                    "codebook_fingerprint": rec.get("codebook_fingerprint"),
+                    "image_size": pre.get("image_size"), "crop": pre.get("crop")}
+            diff = {k: (have[k], want[k]) for k in want if have[k] is not None and have[k] != want[k]}
+            if diff:
+                what = ", ".join(f"{k} {a!r} (this run: {b!r})" for k, (a, b) in diff.items())
+                raise IncompatibleOutputError(
+                    f"{self.url} already holds tokens made with {what}. Mixing them would give a dataset whose "
+                    f"tokens mean different things; write to a new --output (or delete this one).")
+            if int(rec.get("format_version", FORMAT_VERSION)) != FORMAT_VERSION:
+                raise IncompatibleOutputError(f"{self.url} uses token format version {rec.get('format_version')}; "
+                                              f"this gq writes version {FORMAT_VERSION}")
+        suffixes = {n.rsplit("-", 1)[-1].split(".", 1)[0] for n in state.foreign_shards}
+        other = sorted(s for s in suffixes if s != ctx.model_fingerprint)
+        if other:
+            raise IncompatibleOutputError(
+                f"{self.url} holds shards of model(s) {other} (this run: {ctx.model_fingerprint}); write to a new "
+                f"--output (or delete this one)")
+
+    # ------------------------------------------------------------------ writing
+    def put(self, relpath: str, data: bytes) -> None:
+        put_atomic(self.fs, self.path(relpath), data)
+
+    def commit(self, record: dict[str, Any]) -> None:
+        """Last write of a unit: from now on it is done."""
+        self.put(f"units/{record['unit_id']}.json",
+                 json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+
+    def write_wids_index(self, records: list[dict[str, Any]]) -> str | None:
+        shards = sorted((s["path"], s["rows"]) for r in records for s in r.get("shards", [])
+                        if s["format"] == "webdataset" and s["rows"] > 0)
+        if not shards:
+            return None
+        index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": posixpath.basename(self.root),
+                 "shardlist": [{"url": posixpath.basename(p), "nsamples": n} for p, n in shards]}
+        self.put("webdataset/index.json", json.dumps(index, indent=1).encode("utf-8"))
+        return "webdataset/index.json"
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.put("manifest.json", json.dumps(manifest, indent=1, sort_keys=False).encode("utf-8"))

@@ -1,0 +1,185 @@
+"""Image bytes -> model input, identical in the pipeline and for users calling :func:`preprocess_image` themselves.
+
+The pipeline moves images between processes as uint8 ``[3,H,W]`` (4x smaller than float32) and converts them to
+float only inside the model actor, with :func:`to_model_input`; ``preprocess_image`` is exactly
+``to_model_input(preprocess_uint8(...))``, so tokens written by ``gq tokenize`` equal
+``model.tokenize(preprocess_image(data, S)[None])`` bit for bit.
+
+Conventions (what a user needs to know to reproduce them):
+
+* decode with PIL; only the first frame of animated images (GIF, WebP, APNG) is used;
+* EXIF orientation is applied first (``ImageOps.exif_transpose``); ``width``/``height`` reported for a sample are the
+  size after that rotation, before resizing;
+* colour: palette, grayscale, 1-bit, CMYK (PIL's conversion, no ICC colour management), YCbCr -> RGB; images with
+  transparency (RGBA, LA, PA, palette or RGB with a transparency key) are **composited onto white**, as they would
+  show on a white page (dropping alpha instead would expose arbitrary colours stored under transparent pixels);
+  16-bit grayscale (``I;16``) is mapped to 8 bits by ``round(v / 257)``; 32-bit ``I`` the same when its values
+  exceed 255; float ``F`` is scaled by 255 when its values lie in [0, 1], clipped to [0, 255] otherwise;
+* resize so the shorter side is ``image_size`` (PIL bicubic, which antialiases when shrinking), then
+  ``crop="center"`` keeps the centred ``image_size`` square; ``crop="none"`` keeps the whole resized image except
+  the longer side is centre-cropped to a multiple of the model's downsampling factor (``multiple_of``, 8 for the
+  UNet models), so non-square images give non-square token grids. Images more elongated than 16:1 are resized
+  through ``Image.resize(box=...)`` over just the kept region (same sampling positions, so they never allocate
+  their full resized size); PIL's two-pass rounding can then differ from resize-then-crop by a few levels;
+* float input is ``uint8 / 127.5 - 1`` in float32, giving [-1, 1].
+
+A decompression-bomb guard refuses images above ``max_pixels`` (read from the header, before decoding) with a
+``too_large`` :class:`~gq_pipeline.records.SampleError`; undecodable data gives ``decode``, zero bytes ``empty``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from gq_pipeline.records import SampleError
+
+if TYPE_CHECKING:  # torch is imported lazily: Ray read tasks decode images and never need it
+    import torch
+
+__all__ = ["preprocess_image", "preprocess_uint8", "to_model_input", "DEFAULT_MAX_PIXELS", "CROP_MODES"]
+
+DEFAULT_MAX_PIXELS = 100_000_000
+CROP_MODES = ("center", "none")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Above this ratio of resized to kept pixels (aspect ratio beyond 16:1 with a centre crop) resize only the crop box.
+_FULL_RESIZE_FACTOR = 16
+
+
+@contextlib.contextmanager
+def _pil_limits(max_pixels: int):
+    """Our header check replaces PIL's global bomb limit (which would apply its own 2x89 MP threshold)."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if data is None or len(data) == 0:
+        raise SampleError("empty", "zero-byte image")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise SampleError("too_large", str(e)) from None
+    except Exception as e:  # UnidentifiedImageError, SyntaxError, struct.error ... from a broken header
+        raise SampleError("decode", f"cannot identify image: {type(e).__name__}: {e}") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise SampleError("too_large", f"{w}x{h} = {w * h} pixels exceeds --max-pixels {max_pixels}", w, h)
+    if w <= 0 or h <= 0:
+        raise SampleError("decode", f"invalid image size {w}x{h}")
+    try:
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    except SampleError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise SampleError("too_large", str(e), w, h) from None
+    except MemoryError:
+        raise SampleError("too_large", f"out of memory decoding a {w}x{h} image", w, h) from None
+    except Exception as e:  # truncated files, bad chunks, zlib errors ...
+        raise SampleError("decode", f"{type(e).__name__}: {e}", w, h) from None
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB" and "transparency" not in im.info:
+        return im
+    try:
+        if mode in _ALPHA_MODES or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        if mode.startswith("I") or mode == "F":
+            a = np.asarray(im)
+            if mode == "F":
+                a = a.astype(np.float64)
+                a = a * 255.0 if np.nanmax(a) <= 1.0 else a
+                a = np.clip(np.nan_to_num(a), 0, 255)
+            elif mode.startswith("I;16") or a.max() > 255:
+                a = np.clip(a.astype(np.float64), 0, 65535) / 257.0
+            a = np.rint(a).astype(np.uint8)
+            if a.ndim == 2:
+                a = np.repeat(a[:, :, None], 3, axis=2)
+            return Image.fromarray(np.ascontiguousarray(a[:, :, :3]), "RGB")
+        return im.convert("RGB")
+    except Exception as e:
+        raise SampleError("unsupported", f"cannot convert PIL mode {mode!r} to RGB: {e}", *im.size) from None
+
+
+def _resize_crop(im: Image.Image, size: int, crop: str, multiple_of: int, max_pixels: int) -> Image.Image:
+    w, h = im.size
+    scale = size / min(w, h)
+    if w <= h:
+        new_w, new_h = size, max(size, round(h * scale))
+    else:
+        new_w, new_h = max(size, round(w * scale)), size
+    if crop == "center":
+        out_w = out_h = size
+    else:
+        out_w, out_h = new_w // multiple_of * multiple_of, new_h // multiple_of * multiple_of
+        if out_w * out_h > max_pixels:
+            raise SampleError("too_large", f"resized to {out_w}x{out_h} with --crop none, which exceeds "
+                                           f"--max-pixels {max_pixels}", w, h)
+    x0, y0 = (new_w - out_w) // 2, (new_h - out_h) // 2
+    if new_w * new_h <= _FULL_RESIZE_FACTOR * out_w * out_h:
+        return im.resize((new_w, new_h), Image.BICUBIC).crop((x0, y0, x0 + out_w, y0 + out_h))
+    # Very elongated image: resize only the kept box (same sampling positions, no giant intermediate image).
+    sx, sy = w / new_w, h / new_h
+    box = (x0 * sx, y0 * sy, (x0 + out_w) * sx, (y0 + out_h) * sy)
+    return im.resize((out_w, out_h), Image.BICUBIC, box=box)
+
+
+def preprocess_uint8(data: bytes, image_size: int, crop: str = "center", *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     multiple_of: int = 8) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode and resize: (uint8 ``[3,H,W]``, (width, height) after EXIF rotation). Raises :class:`SampleError`."""
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
+    if image_size <= 0 or image_size % multiple_of:
+        raise ValueError(f"image_size {image_size} must be a positive multiple of {multiple_of}")
+    with _pil_limits(max_pixels):
+        im = _open(data, max_pixels)
+        size = im.size
+        im = _to_rgb(im)
+        try:
+            im = _resize_crop(im, image_size, crop, multiple_of, max_pixels)
+            arr = np.asarray(im, dtype=np.uint8)
+        except SampleError:
+            raise
+        except Exception as e:
+            raise SampleError("decode", f"resize failed: {type(e).__name__}: {e}", *size) from None
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)), size
+
+
+def to_model_input(images: "np.ndarray | torch.Tensor") -> "torch.Tensor":
+    """uint8 ``[...,3,H,W]`` -> float32 in [-1, 1] (``x / 127.5 - 1``): the one conversion every path uses."""
+    import torch
+
+    t = torch.as_tensor(images)
+    if t.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {t.dtype}")
+    return t.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def preprocess_image(data: bytes, image_size: int, crop: str = "center", *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     multiple_of: int = 8) -> "torch.Tensor":
+    """Encoded image bytes -> float32 ``[3,S,S]`` in [-1, 1] (``crop="none"``: ``[3,H,W]``, see module doc).
+
+    Raises :class:`~gq_pipeline.records.SampleError` (``kind`` = ``empty``, ``decode``, ``too_large`` or
+    ``unsupported``) for inputs that cannot become an image.
+    """
+    arr, _ = preprocess_uint8(data, image_size, crop, max_pixels=max_pixels, multiple_of=multiple_of)
+    return to_model_input(arr)

@@ -1,0 +1,59 @@
+"""Names shared by every pipeline stage: error kinds, sample keys, unit ids and the row layout between stages.
+
+Keys and unit ids are pure functions of the input (never of time, host or run) so that a rerun writes the same shard
+names and the same bytes; see docs/token-format.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+__all__ = ["ERROR_KINDS", "SampleError", "make_key", "make_unit_id", "ROW_OK", "ROW_ERROR", "ROW_END",
+           "RESERVED_COLUMNS", "IMAGE_EXTENSIONS", "TAR_EXTENSIONS", "PARQUET_EXTENSIONS"]
+
+# Error record kinds (docs/token-format.md, "Errors").
+ERROR_KINDS = ("decode", "empty", "too_large", "unsupported", "read", "model")
+
+# Row kinds flowing from the read stage through the model stage to the driver.
+ROW_OK, ROW_ERROR, ROW_END = "ok", "error", "end"
+
+# Output columns of a token shard; input pass-through columns with these names get an ``input_`` prefix.
+RESERVED_COLUMNS = ("key", "source", "member", "tokens", "token_shape", "width", "height", "latent", "latent_shape",
+                    "txt", "json", "cls")
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
+TAR_EXTENSIONS = ("tar", "tar.gz", "tgz")
+PARQUET_EXTENSIONS = ("parquet",)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9-]+")
+_SLUG_MAX = 64  # keeps "<key>.latent.npy" under the 100-character ustar name field
+
+
+class SampleError(Exception):
+    """A sample that produced no tokens; becomes one error record (never a crash). ``kind`` is in ERROR_KINDS."""
+
+    def __init__(self, kind: str, message: str, width: int = -1, height: int = -1):
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {kind!r}")
+        super().__init__(message)
+        self.kind, self.message, self.width, self.height = kind, message, width, height
+
+
+def make_key(identity: str, readable: str) -> str:
+    """Stable, unique sample key: ``<slug of readable>-<sha256(identity)[:12]>``.
+
+    ``identity`` is the sample's full input URI (``file:///d/a.jpg``, ``s3://b/x.tar#000123``, ``...parquet#row=7``)
+    and is unique per sample; ``readable`` (usually the path relative to the input root) only makes the key readable.
+    The slug keeps ``[A-Za-z0-9-]`` (no dots, as WebDataset keys require) so ``a.jpg`` and ``a.png`` become
+    ``a_jpg-…`` and ``a_png-…``; the hash keeps keys distinct even where two names slug to the same text.
+    """
+    slug = _UNSAFE.sub("_", readable).strip("_")[-_SLUG_MAX:].lstrip("_") or "sample"
+    return f"{slug}-{hashlib.sha256(identity.encode('utf-8')).hexdigest()[:12]}"
+
+
+def make_unit_id(description: dict[str, Any]) -> str:
+    """``u-<sha256(canonical JSON of the unit description)[:16]>``: same inputs and unit size give the same ids."""
+    blob = json.dumps(description, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "u-" + hashlib.sha256(blob.encode("ascii")).hexdigest()[:16]

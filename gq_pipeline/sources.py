@@ -1,0 +1,456 @@
+"""Inputs: resolve URLs into deterministic work units (driver) and read a unit's samples (Ray read tasks).
+
+A *unit* is the smallest thing that is committed or redone: one WebDataset tar, one Parquet file, or up to
+``unit_size`` image files of one directory (the directory's sorted listing cut into consecutive runs). Units never
+span directories, so adding files to one directory leaves the unit ids (and committed work) of the others intact.
+
+Listing walks each input once with ``fs.walk``/``fs.glob`` (one listing request per page of names on object stores,
+never a ``stat`` per file); file sizes are never fetched. Hidden names (leading ``.``, e.g. macOS ``._x.jpg``
+resource forks) are skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import posixpath
+import re
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import fsspec
+
+from gq_pipeline.records import (IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, RESERVED_COLUMNS, TAR_EXTENSIONS, SampleError,
+                                 make_key, make_unit_id)
+
+__all__ = ["Unit", "Plan", "RawSample", "UnitReadError", "plan_units", "iter_samples", "get_fs", "to_url",
+           "find_image_column"]
+
+_MAGIC = re.compile(r"[*?\[]")
+_IMAGE_COLUMN_NAMES = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
+_FILE_CHUNK = 16  # files fetched per fs.cat call (concurrent GETs on object stores)
+
+
+class UnitReadError(Exception):
+    """The unit could not be read for a reason that may go away (network, permissions): it is not committed, so a
+    rerun retries it. Format problems (a corrupt tar) are *not* this: they become ``read`` error records."""
+
+
+def _storage_options(url: str, storage_options: dict | None) -> dict:
+    proto = url.split("://", 1)[0] if "://" in url else "file"
+    return {} if proto in ("file", "local") else dict(storage_options or {})
+
+
+def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(fs, path)`` for a URL; ``memory://`` is refused because Ray workers cannot see the driver's memory."""
+    if url.startswith("memory://") or url.startswith("memory:"):
+        raise ValueError(f"{url}: memory:// filesystems live inside one process, and the Ray workers that read and "
+                         f"write run in other processes; use a local path, file://, s3://, gs:// or http(s)://")
+    return fsspec.core.url_to_fs(url, **_storage_options(url, storage_options))
+
+
+def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Canonical URL with protocol (``file:///abs/p``, ``s3://b/k``): the identity used in keys and unit ids."""
+    return fs.unstrip_protocol(path)
+
+
+def _ext(name: str) -> str:
+    low = name.lower()
+    for ext in TAR_EXTENSIONS + PARQUET_EXTENSIONS:
+        if low.endswith("." + ext):
+            return ext
+    return low.rsplit(".", 1)[-1] if "." in low else ""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One work unit. ``source`` is the tar/parquet URL, or the directory URL of a ``files`` unit whose ``files``
+    are names inside it; ``prefix`` is that directory relative to the input root (only makes keys readable)."""
+
+    kind: str
+    source: str
+    files: tuple[str, ...] = ()
+    prefix: str = ""
+    unit_id: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if not self.unit_id:
+            object.__setattr__(self, "unit_id", make_unit_id(self.description()))
+
+    def description(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"v": 1, "kind": self.kind, "source": self.source}
+        if self.kind == "files":
+            d["files"] = list(self.files)
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"files": list(self.files)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Unit":
+        return cls(kind=d["kind"], source=d["source"], files=tuple(d.get("files", ())), prefix=d.get("prefix", ""),
+                   unit_id=d.get("unit_id", ""))
+
+    @property
+    def expected_inputs(self) -> int | None:
+        """Known before reading only for file units; tars and parquet files report their count when read."""
+        return len(self.files) if self.kind == "files" else None
+
+
+@dataclass
+class Plan:
+    units: list[Unit]
+    ignored: int = 0
+    ignored_examples: list[str] = field(default_factory=list)
+    listed: int = 0
+    list_s: float = 0.0
+
+
+def _expand_braces(url: str) -> list[str]:
+    if "{" not in url:
+        return [url]
+    try:
+        import braceexpand
+    except ImportError:  # webdataset depends on it; without it braces are taken literally
+        return [url]
+    return list(braceexpand.braceexpand(url))
+
+
+def _non_magic_prefix(path: str) -> str:
+    parts = path.split("/")
+    keep = []
+    for p in parts:
+        if _MAGIC.search(p):
+            break
+        keep.append(p)
+    return "/".join(keep)
+
+
+def plan_units(inputs: list[str], unit_size: int = 1000, storage_options: dict | None = None) -> Plan:
+    """List every input and cut it into units (sorted, de-duplicated by file URL)."""
+    if unit_size < 1:
+        raise ValueError(f"unit_size must be >= 1, got {unit_size}")
+    if not inputs:
+        raise ValueError("no --input given")
+    t0 = time.perf_counter()
+    plan = Plan(units=[])
+    by_dir: dict[str, tuple[str, set[str]]] = {}  # dir URL -> (prefix, names)
+    shard_urls: dict[str, str] = {}  # url -> kind
+    for raw in inputs:
+        for url in _expand_braces(str(raw)):
+            fs, path = get_fs(url, storage_options)
+            fs.invalidate_cache()  # fsspec instances are shared per process: never plan from a stale listing
+            root_path = path.rstrip("/") or path
+            if _MAGIC.search(path):
+                root_path = _non_magic_prefix(path).rstrip("/")
+                matches = sorted(fs.glob(path, detail=True).items())
+                if not matches:
+                    raise FileNotFoundError(f"{url}: the pattern matched nothing")
+                groups: dict[str, list[str]] = {}
+                walks = []
+                for p, info in matches:
+                    if info.get("type") == "directory":
+                        walks.append(_walk_dirs(fs, p))
+                    else:
+                        d, name = posixpath.split(p)
+                        groups.setdefault(d, []).append(name)
+                listing = [iter(groups.items())] + walks
+            elif fs.isdir(path):
+                listing = [_walk_dirs(fs, root_path)]
+            elif fs.exists(path):
+                root_path = posixpath.dirname(root_path)
+                listing = [iter([(posixpath.dirname(path), [posixpath.basename(path)])])]
+            else:
+                raise FileNotFoundError(f"{url}: no such file or directory")
+            for dirs in listing:
+                for d, names in dirs:
+                    _classify(plan, fs, root_path, d, names, by_dir, shard_urls)
+    for d, (prefix, names) in by_dir.items():
+        ordered = sorted(names)
+        for i in range(0, len(ordered), unit_size):
+            plan.units.append(Unit("files", d, tuple(ordered[i:i + unit_size]), prefix))
+    plan.units.extend(Unit(kind, url, prefix="") for url, kind in shard_urls.items())
+    plan.units.sort(key=lambda u: (u.source, u.files[:1]))
+    plan.list_s = time.perf_counter() - t0
+    return plan
+
+
+def _classify(plan: Plan, fs, root_path: str, d: str, names: list[str], by_dir: dict, shard_urls: dict) -> None:
+    """Sort one directory's file names into image files, tars and Parquet files (URL built once per directory)."""
+    plan.listed += len(names)
+    dir_url = to_url(fs, d).rstrip("/")
+    images = None
+    for name in names:
+        if name.startswith("."):
+            continue
+        ext = _ext(name)
+        if ext in IMAGE_EXTENSIONS:
+            if images is None:
+                rel = posixpath.relpath(d, root_path) if root_path and d.startswith(root_path) else ""
+                images = by_dir.setdefault(dir_url, ("" if rel == "." else rel, set()))[1]
+            images.add(name)
+        elif ext in TAR_EXTENSIONS:
+            shard_urls[f"{dir_url}/{name}"] = "tar"
+        elif ext in PARQUET_EXTENSIONS:
+            shard_urls[f"{dir_url}/{name}"] = "parquet"
+        else:
+            plan.ignored += 1
+            if len(plan.ignored_examples) < 5:
+                plan.ignored_examples.append(f"{dir_url}/{name}")
+
+
+def _walk_dirs(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, list[str]]]:
+    """(directory path, file names) for every directory under ``root``, hidden directories skipped.
+
+    Local: ``os.walk`` (d_type from ``scandir``: no stat per file; fsspec's local ``walk`` stats every entry).
+    Elsewhere: ``fs.walk``, which object stores serve from paginated listings (1000 names per request on S3).
+    """
+    if is_local_fs(fs):
+        import os
+
+        for dirpath, dirs, files in os.walk(root):
+            dirs[:] = [x for x in dirs if not x.startswith(".")]
+            if files:
+                yield dirpath, files
+        return
+    for dirpath, dirs, files in fs.walk(root, detail=False):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        if files:
+            yield dirpath, list(files)
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RawSample:
+    """One input sample before decoding: image bytes (or an error), plus pass-through values."""
+
+    idx: int
+    key: str
+    member: str | None
+    source: str = ""  # the file's URL for plain files, the tar/parquet URL otherwise
+    data: bytes | None = None
+    extra: dict[str, Any] | None = None
+    error: SampleError | None = None
+
+
+@dataclass
+class UnitInfo:
+    """What a read task learns about its unit besides samples (sent to the driver with the unit's end row)."""
+
+    passthrough_schema: bytes | None = None  # serialized pyarrow schema of parquet pass-through columns
+    image_column: str | None = None
+
+
+def iter_samples(unit: Unit, info: UnitInfo, storage_options: dict | None = None,
+                 image_column: str | None = None) -> Iterator[RawSample]:
+    """Every sample of ``unit`` in a deterministic order with consecutive ``idx`` from 0.
+
+    Raises :class:`UnitReadError` for failures that make the unit retryable.
+    """
+    if unit.kind == "files":
+        yield from _iter_files(unit, storage_options)
+    elif unit.kind == "tar":
+        yield from _iter_tar(unit, storage_options)
+    elif unit.kind == "parquet":
+        yield from _iter_parquet(unit, info, storage_options, image_column)
+    else:
+        raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
+def _iter_files(unit: Unit, storage_options: dict | None) -> Iterator[RawSample]:
+    fs, dir_path = get_fs(unit.source, storage_options)
+    for start in range(0, len(unit.files), _FILE_CHUNK):
+        names = unit.files[start:start + _FILE_CHUNK]
+        paths = [posixpath.join(dir_path, n) for n in names]
+        try:
+            got = fs.cat(paths, on_error="return")
+        except Exception as e:
+            raise UnitReadError(f"reading {unit.source}: {type(e).__name__}: {e}") from e
+        for i, (name, p) in enumerate(zip(names, paths)):
+            readable = f"{unit.prefix}/{name}" if unit.prefix else name
+            key = make_key(f"{unit.source.rstrip('/')}/{name}", readable)
+            data = got.get(p, got.get(fs._strip_protocol(p)))
+            s = RawSample(start + i, key, None, f"{unit.source.rstrip('/')}/{name}")
+            if isinstance(data, FileNotFoundError) or data is None:
+                s.error = SampleError("read", f"{name}: file disappeared after listing")
+            elif isinstance(data, BaseException):
+                raise UnitReadError(f"reading {unit.source}/{name}: {type(data).__name__}: {data}")
+            else:
+                s.data = data
+            yield s
+
+
+_TAR_FORMAT_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """WebDataset convention: key = path up to the first dot of the basename, extension = the rest (lowercased)."""
+    d, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return (posixpath.join(d, stem) if d else stem), ext.lower()
+
+
+def _iter_tar(unit: Unit, storage_options: dict | None) -> Iterator[RawSample]:
+    fs, path = get_fs(unit.source, storage_options)
+    tar_stem = posixpath.basename(path).split(".", 1)[0]
+    seen: dict[str, int] = {}
+    idx = 0
+
+    def emit(prefix: str, members: dict[str, bytes]) -> RawSample:
+        nonlocal idx
+        n = seen.get(prefix, 0)
+        seen[prefix] = n + 1
+        identity = f"{unit.source}#{prefix}" + (f"#{n + 1}" if n else "")
+        s = RawSample(idx, make_key(identity, f"{tar_stem}/{prefix}" + (f"_{n + 1}" if n else "")), prefix,
+                      unit.source)
+        idx += 1
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+        extra: dict[str, Any] = {}
+        if "txt" in members:
+            extra["txt"] = members["txt"].decode("utf-8", errors="replace")
+        if "json" in members:
+            extra["json"] = members["json"].decode("utf-8", errors="replace")
+        if "cls" in members:
+            try:
+                extra["cls"] = int(members["cls"].decode("ascii", errors="replace").strip())
+            except ValueError:
+                extra["cls"] = None
+        s.extra = extra
+        if image_ext is None:
+            s.error = SampleError("unsupported", f"sample has no image member (members: {sorted(members)})")
+        else:
+            s.data = members[image_ext]
+        return s
+
+    try:
+        f = fs.open(path, "rb")
+    except FileNotFoundError as e:
+        raise UnitReadError(f"{unit.source}: {e}") from e
+    except Exception as e:
+        raise UnitReadError(f"opening {unit.source}: {type(e).__name__}: {e}") from e
+    current: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        with f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                prefix, ext = _split_member(m.name)
+                if posixpath.basename(prefix).startswith(".") or not ext:
+                    continue
+                if prefix != current or ext in members:
+                    if current is not None:
+                        yield emit(current, members)
+                    current, members = prefix, {}
+                fobj = tar.extractfile(m)
+                members[ext] = fobj.read() if fobj is not None else b""
+    except _TAR_FORMAT_ERRORS as e:
+        # Corrupt or truncated tar: keep what was read, account for the rest with one deterministic error record.
+        # (The half-read sample is part of the rest.)
+        s = RawSample(idx, make_key(f"{unit.source}#__unreadable__", f"{tar_stem}/unreadable"), "__unreadable__",
+                      unit.source)
+        s.error = SampleError("read", f"tar is corrupt or truncated after {idx} samples: {type(e).__name__}: {e}")
+        yield s
+        return
+    except Exception as e:
+        raise UnitReadError(f"reading {unit.source}: {type(e).__name__}: {e}") from e
+    if current is not None:
+        yield emit(current, members)
+
+
+def find_image_column(schema, requested: str | None = None) -> str:
+    """The image column of a Parquet schema: ``requested`` if given, else a conventional name (``image``, ``jpg``,
+    ...), else the first binary column, else the first struct column with a binary ``bytes`` field (HF style)."""
+    import pyarrow as pa
+
+    names = list(schema.names)
+    if requested:
+        if requested not in names:
+            raise ValueError(f"--image-column {requested!r} is not a column (columns: {names})")
+        return requested
+
+    def is_image_type(t) -> bool:
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            return True
+        return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
+
+    for n in _IMAGE_COLUMN_NAMES:
+        if n in names and is_image_type(schema.field(n).type):
+            return n
+    for n in names:
+        if is_image_type(schema.field(n).type):
+            return n
+    raise ValueError(f"no image column found (columns: {names}); pass --image-column")
+
+
+def _iter_parquet(unit: Unit, info: UnitInfo, storage_options: dict | None,
+                  image_column: str | None) -> Iterator[RawSample]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = get_fs(unit.source, storage_options)
+    stem = posixpath.basename(path).rsplit(".", 1)[0]
+    try:
+        f = fs.open(path, "rb")
+        pf = pq.ParquetFile(f)
+    except FileNotFoundError as e:
+        raise UnitReadError(f"{unit.source}: {e}") from e
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, pa.ArrowInvalid) or "Parquet" in str(e) or "magic" in str(e):
+            s = RawSample(0, make_key(f"{unit.source}#__unreadable__", f"{stem}/unreadable"), "__unreadable__",
+                      unit.source)
+            s.error = SampleError("read", f"not a readable Parquet file: {type(e).__name__}: {e}")
+            yield s
+            return
+        raise UnitReadError(f"opening {unit.source}: {type(e).__name__}: {e}") from e
+    schema = pf.schema_arrow
+    try:
+        col = find_image_column(schema, image_column)
+    except ValueError as e:
+        raise UnitReadError(f"{unit.source}: {e}") from e
+    info.image_column = col
+    passthrough = [n for n in schema.names if n != col]
+    renamed = {n: ("input_" + n if n in RESERVED_COLUMNS else n) for n in passthrough}
+    info.passthrough_schema = pa.schema([schema.field(n).with_name(renamed[n]) for n in passthrough]).serialize() \
+        .to_pybytes()
+    idx = 0
+    with f:
+        try:
+            for batch in pf.iter_batches(batch_size=64):
+                images = batch.column(col).to_pylist()
+                others = {renamed[n]: batch.column(n).to_pylist() for n in passthrough}
+                for j, v in enumerate(images):
+                    member = f"row={idx}"
+                    s = RawSample(idx, make_key(f"{unit.source}#{member}", f"{stem}/{member}"), member, unit.source)
+                    s.extra = {n: vals[j] for n, vals in others.items()}
+                    if isinstance(v, dict):
+                        path_hint = v.get("path")
+                        v = v.get("bytes")
+                        if v is None:
+                            s.error = SampleError("empty", f"row has no image bytes (path={path_hint!r})")
+                    if s.error is None:
+                        if v is None:
+                            s.error = SampleError("empty", f"image column {col!r} is null")
+                        elif not isinstance(v, (bytes, bytearray)):
+                            s.error = SampleError("unsupported", f"image column {col!r} holds {type(v).__name__}")
+                        else:
+                            s.data = bytes(v)
+                    idx += 1
+                    yield s
+        except (pa.ArrowInvalid, OSError) as e:
+            if isinstance(e, pa.ArrowInvalid) or "Parquet" in str(e):
+                s = RawSample(idx, make_key(f"{unit.source}#__unreadable__", f"{stem}/unreadable"), "__unreadable__",
+                      unit.source)
+                s.error = SampleError("read", f"Parquet file is corrupt after {idx} rows: {type(e).__name__}: {e}")
+                yield s
+                return
+            raise UnitReadError(f"reading {unit.source}: {type(e).__name__}: {e}") from e

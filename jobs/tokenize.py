@@ -1,0 +1,122 @@
+"""``gq tokenize`` / ``python -m jobs.tokenize``: tokenize an image dataset into GQ token shards with Ray Data.
+
+Runs on the cluster named by ``RAY_ADDRESS`` (e.g. under ``ray job submit --working-dir . -- python -m
+jobs.tokenize ...``; a driver started outside the cluster needs gq installed on its nodes), else on a local Ray
+instance it starts. Credentials for s3:// or gs:// are best set in the cluster's environment; --storage-options
+travels to every task. Rerunning the same command resumes: committed units are skipped, unfinished ones redone
+with the same file names and bytes. Exit status: 0 done, 1 bad arguments or refused output, 3 some units failed or
+the pipeline stopped (rerun to retry them).
+
+Example: gq tokenize --model demo --input s3://bucket/shards/{00000..00999}.tar --output s3://bucket/tokens
+         --format both --image-size 256 --batch-size 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_UNITS_FAILED = 3
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from gq_pipeline.preprocess import DEFAULT_MAX_PIXELS
+
+    p.add_argument("--model", required=True,
+                   help="GQ bundle dir/URL, built-in name (demo), reference .ckpt (+ --config/--preset) or DeepSpeed "
+                        "checkpoint dir")
+    p.add_argument("--input", required=True, nargs="+", metavar="URL",
+                   help="image folders, globs, WebDataset tars (brace patterns ok) or Parquet files; any fsspec URL "
+                        "(local, file://, s3://, gs://, http(s)://)")
+    p.add_argument("--output", required=True, metavar="URL", help="output directory or URL (see docs/token-format.md)")
+    p.add_argument("--format", default="parquet", choices=["parquet", "webdataset", "both"])
+    p.add_argument("--image-size", type=int, default=256, help="shorter side after resizing (default 256)")
+    p.add_argument("--crop", default="center", choices=["center", "none"],
+                   help="center: square crop; none: keep the aspect ratio (longer side cut to a multiple of the "
+                        "model's downsampling factor)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="model actors (default: #GPUs / --gpus-per-worker, or one per node on CPU-only clusters)")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per model actor (default 1 on GPU clusters, 0 otherwise; fractions share a GPU)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs per model actor; also its torch threads on CPU (default: 1 with GPUs; on CPU-only "
+                        "clusters one actor per node with all but half a CPU)")
+    p.add_argument("--read-cpus", type=float, default=None,
+                   help="logical CPUs per read/decode task (default 1 with GPUs, 0.25 on CPU-only clusters)")
+    p.add_argument("--latents", action="store_true", help="also write the Gaussian mean mu as float16")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16 autocast for the encoder on GPU actors (the codebook search stays fp32)")
+    p.add_argument("--config", help="reference YAML for a .ckpt --model")
+    p.add_argument("--preset", help="built-in preset for a .ckpt --model (e.g. sd3unet_gq_0.25)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in a .ckpt you trust")
+    p.add_argument("--unit-size", type=int, default=1000,
+                   help="image files per work unit for folders (tars and Parquet files are one unit each)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse larger images as too_large errors (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--image-column", help="image column of Parquet inputs (default: auto-detect)")
+    p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+                   help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:9000"}\'')
+    p.add_argument("--writers", type=int, default=None,
+                   help="units committed (encoded + uploaded) at once, as Ray tasks (default: CPUs / 4, 2 to 32)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (no RAY_ADDRESS)")
+    p.add_argument("--object-store-memory", type=int, default=None, help="bytes, local Ray instance only")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--summary-json", metavar="PATH", help="also write the run summary to this local file")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``gq tokenize`` (called by gq_model.cli)."""
+    p = subparsers.add_parser("tokenize", help="tokenize an image dataset into token shards (Ray Data)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.tokenize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from gq_pipeline.job import JobError, tokenize
+
+    try:
+        summary = _tokenize(tokenize, args)
+    except JobError as e:
+        print(f"gq tokenize: {e}", file=sys.stderr)
+        return EXIT_UNITS_FAILED
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if args.summary_json:
+        with open(args.summary_json, "w") as f:
+            f.write(text)
+    return EXIT_UNITS_FAILED if summary["units_failed"] else 0
+
+
+def _tokenize(tokenize, args: argparse.Namespace) -> dict:
+    return tokenize(args.model, args.input, args.output, format=args.format, image_size=args.image_size,
+                    crop=args.crop, batch_size=args.batch_size, workers=args.workers,
+                    gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                    read_cpus=args.read_cpus, latents=args.latents, precision=args.precision, config=args.config,
+                    preset=args.preset, unit_size=args.unit_size, max_pixels=args.max_pixels,
+                    image_column=args.image_column, storage_options=args.storage_options, writers=args.writers,
+                    progress=not args.quiet, ray_address=args.ray_address, num_cpus=args.num_cpus,
+                    object_store_memory=args.object_store_memory, trust_checkpoint=args.trust_checkpoint)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"gq tokenize: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
