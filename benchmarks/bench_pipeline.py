@@ -204,17 +204,19 @@ def run_driver(args, work: str) -> dict:
         batches of ``batch`` (what iter_batches yields after the actor pool)."""
         blocks = [t.slice(i, block) for t in tables for i in range(0, t.num_rows, block)]
         order = rng.permutation(len(blocks))
-        merged = pa.concat_tables([blocks[i] for i in order])
+        merged = pa.concat_tables([blocks[i] for i in order]).combine_chunks()  # blocks are contiguous
         return [merged.slice(i, batch) for i in range(0, merged.num_rows, batch)]
 
     for name, block in (("realistic (32-row blocks interleaved)", 32), ("worst case (rows shuffled)", 1)):
         batches = stream(block, 256)
-        asm = UnitAssembler({u.unit_id: u for u in units})
-        t0 = time.perf_counter()
-        done = [d for b in batches for d in asm.add(b)]
-        dt = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(3):  # best of 3 (the first pass also pays one-off set-up costs)
+            asm = UnitAssembler({u.unit_id: u for u in units})
+            t0 = time.perf_counter()
+            done = [d for b in batches for d in asm.add(b)]
+            best = min(best, time.perf_counter() - t0)
         assert len(done) == n_units and all(isinstance(d, CompleteUnit) for d in done)
-        res.setdefault("assembly_rows_per_s", {})[name] = round(rows / dt)
+        res.setdefault("assembly_rows_per_s", {})[name] = round(rows / best)
     ctx = ShardContext("0123456789abcdef", "fedcba9876543210", 65536, 16, 42, 1.0, "unet",
                        {"image_size": 256, "crop": "center"})
     for formats in (("parquet",), ("parquet", "webdataset")):
@@ -433,8 +435,8 @@ def write_markdown(results: dict, path: str) -> None:
         g = b["gq"]
         lines += ["", f"Median ratio **{tp['median_ratio']:.3f}** end to end with default settings (goal ≥ 0.9), "
                       f"**{tp['median_steady_ratio']:.3f}** in steady state (after the first output: Ray's actor "
-                      "launch, model load and warm-up cost a fixed few seconds per run, which a 160-image run "
-                      f"cannot amortize), {tp['median_ratio_1_thread']:.3f} end to end with one torch thread on both "
+                      f"launch, model load and warm-up cost a fixed few seconds per run, which a {tp['images']}-image "
+                      f"run cannot amortize), {tp['median_ratio_1_thread']:.3f} end to end with one torch thread on both "
                       "sides. The machine was shared with other work (load average column, 2 cores), so single "
                       "runs vary by ±30 %; the two sides of a ratio ran back to back.", "",
                   "Pipeline stage busy time (best run): " + ", ".join(
@@ -480,6 +482,8 @@ def main() -> int:
     p.add_argument("--list-files", type=int, default=100_000)
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--merge-json", action="append", default=[],
+                   help="results of earlier runs to merge in (parts measured in this run win) before writing docs")
     args = p.parse_args()
     parts = args.only or ["throughput", "driver", "scaling"]
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
@@ -494,6 +498,12 @@ def main() -> int:
             results["scaling"] = run_scaling(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    for path in args.merge_json:
+        with open(path) as f:
+            earlier = json.load(f)
+        for part in ("throughput", "driver", "scaling"):
+            if part not in results and part in earlier:
+                results[part] = earlier[part]
     print(json.dumps(results, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -34,7 +34,6 @@ class _Buffer:
     info: dict[str, Any] | None = None
     failure: str | None = None
     model_s: float = 0.0
-    nbytes: int = 0
 
 
 @dataclass
@@ -60,46 +59,50 @@ class UnitAssembler:
 
     @property
     def buffered_bytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers.values())
+        return sum(t.nbytes for b in self.buffers.values() for t in b.tables)
 
     def add(self, table: pa.Table) -> list[CompleteUnit | FailedUnit]:
         """Vectorized per batch: the cost is per unit present in the batch, not per row."""
         if table.num_rows == 0:
             return []
-        table = table.drop_columns([c for c in ("img", "img_h", "img_w") if c in table.column_names])
+        is_end = pc.equal(table.column("kind"), ROW_END).to_numpy(zero_copy_only=False)
         encoded = pc.dictionary_encode(table.column("unit")).combine_chunks()
         names = encoded.dictionary.to_pylist()
         if len(names) == 1:
-            parts = [(names[0], table)]
-        else:  # one stable sort by unit, then zero-copy slices
+            parts = [(names[0], table, bool(is_end.any()))]
+        else:  # zero-copy slices of each unit's run (after one stable sort if units interleave)
             codes = encoded.indices.to_numpy(zero_copy_only=False)
-            order = np.argsort(codes, kind="stable")
-            table, codes = table.take(pa.array(order)), codes[order]
-            starts = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [len(codes)]])
-            parts = [(names[codes[a]], table.slice(a, b - a)) for a, b in zip(starts[:-1], starts[1:])]
+            cuts = np.flatnonzero(np.diff(codes)) + 1
+            if len(cuts) != len(names) - 1:
+                order = np.argsort(codes, kind="stable")
+                table, codes, is_end = table.take(pa.array(order)), codes[order], is_end[order]
+                cuts = np.flatnonzero(np.diff(codes)) + 1
+            starts = np.concatenate([[0], cuts, [len(codes)]])
+            parts = [(names[codes[a]], table.slice(a, b - a), bool(is_end[a:b].any()))
+                     for a, b in zip(starts[:-1], starts[1:])]
         done: list[CompleteUnit | FailedUnit] = []
-        for uid, rows in parts:
-            result = self._add_unit_rows(uid, rows)
+        for uid, rows, has_end in parts:
+            result = self._add_unit_rows(uid, rows, has_end)
             if result is not None:
                 done.append(result)
         return done
 
-    def _add_unit_rows(self, uid: str, rows: pa.Table) -> CompleteUnit | FailedUnit | None:
+    def _add_unit_rows(self, uid: str, rows: pa.Table, has_end: bool) -> CompleteUnit | FailedUnit | None:
         if uid not in self.units:  # a stale retry of a unit already handled
             return None
-        buf = self.buffers.setdefault(uid, _Buffer())
-        is_end = pc.equal(rows.column("kind"), ROW_END)
-        if pc.any(is_end).as_py():
-            end = rows.filter(is_end).slice(0, 1).to_pylist()[0]
+        buf = self.buffers.get(uid)
+        if buf is None:
+            buf = self.buffers[uid] = _Buffer()
+        if has_end:
+            end_mask = pc.equal(rows.column("kind"), ROW_END)
+            end = rows.filter(end_mask).slice(0, 1).to_pylist()[0]
             buf.expected = int(end["n"])
             buf.info = pickle.loads(end["info"]) if end["info"] else {}
             buf.failure = end["error"] or None
-            rows = rows.filter(pc.invert(is_end))
+            rows = rows.filter(pc.invert(end_mask))
         if rows.num_rows:
             buf.tables.append(rows)
             buf.rows += rows.num_rows
-            buf.nbytes += rows.nbytes
-            buf.model_s += float(pc.sum(rows.column("model_s")).as_py() or 0.0)
         unit = self.units[uid]
         if buf.failure:
             self._forget(uid)
@@ -109,6 +112,7 @@ class UnitAssembler:
         all_rows = None
         if buf.tables:
             all_rows = pa.concat_tables(buf.tables)
+            buf.model_s = float(pc.sum(all_rows.column("model_s")).as_py() or 0.0)
             all_rows = all_rows.take(pc.sort_indices(all_rows, sort_keys=[("idx", "ascending")]))
             idx = all_rows.column("idx").to_numpy()
             keep = np.ones(len(idx), dtype=bool)

@@ -34,7 +34,10 @@ class CommitResult:
 
 
 def _commit_task(url: str, storage_options: dict | None, ctx: ShardContext, formats: tuple[str, ...],
-                 done: CompleteUnit) -> tuple[dict[str, Any], np.ndarray | None, float]:
+                 niceness: int, done: CompleteUnit) -> tuple[dict[str, Any], np.ndarray | None, float]:
+    from gq_pipeline.stages import lower_priority
+
+    lower_priority(niceness)
     t0 = time.perf_counter()
     record, hist = commit_unit(OutputStore(url, storage_options), ctx, formats, done)
     return record, hist, time.perf_counter() - t0
@@ -44,7 +47,7 @@ class Committer:
     """Bounded pool of in-flight commit tasks; ``submit`` blocks while ``parallel`` are running."""
 
     def __init__(self, store: OutputStore, storage_options: dict | None, ctx: ShardContext,
-                 formats: tuple[str, ...], parallel: int = 8):
+                 formats: tuple[str, ...], parallel: int = 8, niceness: int = 0):
         import ray
 
         self._ray = ray
@@ -55,7 +58,7 @@ class Committer:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                 node_id=ray.get_runtime_context().get_node_id(), soft=False)
         self._task = ray.remote(_commit_task).options(**options)
-        self._args = (store.url, storage_options, ctx, formats)
+        self._args = (store.url, storage_options, ctx, formats, niceness)
         self._pending: dict[Any, CompleteUnit] = {}
         self.parallel = max(1, int(parallel))
 

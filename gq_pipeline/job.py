@@ -265,13 +265,15 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
             # but runs as its own 1-CPU operator, which deadlocked next to a CPU actor on a 2-CPU node.)
             dctx.target_max_block_size = max(1 << 20, batch_size * 3 * image_size * image_size
                                              * (2 if crop == "none" else 1))
+            niceness = 10 if resources["gpus_per_worker"] == 0 else 0  # CPU-only: the model's threads come first
             cfg = {"image_size": image_size, "crop": crop, "max_pixels": max_pixels, "multiple_of": factor,
-                   "storage_options": storage_options, "image_column": image_column, "chunk_rows": read_chunk_rows}
+                   "storage_options": storage_options, "image_column": image_column, "chunk_rows": read_chunk_rows,
+                   "niceness": niceness}
             ds = _build_dataset(gq, todo, cfg, resources, batch_size=batch_size, precision=precision,
                                 latents=latents)
             try:
                 pipeline_s, hist_total = _drive(ds, todo, store, storage_options, ctx, formats,
-                                                resources["writers"], progress, stage, new_records, failed)
+                                                resources["writers"], niceness, progress, stage, new_records, failed)
             except Exception as e:  # the job stopped: keep what was committed, account for it, then re-raise
                 pipeline_error = e
         finally:
@@ -333,14 +335,15 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     return summary
 
 
-def _drive(ds, todo, store, storage_options, ctx, formats, writers, progress, stage, new_records, failed):
+def _drive(ds, todo, store, storage_options, ctx, formats, writers, niceness, progress, stage, new_records,
+           failed):
     """Consume the pipeline on the driver: assemble units, hand complete ones to commit tasks.
 
     Returns (pipeline seconds, token histogram of this run)."""
     from gq_pipeline.committer import Committer
 
     assembler = UnitAssembler({u.unit_id: u for u in todo})
-    committer = Committer(store, storage_options, ctx, formats, parallel=writers)
+    committer = Committer(store, storage_options, ctx, formats, parallel=writers, niceness=niceness)
     hist_total = np.zeros(ctx.codebook_size, dtype=np.int64)
     t0 = time.perf_counter()
     last_log = t0

@@ -9,6 +9,7 @@ ends with an ``end`` row whose ``error`` is set: the driver then drops the unit 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import time
@@ -65,8 +66,27 @@ def _sample_row(unit_id: str, s: RawSample, cfg: dict[str, Any]) -> dict[str, An
     return row
 
 
+def lower_priority(niceness: int) -> None:
+    """Run this worker process at a lower OS priority (once per process).
+
+    On CPU-only nodes the model actor's OpenMP threads use every core; decode and commit work preempting one of them
+    stalls the whole parallel region at its next barrier. Niced, that work still runs whenever a core is idle.
+    """
+    global _NICED
+    if niceness and not _NICED:
+        try:
+            os.nice(niceness)
+        except OSError:
+            pass
+        _NICED = True
+
+
+_NICED = False
+
+
 def read_units(batch: pa.Table, *, cfg: dict[str, Any]) -> Iterator[pa.Table]:
     """Ray Data ``map_batches`` generator (``batch_size=1``): every sample of each unit, then its ``end`` row."""
+    lower_priority(cfg.get("niceness", 0))
     for unit_json in batch.column("unit").to_pylist():
         unit = Unit.from_dict(json.loads(unit_json))
         t0 = time.perf_counter()
