@@ -89,13 +89,18 @@ def _weights_and_table(mu, logvar, features, beta):
 
 # ---- custom ops ---------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("gq_kernels::search", mutates_args=())
-def _search_op(mu: torch.Tensor, logvar: torch.Tensor, features: torch.Tensor, beta: float,
-               backend: str) -> torch.Tensor:
+def _search_eager(mu: torch.Tensor, logvar: torch.Tensor, features: torch.Tensor, beta: float,
+                  backend: str) -> torch.Tensor:
     weights, table = _weights_and_table(mu, logvar, features, beta)
     if resolve_backend(backend, weights.device) == "triton":
         return _triton_module().triton_argmax(weights, table)
     return search_blocked(weights, table)
+
+
+@torch.library.custom_op("gq_kernels::search", mutates_args=())
+def _search_op(mu: torch.Tensor, logvar: torch.Tensor, features: torch.Tensor, beta: float,
+               backend: str) -> torch.Tensor:
+    return _search_eager(mu, logvar, features, beta, backend)
 
 
 @_search_op.register_fake
@@ -136,6 +141,10 @@ def gq_search(mu: torch.Tensor, logvar: torch.Tensor, features: torch.Tensor, be
     """
     _check_inputs(mu, logvar, features)
     resolve_backend(backend, mu.device)  # validate early, with the caller's stack
+    if not torch.compiler.is_compiling():
+        # Eager calls skip the op dispatcher: its first use imports torch._dynamo (seconds per process, e.g. in
+        # every Ray actor), and the result is the same function.
+        return _search_eager(mu, logvar, features, float(beta), backend)
     return torch.ops.gq_kernels.search(mu, logvar, features, float(beta), backend)
 
 
