@@ -13,7 +13,7 @@ import hashlib
 
 import torch
 
-__all__ = ["gaussian_codebook", "codebook_fingerprint", "codebook_features", "bits_per_index"]
+__all__ = ["gaussian_codebook", "codebook_fingerprint", "bits_per_index"]
 
 # SobolEngine supports at most this many dimensions.
 _MAX_SOBOL_DIM = 21201
@@ -47,12 +47,6 @@ def codebook_fingerprint(codebook: torch.Tensor) -> str:
     """First 16 hex digits of sha256 over the float32 bytes of ``codebook`` (the reference doc's fingerprint)."""
     data = codebook.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-def codebook_features(codebook: torch.Tensor) -> torch.Tensor:
-    """The search table ``[c, c*c]`` (float32 ``[K, 2m]``): the GQ score is one GEMM of row weights against it."""
-    cb = codebook.to(torch.float32)
-    return torch.cat([cb, cb * cb], dim=1).contiguous()
 
 
 def bits_per_index(codebook_size: int) -> int:

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from gq_model import codebook_fingerprint, gaussian_codebook
-from gq_model.codebook import bits_per_index, codebook_features
+from gq_model.codebook import bits_per_index
+from kernels import prepare_features
 
 # sha256[:16] of the reference's float32 prior_samples (gq-reference.md §1.2).
 REFERENCE_FINGERPRINTS = {
@@ -54,6 +55,6 @@ def test_bad_arguments(bad):
 
 def test_features_and_bits():
     cb = gaussian_codebook(64, 4)
-    f = codebook_features(cb)
+    f = prepare_features(cb)
     assert f.shape == (64, 8) and torch.equal(f[:, 4:], cb * cb)
     assert bits_per_index(65536) == 16 and bits_per_index(1000) == 9 and bits_per_index(2) == 1
