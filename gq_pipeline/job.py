@@ -27,6 +27,7 @@ from gq_pipeline.assembly import FailedUnit, UnitAssembler
 from gq_pipeline.manifest import OutputStore, manifest_unit_entry
 from gq_pipeline.model_loader import load_model
 from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
+from gq_pipeline.replan import reconcile_with_committed
 from gq_pipeline.sources import plan_units
 from gq_pipeline.writers import FORMAT_VERSION, ShardContext
 
@@ -225,13 +226,16 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     state = store.load()
     store.check_compatible(state, ctx)
     records = dict(state.records)
+    replanned = reconcile_with_committed(plan.units, records, unit_size, store.committed_sources)
+    if replanned.changed_dirs:
+        _log(progress, "note: " + replanned.describe())
 
     def is_done(uid: str) -> bool:
         r = records.get(uid)
         return r is not None and set(formats) <= set(r.get("formats", ())) and (not latents or r.get("latents"))
 
-    todo = [u for u in plan.units if not is_done(u.unit_id)]
-    skipped = len(plan.units) - len(todo)
+    todo = [u for u in replanned.units if not is_done(u.unit_id)]
+    skipped = len(replanned.units) - len(todo)
     plan_s = time.perf_counter() - t0
     _log(progress, f"{skipped} units already committed, {len(todo)} to do")
 
@@ -315,7 +319,10 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                 "inputs": tot_in, "tokenized": tot_ok, "errors": tot_err,
                 "errors_by_kind": dict(sorted(by_kind.items())),
                 "units": [manifest_unit_entry(r) for r in all_records], "wids_index": wids,
-                "throughput": throughput, "codebook_usage": _usage(hist_total)}
+                "throughput": throughput, "codebook_usage": _usage(hist_total),
+                "listing_changes": {"folders": len(replanned.changed_dirs), "recut_units": replanned.recut_units,
+                                    "committed_files_no_longer_listed": replanned.committed_unlisted,
+                                    "units_read_back": replanned.shards_read}}
     if failed:
         manifest["failed_units"] = failed
     store.write_manifest(manifest)
@@ -323,12 +330,13 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         raise JobError(f"the pipeline stopped after committing {len(new_records)} of {len(todo)} units; committed work "
                        f"is kept and a rerun continues from there. Cause: {type(pipeline_error).__name__}: "
                        f"{str(pipeline_error)[-3000:]}") from pipeline_error
-    summary = {"output": store.url, "units_planned": len(plan.units), "units_skipped": skipped,
+    summary = {"output": store.url, "units_planned": len(replanned.units), "units_skipped": skipped,
                "units_committed": len(new_records), "units_failed": failed, "inputs": tot_in, "tokenized": tot_ok,
                "errors": tot_err, "errors_by_kind": manifest["errors_by_kind"],
                "this_run": {"inputs": run_in, "tokenized": sum(r["tokenized"] for r in new_records),
                             "errors": sum(r["errors"] for r in new_records)},
-               "ignored_files": plan.ignored, "throughput": throughput, "codebook_usage": manifest["codebook_usage"],
+               "ignored_files": plan.ignored, "listing_changes": manifest["listing_changes"],
+               "throughput": throughput, "codebook_usage": manifest["codebook_usage"],
                "model_fingerprint": ctx.model_fingerprint, "codebook_fingerprint": ctx.codebook_fingerprint}
     _log(progress, f"done: {tot_ok} tokenized + {tot_err} errors = {tot_in} inputs "
                    f"({len(new_records)} units committed, {skipped} skipped, {len(failed)} failed) in {wall:.1f}s")

@@ -123,6 +123,33 @@ class OutputStore:
                     state.foreign_shards.append(f"{sub}/{n}")
         return state
 
+    def committed_sources(self, record: dict[str, Any]) -> list[str]:
+        """The ``source`` of every sample a committed unit wrote (tokens and errors), read back from its shards.
+
+        Only the small ``source`` column is read from Parquet; a WebDataset-only unit's ``.json`` members are parsed.
+        """
+        import io
+        import tarfile
+
+        import pyarrow.parquet as pq
+
+        def parquet_sources(rel: str) -> list[str]:
+            with self.fs.open(self.path(rel), "rb") as f:
+                return pq.read_table(f, columns=["source"]).column("source").to_pylist()
+
+        out: list[str] = []
+        shards = {s["format"]: s for s in record.get("shards", []) if s.get("rows")}
+        if "parquet" in shards:
+            out.extend(parquet_sources(shards["parquet"]["path"]))
+        elif "webdataset" in shards:
+            with tarfile.open(fileobj=io.BytesIO(self.fs.cat_file(self.path(shards["webdataset"]["path"])))) as tar:
+                for m in tar.getmembers():
+                    if m.name.endswith(".json") and m.isfile():
+                        out.append(json.loads(tar.extractfile(m).read())["source"])
+        if record.get("errors_file"):
+            out.extend(parquet_sources(record["errors_file"]))
+        return out
+
     def check_compatible(self, state: OutputState, ctx: ShardContext) -> None:
         """Refuse to mix tokens of different models/codebooks/preprocessing under one output."""
         want = {"model_fingerprint": ctx.model_fingerprint, "codebook_fingerprint": ctx.codebook_fingerprint,
