@@ -392,6 +392,35 @@ def find_image_column(schema, requested: str | None = None) -> str:
     raise ValueError(f"no image column found (columns: {names}); pass --image-column")
 
 
+def _resolve_image_path(base_dir: str, path: str) -> str:
+    """An HF-style ``path`` field: a URL or absolute path as is, a relative one next to the Parquet file."""
+    if "://" in path or path.startswith("/"):
+        return path
+    return f"{base_dir}/{path}"
+
+
+def _read_referenced_images(by_path: dict[str, list[RawSample]], storage_options: dict | None) -> None:
+    """Fill ``data`` (or a ``read`` error) of rows whose image is a file reference, one ``fs.cat`` per filesystem."""
+    by_fs: dict[int, tuple[fsspec.AbstractFileSystem, dict[str, str]]] = {}
+    for url in by_path:
+        fs, p = get_fs(url, storage_options)
+        by_fs.setdefault(id(fs), (fs, {}))[1][p] = url
+    for fs, paths in by_fs.values():
+        try:
+            got = fs.cat(list(paths), on_error="return")
+        except Exception as e:  # the whole request failed: a transient problem, retry the unit
+            raise UnitReadError(f"reading referenced images: {type(e).__name__}: {e}") from e
+        for p, url in paths.items():
+            data = got.get(p, got.get(fs._strip_protocol(p)))
+            for s in by_path[url]:
+                if isinstance(data, (bytes, bytearray)):
+                    s.data = bytes(data)
+                elif isinstance(data, FileNotFoundError) or data is None:
+                    s.error = SampleError("read", f"the row's image path {url} does not exist")
+                else:
+                    s.error = SampleError("read", f"reading the row's image path {url}: {type(data).__name__}: {data}")
+
+
 def _iter_parquet(unit: Unit, info: UnitInfo, storage_options: dict | None,
                   image_column: str | None) -> Iterator[RawSample]:
     import pyarrow as pa
@@ -423,21 +452,27 @@ def _iter_parquet(unit: Unit, info: UnitInfo, storage_options: dict | None,
     info.passthrough_schema = pa.schema([schema.field(n).with_name(renamed[n]) for n in passthrough]).serialize() \
         .to_pybytes()
     idx = 0
+    base_dir = unit.source.rsplit("/", 1)[0]
     with f:
         try:
             for batch in pf.iter_batches(batch_size=64):
                 images = batch.column(col).to_pylist()
                 others = {renamed[n]: batch.column(n).to_pylist() for n in passthrough}
+                samples, by_path = [], {}
                 for j, v in enumerate(images):
                     member = f"row={idx}"
                     s = RawSample(idx, make_key(f"{unit.source}#{member}", f"{stem}/{member}"), member, unit.source)
                     s.extra = {n: vals[j] for n, vals in others.items()}
+                    referenced = False
                     if isinstance(v, dict):
                         path_hint = v.get("path")
                         v = v.get("bytes")
-                        if v is None:
-                            s.error = SampleError("empty", f"row has no image bytes (path={path_hint!r})")
-                    if s.error is None:
+                        if v is None and path_hint:  # HF Image feature stored by reference: read the file
+                            by_path.setdefault(_resolve_image_path(base_dir, path_hint), []).append(s)
+                            referenced = True
+                        elif v is None:
+                            s.error = SampleError("empty", "row has neither image bytes nor a path")
+                    if s.error is None and not referenced:
                         if v is None:
                             s.error = SampleError("empty", f"image column {col!r} is null")
                         elif not isinstance(v, (bytes, bytearray)):
@@ -445,7 +480,10 @@ def _iter_parquet(unit: Unit, info: UnitInfo, storage_options: dict | None,
                         else:
                             s.data = bytes(v)
                     idx += 1
-                    yield s
+                    samples.append(s)
+                if by_path:
+                    _read_referenced_images(by_path, storage_options)
+                yield from samples
         except (pa.ArrowInvalid, OSError) as e:
             if isinstance(e, pa.ArrowInvalid) or "Parquet" in str(e):
                 s = RawSample(idx, make_key(f"{unit.source}#__unreadable__", f"{stem}/unreadable"), "__unreadable__",

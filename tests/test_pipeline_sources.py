@@ -147,3 +147,28 @@ def test_wrong_image_column_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="--image-column 'photo'"):
         gq_pipeline.tokenize(make_tiny_model(), [str(tmp_path)], str(tmp_path / "out"), image_size=32,
                              image_column="photo", progress=False)
+
+
+def test_hf_rows_that_reference_files_by_path_are_read(tmp_path):
+    """HF ``Image`` columns saved by reference hold ``{"bytes": None, "path": ...}``: the file is read (relative to the
+    Parquet file, absolute, or a URL); a missing file is a ``read`` error and a row with neither is ``empty``."""
+    import pyarrow.parquet as pq
+
+    (tmp_path / "imgs").mkdir()
+    a, b, c = rgb_bytes(40, 36, seed=1), rgb_bytes(38, 40, seed=2), rgb_bytes(44, 40, seed=3)
+    (tmp_path / "imgs" / "a.png").write_bytes(a)
+    (tmp_path / "imgs" / "b.png").write_bytes(b)
+    (tmp_path / "c.png").write_bytes(c)
+    rows = [{"bytes": None, "path": "imgs/a.png"}, {"bytes": None, "path": str(tmp_path / "imgs" / "b.png")},
+            {"bytes": None, "path": f"file://{tmp_path}/c.png"}, {"bytes": None, "path": "imgs/missing.png"},
+            {"bytes": None, "path": None}, {"bytes": c, "path": "ignored-when-bytes-present.png"},
+            {"bytes": None, "path": "imgs/a.png"}]
+    col = pa.array(rows, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"image": col, "n": list(range(len(rows)))}), tmp_path / "ref.parquet")
+    unit = plan_units([str(tmp_path / "ref.parquet")]).units[0]
+    samples = list(iter_samples(unit, UnitInfo()))
+    assert [s.idx for s in samples] == list(range(7))
+    assert [s.data for s in samples[:3]] == [a, b, c] and samples[5].data == c and samples[6].data == a
+    assert samples[3].error.kind == "read" and "missing.png" in samples[3].error.message
+    assert samples[4].error.kind == "empty"
+    assert [s.extra["n"] for s in samples] == list(range(7))
