@@ -42,7 +42,8 @@ from gq_pipeline.records import SampleError
 if TYPE_CHECKING:  # torch is imported lazily: Ray read tasks decode images and never need it
     import torch
 
-__all__ = ["preprocess_image", "preprocess_uint8", "to_model_input", "DEFAULT_MAX_PIXELS", "CROP_MODES"]
+__all__ = ["preprocess_image", "preprocess_uint8", "to_model_input", "decode_image", "to_rgb", "shorter_side_size",
+           "DEFAULT_MAX_PIXELS", "CROP_MODES"]
 
 DEFAULT_MAX_PIXELS = 100_000_000
 CROP_MODES = ("center", "none")
@@ -94,7 +95,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB with the colour policy in the module doc (transparency composited onto white)."""
     mode = im.mode
     if mode == "RGB" and "transparency" not in im.info:
         return im
@@ -120,13 +122,27 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         raise SampleError("unsupported", f"cannot convert PIL mode {mode!r} to RGB: {e}", *im.size) from None
 
 
-def _resize_crop(im: Image.Image, size: int, crop: str, multiple_of: int, max_pixels: int) -> Image.Image:
-    w, h = im.size
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Encoded bytes -> RGB PIL image: first frame, EXIF orientation, colour policy, bomb guard (module doc).
+
+    The training job decodes with this too, so a model is trained on exactly the pixels it later tokenizes.
+    Raises :class:`~gq_pipeline.records.SampleError`.
+    """
+    with _pil_limits(max_pixels):
+        return to_rgb(_open(data, max_pixels))
+
+
+def shorter_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to ``size`` (the longer one rounded, never below ``size``)."""
     scale = size / min(w, h)
     if w <= h:
-        new_w, new_h = size, max(size, round(h * scale))
-    else:
-        new_w, new_h = max(size, round(w * scale)), size
+        return size, max(size, round(h * scale))
+    return max(size, round(w * scale)), size
+
+
+def _resize_crop(im: Image.Image, size: int, crop: str, multiple_of: int, max_pixels: int) -> Image.Image:
+    w, h = im.size
+    new_w, new_h = shorter_side_size(w, h, size)
     if crop == "center":
         out_w = out_h = size
     else:
@@ -153,7 +169,7 @@ def preprocess_uint8(data: bytes, image_size: int, crop: str = "center", *, max_
     with _pil_limits(max_pixels):
         im = _open(data, max_pixels)
         size = im.size
-        im = _to_rgb(im)
+        im = to_rgb(im)
         try:
             im = _resize_crop(im, image_size, crop, multiple_of, max_pixels)
             arr = np.asarray(im, dtype=np.uint8)

@@ -65,6 +65,37 @@ def test_transform_resize_crop_flip():
     assert small.shape == (3, 16, 16)
 
 
+def test_training_preprocessing_equals_the_tokenizers(tmp_path):
+    """Train on exactly the pixels ``gq tokenize`` feeds the model: every awkward image of the pipeline tests
+    (CMYK, RGBA on white, palette with transparency, 16-bit, EXIF rotation, GIF, ...) decodes and, with a centre
+    crop and no extra resize, transforms to ``preprocess_image``'s tensor bit for bit; bad ones fail to read."""
+    from gq_pipeline import preprocess_image
+    from tests.conftest import messy_images
+
+    images = messy_images()
+    for name, (data, error) in images.items():
+        (tmp_path / name).write_bytes(data)
+    index = build_index(str(tmp_path))
+    reader = SampleReader()
+    checked = 0
+    for ref in index.refs:
+        name = os.path.basename(ref[1])
+        data, error = images[name]
+        if error is not None:
+            with pytest.raises(Exception):
+                reader.read(ref)
+            continue
+        got = ImageTransform(32, None, "center")(reader.read(ref))
+        assert torch.equal(got, preprocess_image(data, 32)), name
+        checked += 1
+    assert checked == sum(e is None for _, e in images.values())
+    # the resize step too: resize the shorter side to 48 then centre-crop 32 == tokenizer at 48, centre 32 crop
+    data = images["ok_02.jpg"][0]
+    big = preprocess_image(data, 48)
+    got = ImageTransform(32, 48, "center")(reader.read(next(r for r in index.refs if r[1].endswith("ok_02.jpg"))))
+    assert torch.equal(got, big[:, 8:40, 8:40])
+
+
 def test_corrupt_images_are_skipped_and_reported(tmp_path):
     make_image_folder(tmp_path, n=5, corrupt=1)
     index = build_index(str(tmp_path))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import logging
 import os
 import tarfile
@@ -34,18 +33,20 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from gq_pipeline.preprocess import decode_image, shorter_side_size, to_rgb
+from gq_pipeline.records import IMAGE_EXTENSIONS
+
 __all__ = ["IMAGE_EXTS", "SampleIndex", "build_index", "ImageTransform", "SampleReader", "BatchStream",
            "make_loader", "load_images", "expand_paths"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTS = tuple("." + e for e in IMAGE_EXTENSIONS)  # the tokenizer's list: train on what it can tokenize
 TAR_EXTS = (".tar",)
 PARQUET_EXTS = (".parquet", ".pq")
 SKIMAGE_DEFAULT = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "colorwheel", "cat",
                    "logo", "camera", "moon")
 
-Image.MAX_IMAGE_PIXELS = 1 << 30  # large but finite: decompression bombs still count as unreadable
 
 
 def _ext(name: str) -> str:
@@ -287,9 +288,9 @@ class SampleReader:
 
 
 def _decode(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()  # force the full decode here so truncated files fail now, not later
-    return img
+    """The tokenizer's own decode (EXIF, colour policy, bomb guard): train on the pixels ``gq tokenize`` will see.
+    Decodes fully, so truncated files fail here and are counted as corrupt."""
+    return decode_image(data)
 
 
 def _to_pil(item: Any) -> Image.Image:
@@ -318,7 +319,12 @@ def _to_pil(item: Any) -> Image.Image:
 @dataclass
 class ImageTransform:
     """Resize the shorter side to ``resize`` (0: none; always at least ``size``), crop ``size`` (center or random),
-    optional horizontal flip; -> float32 ``[3, size, size]`` in [-1, 1]."""
+    optional horizontal flip; -> float32 ``[3, size, size]`` in [-1, 1].
+
+    Colour conversion, resize (PIL bicubic, same rounding) and centre crop are ``gq_pipeline.preprocess``'s, so with
+    ``resize=None`` and a centre crop this equals ``preprocess_image(data, size)`` exactly: a model is trained on
+    the same preprocessing that ``gq tokenize`` applies.
+    """
 
     size: int
     resize: int | None = None
@@ -326,7 +332,7 @@ class ImageTransform:
     flip: bool = False
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         w, h = img.size
         target = self.size if self.resize is None else int(self.resize)
         short = min(w, h)
@@ -334,18 +340,14 @@ class ImageTransform:
             target = short
         target = max(target, self.size)
         if short != target:
-            if w <= h:
-                nw, nh = target, int(target * h / w)
-            else:
-                nw, nh = int(target * w / h), target
-            img = img.resize((nw, nh), Image.BILINEAR)
-            w, h = nw, nh
+            w, h = shorter_side_size(w, h, target)
+            img = img.resize((w, h), Image.BICUBIC)
         s = self.size
         if self.crop == "random" and rng is not None:
             top = int(rng.integers(0, h - s + 1))
             left = int(rng.integers(0, w - s + 1))
         else:
-            top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+            top, left = (h - s) // 2, (w - s) // 2
         img = img.crop((left, top, left + s, top + s))
         a = np.array(img, dtype=np.uint8)
         if self.flip and rng is not None and rng.random() < 0.5:
