@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-__all__ = ["VGG16Features", "LPIPS", "build_lpips", "load_state_dict_file"]
+__all__ = ["VGG16Features", "LPIPS", "LinearHead", "unit_normalize", "build_lpips", "load_state_dict_file"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class VGG16Features(nn.Module):
         return outs
 
 
-class _LinearHead(nn.Module):
+class LinearHead(nn.Module):
     """``model = Sequential(Dropout, Conv1x1(C -> 1, bias=False))``: the LPIPS ``NetLinLayer`` key layout."""
 
     def __init__(self, channels: int):
@@ -84,7 +84,8 @@ class _LinearHead(nn.Module):
         return self.model(x)
 
 
-def _normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+def unit_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Scale every feature vector (dim 1) to unit length, as LPIPS does before comparing (shared by VGG and AlexNet)."""
     return x / (torch.sqrt(torch.sum(x * x, dim=1, keepdim=True)) + eps)
 
 
@@ -97,7 +98,7 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         self.net = VGG16Features()
         for k, c in enumerate(LPIPS_CHANNELS):
-            setattr(self, f"lin{k}", _LinearHead(c))
+            setattr(self, f"lin{k}", LinearHead(c))
         self.requires_grad_(False)
         super().train(False)
 
@@ -123,7 +124,7 @@ class LPIPS(nn.Module):
         fy = self.net((y - self.shift) / self.scale)
         total = None
         for k, (a, b) in enumerate(zip(fx, fy)):
-            d = (_normalize(a) - _normalize(b)) ** 2
+            d = (unit_normalize(a) - unit_normalize(b)) ** 2
             v = getattr(self, f"lin{k}")(d).mean(dim=(2, 3), keepdim=True)
             total = v if total is None else total + v
         return total

@@ -22,7 +22,7 @@ import fsspec
 import torch
 from torch import nn
 
-from gq_model.losses.lpips import _LinearHead, _normalize, load_state_dict_file
+from gq_model.losses.lpips import LinearHead, unit_normalize, load_state_dict_file
 
 __all__ = ["AlexNetFeatures", "LPIPSAlex", "load_lpips_alex", "ALEX_CHANNELS", "find_lpips_files"]
 
@@ -64,7 +64,7 @@ class LPIPSAlex(nn.Module):
         super().__init__()
         self.net = AlexNetFeatures()
         for i, c in enumerate(ALEX_CHANNELS):  # keys lin{i}.model.1.weight, as in alex.pth
-            setattr(self, f"lin{i}", _LinearHead(c))
+            setattr(self, f"lin{i}", LinearHead(c))
         self.register_buffer("shift", torch.tensor(_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(_SCALE).view(1, 3, 1, 1), persistent=False)
 
@@ -73,7 +73,7 @@ class LPIPSAlex(nn.Module):
         fy = self.net((y - self.shift) / self.scale)
         total = 0.0
         for i, (a, b) in enumerate(zip(fx, fy)):
-            d = (_normalize(a) - _normalize(b)) ** 2
+            d = (unit_normalize(a) - unit_normalize(b)) ** 2
             total = total + getattr(self, f"lin{i}")(d).mean(dim=(2, 3))
         return total.view(-1)
 
