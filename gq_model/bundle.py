@@ -63,9 +63,9 @@ def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None
             f.write(data)
 
 
-def save_bundle(model, url: str, **extra: Any) -> None:
-    """Save ``model`` (a GQModel) as a bundle under ``url``."""
-    fs, path = fsspec.core.url_to_fs(os.fspath(url))
+def save_bundle(model, url: str, storage_options: dict[str, Any] | None = None, **extra: Any) -> None:
+    """Save ``model`` (a GQModel) as a bundle under ``url`` (``storage_options`` go to fsspec, e.g. an S3 endpoint)."""
+    fs, path = fsspec.core.url_to_fs(os.fspath(url), **(storage_options or {}))
     fs.makedirs(path, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tensors[CODEBOOK_KEY] = model.quantizer.codebook.detach().to("cpu").contiguous()
@@ -84,10 +84,10 @@ def save_bundle(model, url: str, **extra: Any) -> None:
     _write_atomic(fs, _join(path, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True).encode())
 
 
-def read_bundle_config(url: str) -> dict[str, Any]:
+def read_bundle_config(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The parsed ``config.json`` of a bundle, validated."""
     url = resolve_model_url(url)
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     cfg_path = _join(path, CONFIG_NAME)
     if not fs.exists(cfg_path):
         raise FileNotFoundError(f"{url} is not a GQ bundle: {CONFIG_NAME} not found")
@@ -104,13 +104,13 @@ def read_bundle_config(url: str) -> dict[str, Any]:
     return meta
 
 
-def load_bundle(url: str, map_location: str | torch.device = "cpu"):
+def load_bundle(url: str, map_location: str | torch.device = "cpu", storage_options: dict[str, Any] | None = None):
     """Load a GQModel from a bundle directory or URL, verifying weights and codebook."""
     from gq_model.model import GQModel
 
     url = resolve_model_url(url)
-    meta = read_bundle_config(url)
-    fs, path = fsspec.core.url_to_fs(url)
+    meta = read_bundle_config(url, storage_options)
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     weights_path = _join(path, WEIGHTS_NAME)
     if not fs.exists(weights_path):
         raise FileNotFoundError(f"{url}: {WEIGHTS_NAME} not found")

@@ -159,18 +159,22 @@ class GQModel(nn.Module):
         return self.decode_latent(self.encode_latent(x))
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, url: str, **extra: Any) -> None:
-        """Write a bundle (``config.json`` + ``model.safetensors``, no pickle) to a local path or fsspec URL."""
+    def save_pretrained(self, url: str, *, storage_options: dict[str, Any] | None = None, **extra: Any) -> None:
+        """Write a bundle (``config.json`` + ``model.safetensors``, no pickle) to a local path or fsspec URL.
+
+        ``storage_options`` are fsspec's (e.g. ``{"endpoint_url": ...}`` for S3); ``extra`` is recorded in the config.
+        """
         from gq_model.bundle import save_bundle
 
-        save_bundle(self, url, **extra)
+        save_bundle(self, url, storage_options, **extra)
 
     @classmethod
-    def from_pretrained(cls, url: str, map_location: str | torch.device = "cpu") -> "GQModel":
+    def from_pretrained(cls, url: str, map_location: str | torch.device = "cpu", *,
+                        storage_options: dict[str, Any] | None = None) -> "GQModel":
         """Load a bundle from a local path or fsspec URL (or a built-in name such as ``"demo"``)."""
         from gq_model.bundle import load_bundle
 
-        return load_bundle(url, map_location=map_location)
+        return load_bundle(url, map_location=map_location, storage_options=storage_options)
 
     @classmethod
     def from_reference_checkpoint(cls, checkpoint: str, config: str | None = None, *, preset: str | None = None,

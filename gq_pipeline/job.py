@@ -199,7 +199,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     store = OutputStore(output, storage_options)
 
     # ---------------------------------------------------------------- model and its identity
-    gq = load_model(model, config=config, preset=preset, trust_checkpoint=trust_checkpoint)
+    gq = load_model(model, config=config, preset=preset, trust_checkpoint=trust_checkpoint,
+                    storage_options=storage_options)
     factor = gq.downsample_factor
     if image_size % factor:
         raise ValueError(f"--image-size {image_size} is not a multiple of the model's downsampling factor {factor}")

@@ -15,7 +15,8 @@ from typing import Any
 __all__ = ["load_model"]
 
 
-def load_model(spec: Any, *, config: str | None = None, preset: str | None = None, trust_checkpoint: bool = False):
+def load_model(spec: Any, *, config: str | None = None, preset: str | None = None, trust_checkpoint: bool = False,
+               storage_options: dict | None = None):
     from gq_model import GQModel
 
     if isinstance(spec, GQModel):
@@ -35,11 +36,11 @@ def load_model(spec: Any, *, config: str | None = None, preset: str | None = Non
             return GQModel.from_pretrained(spec)  # built-in name; raises a clear FileNotFoundError otherwise
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(spec)
+    fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
     path = path.rstrip("/")
     if fs.isdir(path):
         if fs.exists(f"{path}/config.json"):
-            return GQModel.from_pretrained(spec).eval()
+            return GQModel.from_pretrained(spec, storage_options=storage_options).eval()
         if fs.exists(f"{path}/latest"):
             try:
                 from jobs.export import load_model_from_zero_checkpoint

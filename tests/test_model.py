@@ -1,6 +1,5 @@
 """GQModel, bundles and the official-checkpoint loader, with real files (local, memory://, s3:// via moto)."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -142,38 +141,19 @@ def test_bundle_missing_and_truncated_files(tmp_path):
         GQModel.from_pretrained("no-such-builtin-model")
 
 
-@pytest.fixture(scope="module")
-def moto_s3():
-    pytest.importorskip("moto")
-    from moto.server import ThreadedMotoServer
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-               AWS_ENDPOINT_URL=endpoint)
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("gq-models")
-    yield endpoint
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+def test_bundle_round_trip_s3(moto_s3, s3):
+    """A bundle on S3 (moto on 127.0.0.1) with explicit fsspec storage options, also through the pipeline's loader."""
+    from gq_pipeline.model_loader import load_model
 
-
-def test_bundle_round_trip_s3(moto_s3):
+    s3.mkdir("gq-models")
     model = tiny_model(seed=5)
-    model.save_pretrained("s3://gq-models/tiny")
-    loaded = GQModel.from_pretrained("s3://gq-models/tiny")
+    model.save_pretrained("s3://gq-models/tiny", storage_options=moto_s3, note="s3 test")
+    assert "model.safetensors" in [p.rsplit("/", 1)[-1] for p in s3.ls("gq-models/tiny")]
+    loaded = GQModel.from_pretrained("s3://gq-models/tiny", storage_options=moto_s3)
     x = images(seed=6)
     assert torch.equal(loaded.tokenize(x), model.tokenize(x))
+    via_loader = load_model("s3://gq-models/tiny", storage_options=moto_s3)
+    assert torch.equal(via_loader.tokenize(x), model.tokenize(x))
 
 
 def _lightning_checkpoint(model: GQModel, path: Path, extra_keys=None):
