@@ -130,6 +130,34 @@ def test_plain_engine_in_memory_images_and_export(tmp_path):
     assert torch.equal(m.tokenize(x), b.tokenize(x))
 
 
+def test_bf16_zero0_export_takes_the_fp32_master_weights(tmp_path):
+    """At ZeRO-0 with bf16 the module holds bf16 weights; export must give the optimizer's fp32 masters."""
+    from jobs.export import load_model_from_zero_checkpoint
+
+    rng = np.random.default_rng(2)
+    images = [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(5)]
+    out = str(tmp_path / "bf16")
+    train(TINY, [f"run.out_dir={out}", "run.max_steps=2", "run.ckpt_every=2", "run.image_every=0",
+                 "run.progress=false", "run.threads=1", "deepspeed.zero_stage=0", "deepspeed.precision=bf16",
+                 "data.holdout=1", "data.repeat=1", "data.batch_size=2", "loss.disc.enabled=false"],
+          train_images=images)
+    ckpt = torch.load(os.path.join(out, "checkpoints", "step_00000002", "mp_rank_00_model_states.pt"),
+                      map_location="cpu", weights_only=False)
+    params = [k for k in ckpt["module"] if k not in set(ckpt["buffer_names"])]
+    masters = dict(zip(params, (t for g in ckpt["optimizer"]["fp32_groups"] for t in g)))
+    model = load_model_from_zero_checkpoint(out)
+    exported = model.state_dict()
+    checked = 0
+    for name, master in masters.items():
+        if name.startswith("model."):
+            got = exported[name[len("model."):]]
+            assert got.dtype == torch.float32 and torch.equal(got, master.float()), name
+            checked += 1
+    assert checked > 50
+    # and they are really fp32: not all representable in bf16
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in masters.values())
+
+
 def test_demo_sized_config_runs_single_process(tmp_path):
     """The layout the built-in demo model will use (UNet f=8, 16 latent channels, K=2^16, m=16, small width) on
     scikit-image samples with random crops: a couple of steps from one process."""

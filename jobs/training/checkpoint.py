@@ -150,8 +150,27 @@ def read_generator_state_dict(ckpt_root: str, tag: str) -> dict[str, torch.Tenso
         path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{tag_dir} has neither ZeRO optimizer shards nor mp_rank_00_model_states.pt")
-        sd = torch.load(path, map_location="cpu", weights_only=False)["module"]  # DeepSpeed's own pickle
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed's own pickle
+        sd = dict(ckpt["module"])
+        sd.update(_fp32_master_weights(ckpt, tag_dir))
     return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in sd.items()}
+
+
+def _fp32_master_weights(ckpt: dict, where: str) -> dict[str, torch.Tensor]:
+    """ZeRO-0 with bf16 keeps bf16 weights in ``module`` and the fp32 master copies in the optimizer's
+    ``fp32_groups`` (one tensor per trainable parameter, in parameter order); export those, not bf16 casts."""
+    module = ckpt.get("module") or {}
+    if not any(v.is_floating_point() and v.dtype != torch.float32 for v in module.values()):
+        return {}
+    groups = (ckpt.get("optimizer") or {}).get("fp32_groups")
+    buffers = set(ckpt.get("buffer_names") or ())
+    names = [k for k in module if k not in buffers]
+    flat = [t for g in groups or () for t in g]
+    if not flat or len(flat) != len(names) or any(module[n].shape != t.shape for n, t in zip(names, flat)):
+        log.warning("%s: no fp32 master weights matching the module's parameters were found; exporting its "
+                    "low-precision weights cast to fp32", where)
+        return {}
+    return {n: t.float() for n, t in zip(names, flat)}
 
 
 def read_gq_config(ckpt_root: str, tag: str) -> GQConfig:
