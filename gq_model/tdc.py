@@ -60,14 +60,17 @@ class TDCRegularizer(nn.Module):
         self.lam_range, self.lam_min_range, self.lam_max_range = lam_range, lam_min_range, lam_max_range
         for name in ("lam", "lam_min", "lam_max"):
             self.register_buffer(name, torch.ones((), dtype=torch.float64))
+        # (sum of bits, groups counted, min, max) over the micro-batches accumulated since the last update. Empty at
+        # every optimizer-step boundary, which is where checkpoints are taken, so it is never saved.
+        self._pending: tuple[float, float, float, float] | None = None
 
     def extra_repr(self) -> str:
         return (f"codebook_size={self.codebook_size}, group={self.group}, target_bits={self.target_bits}, "
                 f"tolerance={self.tolerance}, lam_factor={self.lam_factor}")
 
     @torch.no_grad()
-    def _global_stats(self, bits: torch.Tensor) -> tuple[float, float, float]:
-        """(mean, min, max) of the per-group bits over this batch, across all ranks when distributed."""
+    def _global_stats(self, bits: torch.Tensor) -> tuple[float, float, float, float]:
+        """(sum, count, min, max) of the per-group bits over this batch, across all ranks when distributed."""
         stats = torch.stack([bits.sum(), torch.tensor(float(bits.numel()), device=bits.device),
                              bits.max(), -bits.min()]).double()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -76,7 +79,7 @@ class TDCRegularizer(nn.Module):
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
             dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
             stats = torch.cat([total, extremes])
-        return float(stats[0] / stats[1]), float(-stats[3]), float(stats[2])
+        return float(stats[0]), float(stats[1]), float(-stats[3]), float(stats[2])
 
     @torch.no_grad()
     def _update(self, mean_bits: float, min_bits: float, max_bits: float) -> None:
@@ -88,13 +91,16 @@ class TDCRegularizer(nn.Module):
         self.lam_max.fill_(min(max(lam_max, self.lam_max_range[0]), self.lam_max_range[1]))
         self.lam_min.fill_(min(max(lam_min, self.lam_min_range[0]), self.lam_min_range[1]))
 
-    def forward(self, mu: torch.Tensor, logvar: torch.Tensor, update: bool | None = None
+    def forward(self, mu: torch.Tensor, logvar: torch.Tensor, update: bool | None = None, accumulate: bool = False
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         """TDC loss for posterior (mu, logvar) in the quantizer's layouts, and statistics.
 
         Args:
             update: step the controllers after computing the loss. Defaults to ``self.training``; a training loop
                 calls it with ``update=True`` once per generator step and ``update=False`` elsewhere.
+            accumulate: this batch is one micro-batch of a generator step (gradient accumulation): its statistics
+                are pooled with the step's other micro-batches, and the update at the step's last micro-batch uses
+                the pooled mean/min/max, i.e. the same decision a single large batch would give.
         Returns: (scalar loss, {"bits_mean", "bits_min", "bits_max", "lam", "lam_min", "lam_max"}); the lambdas
             reported are the ones used in this loss (before the update).
         """
@@ -107,9 +113,17 @@ class TDCRegularizer(nn.Module):
             weights = torch.where(hi, torch.full_like(bits, lam_max),
                                   torch.where(lo, torch.full_like(bits, lam_min), torch.ones_like(bits)))
         loss = lam * (weights * bits).sum() / mu.shape[0]
-        mean_bits, min_bits, max_bits = self._global_stats(bits.detach())
+        total, count, min_bits, max_bits = self._global_stats(bits.detach())
+        mean_bits = total / count
+        pooled = (total, count, min_bits, max_bits)
+        if accumulate and self._pending is not None:
+            p = self._pending
+            pooled = (total + p[0], count + p[1], min(min_bits, p[2]), max(max_bits, p[3]))
         if self.training if update is None else update:
-            self._update(mean_bits, min_bits, max_bits)
+            self._update(pooled[0] / pooled[1], pooled[2], pooled[3])
+            self._pending = None
+        elif accumulate:
+            self._pending = pooled
         stats = {"bits_mean": mean_bits, "bits_min": min_bits, "bits_max": max_bits,
                  "lam": lam, "lam_min": lam_min, "lam_max": lam_max}
         return loss, stats

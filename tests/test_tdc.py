@@ -121,3 +121,24 @@ def test_statistics_are_all_reduced_across_ranks():
     assert r0[0] == pytest.approx(allbits.double().mean().item(), rel=1e-6)
     assert r0[1] == pytest.approx(allbits.min().item(), rel=1e-6)
     assert r0[2] == pytest.approx(allbits.max().item(), rel=1e-6)
+
+
+def test_gradient_accumulation_pools_micro_batch_statistics():
+    """With accumulate=True the update at the step's last micro-batch sees the pooled mean/min/max of all of the
+    step's micro-batches: exactly the controllers a single batch of their concatenation would give."""
+    hi = _batch(3, scale=6.0)  # far above the 4-bit target
+    lo = _batch(4, scale=0.01)  # far below it
+    mu_all, lv_all = torch.cat([hi[0], lo[0]]), torch.cat([hi[1], lo[1]])
+    pooled, single, last_only = (TDCRegularizer(codebook_size=16, group=4) for _ in range(3))
+    _, s1 = pooled(*hi, update=False, accumulate=True)
+    _, s2 = pooled(*lo, update=True, accumulate=True)
+    single(mu_all, lv_all, update=True)
+    last_only(*lo, update=True)
+    for name in ("lam", "lam_min", "lam_max"):
+        assert float(getattr(pooled, name)) == float(getattr(single, name)), name
+    # the last micro-batch alone would have moved lam the other way; logged stats stay per micro-batch
+    assert float(pooled.lam) > 1.0 > float(last_only.lam)
+    assert s1["bits_mean"] > 4 > s2["bits_mean"]
+    # the next step starts a fresh pool; an evaluation call (accumulate=False) never touches it
+    pooled(*hi, update=False, accumulate=False)
+    assert pooled._pending is None

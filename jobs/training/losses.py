@@ -181,7 +181,7 @@ class GQLoss(nn.Module):
         s = s.float().reshape(())
         nll = (rec / torch.exp(s) + s).sum() / b
         logs["nll"], logs["logvar"] = float(nll.detach()), float(s.detach())
-        kl, stats = self.tdc(mu.float(), logvar.float(), update=update_tdc)
+        kl, stats = self.tdc(mu.float(), logvar.float(), update=update_tdc, accumulate=True)
         logs["kl"] = float(kl.detach())
         logs.update({k: float(v) for k, v in stats.items()})
         total = nll + self.kl_weight * kl
