@@ -23,6 +23,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_step_metrics(out_dir: str) -> dict[int, dict]:
+    """A training run's per-step records from ``metrics.jsonl`` (the last one per step: a resumed run repeats the
+    steps after its checkpoint)."""
+    import json
+
+    rows = {}
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if "kind" not in r:
+                rows[r["step"]] = r
+    return rows
+
+
 def make_tiny_model(seed: int = 0):
     """A GQ UNet small enough for CPU tests (downsampling 8, 16 latent channels, K=4096, one group)."""
     import torch

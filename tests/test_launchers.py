@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from jobs.training.engines import free_port
+from tests.conftest import read_step_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "train_tiny.yaml")
@@ -51,16 +52,6 @@ def _env(**extra: str) -> dict[str, str]:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS"):
         env.pop(var, None)
     return env
-
-
-def _step_losses(out_dir: str) -> dict[int, dict]:
-    rows = {}
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if "kind" not in r:
-                rows[r["step"]] = r
-    return rows
 
 
 def _kill_ray_head(temp_dir: str) -> None:
@@ -140,7 +131,7 @@ def test_deepspeed_launcher_runs_two_ranks(deepspeed_run, tmp_path):
 
     out, log = deepspeed_run
     assert "GQ training: 2 rank(s), ZeRO-2" in log
-    assert sorted(_step_losses(out)) == [1, 2]
+    assert sorted(read_step_metrics(out)) == [1, 2]
     ckpt = os.path.join(out, "checkpoints", "step_00000002")
     assert sorted(f for f in os.listdir(ckpt) if f.endswith("optim_states.pt")) == \
         ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
@@ -157,7 +148,7 @@ def test_ray_job_submit_train_reproduces_the_deepspeed_launcher(ray_head, deepsp
     log = _submit(ray_head, sys.executable, "-m", "jobs.train", TINY, f"run.out_dir={out}", *TRAIN_ARGS,
                   "--ray-workers", "2")
     assert "GQ training: 2 rank(s), ZeRO-2" in log
-    a, b = _step_losses(ds_out), _step_losses(out)
+    a, b = read_step_metrics(ds_out), read_step_metrics(out)
     assert sorted(a) == sorted(b) == [1, 2]
     for step in (1, 2):
         for key in ("loss_g", "nll", "kl", "g_loss", "d_weight", "loss_d", "lam", "bits_mean"):

@@ -16,6 +16,7 @@ import torch
 
 from gq_model import GQModel
 from jobs.training.engines import free_port
+from tests.conftest import read_step_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "train_tiny.yaml")
@@ -42,16 +43,6 @@ def torchrun(out_dir: str, *overrides: str, expect_ok: bool = True, timeout: int
     return out
 
 
-def losses(out_dir: str) -> dict[int, dict]:
-    rows = {}
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if "kind" not in r:
-                rows[r["step"]] = r  # a resumed run repeats steps after the checkpoint: keep the last record
-    return rows
-
-
 def _check_export(run_dir: str, tmp_path, name: str) -> GQModel:
     from jobs.export import main as export_main
 
@@ -70,7 +61,7 @@ def _check_export(run_dir: str, tmp_path, name: str) -> GQModel:
 def test_zero2_two_processes_train_and_export(tmp_path):
     run = str(tmp_path / "z2")
     torchrun(run, "deepspeed.zero_stage=2")
-    rows = losses(run)
+    rows = read_step_metrics(run)
     assert sorted(rows) == [1, 2, 3, 4]
     assert all(r["loss_d"] > 0 and r["d_weight"] > 0 for r in rows.values())
     ckpt = os.path.join(run, "checkpoints", "step_00000004")
@@ -90,7 +81,7 @@ def test_zero3_kill_and_resume_continues_the_same_loss_curve(tmp_path):
         assert f.read().strip() == "step_00000002"
     out = torchrun(killed, *extra)
     assert "resumed from" in out
-    a, b = losses(ref), losses(killed)
+    a, b = read_step_metrics(ref), read_step_metrics(killed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):  # the steps after the checkpoint: identical losses, lambdas and discriminator terms
         for key in ("loss_g", "nll", "kl", "g_loss", "d_weight", "loss_d", "lam", "lam_min", "lam_max", "bits_mean"):

@@ -2,7 +2,6 @@
 DeepSpeed engine, corrupt data, the plain-PyTorch engine, configs and CLI. CPU, tiny models, one thread."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -16,19 +15,15 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.pa
 from gq_model import GQModel  # noqa: E402
 from jobs.training.config import build_gq_config, load_config  # noqa: E402
 from jobs.training.loop import train  # noqa: E402
+from tests.conftest import read_step_metrics  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "train_tiny.yaml")
 
 
 def metrics(out_dir: str) -> list[dict]:
-    """Per-step training records (last record per step: a resumed run may repeat a step)."""
-    rows = {}
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if "kind" not in r:
-                rows[r["step"]] = r
+    """Per-step training records in step order."""
+    rows = read_step_metrics(out_dir)
     return [rows[k] for k in sorted(rows)]
 
 
