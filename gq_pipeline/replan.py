@@ -87,7 +87,13 @@ def reconcile_with_committed(units: list[Unit], records: dict[str, dict[str, Any
                 covered.update(in_range)
                 continue
             base = d.rstrip("/") + "/"
-            exact = {s[len(base):] for s in read_committed_sources(rec) if s.startswith(base)}
+            try:
+                exact = {s[len(base):] for s in read_committed_sources(rec) if s.startswith(base)}
+            except Exception as e:
+                raise RuntimeError(f"the listing of {d} changed inside committed unit {rec['unit_id']}, and its "
+                                   f"shards could not be read back to tell its files apart ({type(e).__name__}: "
+                                   f"{e}); the output is damaged: restore the unit's shards or use a new --output"
+                                   ) from e
             result.shards_read += 1
             if len(exact) != rec.get("inputs", len(exact)):
                 raise RuntimeError(f"committed unit {rec['unit_id']} of {d} records {rec.get('inputs')} inputs but "

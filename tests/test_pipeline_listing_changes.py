@@ -88,6 +88,17 @@ def test_damaged_commit_record_is_an_error():
         reconcile_with_committed(_units(names + ["001b.png"], 3), records, 3, lambda rec: [f"{D}/000.png"])
 
 
+def test_unreadable_shards_of_a_changed_unit_are_a_clear_error():
+    names = [f"{i:03d}.png" for i in range(6)]
+    records = {u.unit_id: _record(u) for u in _units(names, 3)}
+
+    def gone(record):
+        raise FileNotFoundError("parquet/u-x.parquet")
+
+    with pytest.raises(RuntimeError, match="could not be read back"):
+        reconcile_with_committed(_units(names + ["001b.png"], 3), records, 3, gone)
+
+
 def test_rerun_after_recut_reproduces_the_recut_units():
     """The units cut after a change are stable: a crash in that run, then a rerun, gives the same ids."""
     old = [f"{i:03d}.png" for i in range(0, 30, 3)]
