@@ -49,21 +49,14 @@ def _log(progress: bool, msg: str) -> None:
 
 def _ensure_ray(ray_address: str | None, num_cpus: int | None, object_store_memory: int | None) -> bool:
     """Connect to ``ray_address``/``RAY_ADDRESS`` if given, else start a local cluster. True if we started it."""
-    import ray
+    from gq_pipeline.ray_init import init_ray
 
-    if ray.is_initialized():
-        return False
-    address = ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return True
-    kwargs: dict[str, Any] = {"include_dashboard": False}
+    kwargs: dict[str, Any] = {}
     if num_cpus:
         kwargs["num_cpus"] = int(num_cpus)
     if object_store_memory:
         kwargs["object_store_memory"] = int(object_store_memory)
-    ray.init(**kwargs)
-    return True
+    return init_ray(ray_address, **kwargs)
 
 
 def _resources(gpus_per_worker, workers, cpus_per_worker, read_cpus, writers) -> dict[str, Any]:

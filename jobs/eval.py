@@ -204,9 +204,9 @@ def eval_shard(spec: dict, files: list[str], device: str | None = None, model=No
 def _run_ray(spec: dict, shards: list[list[str]], address: str | None) -> list[dict]:
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    from gq_pipeline.ray_init import init_ray
+
+    started = init_ray(address, log_to_driver=False)
     try:
         gpus = 1 if spec["device"].startswith("cuda") else 0
         task = ray.remote(num_cpus=1, num_gpus=gpus)(eval_shard)

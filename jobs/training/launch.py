@@ -37,14 +37,9 @@ def run_with_ray(config: str, overrides: Sequence[str], num_workers: int, addres
 
     cfg = load_config(config, overrides)
     cfg.run.out_dir = os.path.abspath(cfg.run.out_dir)
-    started = False
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:  # a local single-machine Ray: keep every socket on loopback
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
-            started = True
+    from gq_pipeline.ray_init import init_ray
+
+    started = init_ray(address)
     ext = os.environ.get("TORCH_EXTENSIONS_DIR")
     trainer = TorchTrainer(
         _worker_loop,
