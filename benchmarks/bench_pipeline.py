@@ -32,6 +32,8 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from gq_pipeline.ray_init import init_ray  # noqa: E402
+
 SECTION = "## Tokenization pipeline"
 
 
@@ -127,7 +129,7 @@ def run_throughput(args, work: str) -> dict:
     model_dir = os.path.join(work, "model")
     model.save_pretrained(model_dir)
     res: dict = {"images": args.images, "image_size": args.size, "batch_size": args.batch, "runs": []}
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 << 20, log_to_driver=False)
+    init_ray(num_cpus=2, object_store_memory=400 << 20, log_to_driver=False)
     try:
         bench_gq(model_dir, src, args.size, args.batch, args.unit_size)  # warm-up (worker pool, page cache)
         threads = os.cpu_count() or 1
@@ -229,7 +231,7 @@ def run_driver(args, work: str) -> dict:
             commit_unit(store, ctx, formats, d)
         res.setdefault("commit_ms_per_1000_rows_one_thread", {})[key] = round((time.perf_counter() - t0) / 6 * 1e3, 1)
         shutil.rmtree(out, ignore_errors=True)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 << 20, log_to_driver=False)
+    init_ray(num_cpus=2, object_store_memory=400 << 20, log_to_driver=False)
     try:
         for formats in (("parquet",), ("parquet", "webdataset")):
             key = "+".join(formats)
@@ -267,7 +269,7 @@ def _ray_transfer() -> dict:
         assert t.schema == TOKEN_SCHEMA
         return t
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 << 20, log_to_driver=False)
+    init_ray(num_cpus=2, object_store_memory=400 << 20, log_to_driver=False)
     try:
         n = 60_000
         ds = ray.data.range(n, override_num_blocks=60).map_batches(make, batch_size=1000, batch_format="numpy")
@@ -330,7 +332,7 @@ def run_scaling(args, work: str) -> dict:
         with open(os.path.join(src, f"s{i:03d}.jpg"), "wb") as f:
             f.write(rgb_bytes(40, 40, seed=i))
     model = _model()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 << 20, log_to_driver=False)
+    init_ray(num_cpus=2, object_store_memory=300 << 20, log_to_driver=False)
     try:
         timings = {}
         for unit_size in (64, 64, 1):
@@ -391,7 +393,7 @@ def run_scaling(args, work: str) -> dict:
     # from_items cost for many units (driver -> object store): one block per unit vs the job's cap on blocks.
     from gq_pipeline.job import MAX_INPUT_BLOCKS
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 << 20, log_to_driver=False)
+    init_ray(num_cpus=2, object_store_memory=300 << 20, log_to_driver=False)
     try:
         n = 20000
         items = [{"unit": json.dumps({"kind": "tar", "source": f"s3://bucket/shards/shard-{i:06d}.tar"})}
