@@ -153,6 +153,27 @@ def test_bf16_zero0_export_takes_the_fp32_master_weights(tmp_path):
     assert any(not torch.equal(v, v.bfloat16().float()) for v in masters.values())
 
 
+def test_cosine_learning_rate_decay(tmp_path):
+    from jobs.training.loop import lr_factor
+
+    kw = dict(warmup=0, decay="cosine", total=10, min_ratio=0.1)
+    assert lr_factor(0, **kw) == 1.0 and lr_factor(10, **kw) == pytest.approx(0.1)
+    assert lr_factor(5, **kw) == pytest.approx(0.55) and lr_factor(20, **kw) == pytest.approx(0.1)
+    assert lr_factor(1, warmup=4, decay="constant", total=10, min_ratio=0.0) == 0.5
+    rng = np.random.default_rng(3)
+    images = [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(5)]
+    out = str(tmp_path / "cos")
+    train(TINY, [f"run.out_dir={out}", "run.max_steps=4", "run.log_every=1", "run.image_every=0", "run.progress=false",
+                 "run.threads=1", "deepspeed.enabled=false", "data.holdout=1", "data.repeat=2", "data.batch_size=2",
+                 "optim.lr=0.001", "optim.decay=cosine", "optim.min_lr_ratio=0.2", "loss.disc.enabled=false"],
+          train_images=images)
+    lrs = [r["lr"] for r in metrics(out)]  # the rate each step used
+    assert lrs == pytest.approx([0.001 * lr_factor(s, warmup=0, decay="cosine", total=4, min_ratio=0.2)
+                                 for s in range(4)])
+    with pytest.raises(ValueError, match="optim.decay"):
+        train(TINY, [f"run.out_dir={out}2", "optim.decay=linear"])
+
+
 def test_demo_sized_config_runs_single_process(tmp_path):
     """The layout the built-in demo model will use (UNet f=8, 16 latent channels, K=2^16, m=16, small width) on
     scikit-image samples with random crops: a couple of steps from one process."""

@@ -43,7 +43,8 @@ DEFAULTS: dict[str, Any] = {
             "cos_weight": 1.0, "input_size": 224, "feature_dim": None,
         },
     },
-    "optim": {"lr": 1.0e-4, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.0, "warmup_steps": 0},
+    "optim": {"lr": 1.0e-4, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.0, "warmup_steps": 0,
+              "decay": "constant", "min_lr_ratio": 0.0},
     "data": {
         "train": None,            # folder / glob / brace pattern / list of them / "skimage:" (fsspec URLs allowed)
         "val": None,              # optional held-out source; default: `holdout` images split off `train`
@@ -198,5 +199,9 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError("loss.vf.enabled needs loss.vf.model (a TorchScript file or 'package.module:factory')")
     if cfg.loss.vf.enabled and build_gq_config(cfg).arch != "unet":
         raise ValueError("the VF alignment term is implemented for the UNet (bchw) latents only")
+    if cfg.optim.decay not in ("constant", "cosine"):
+        raise ValueError(f"optim.decay must be constant or cosine, got {cfg.optim.decay!r}")
+    if not 0.0 <= float(cfg.optim.min_lr_ratio) <= 1.0:
+        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if int(cfg.run.max_steps) < 0:
         raise ValueError("run.max_steps must be >= 0")

@@ -15,6 +15,7 @@ a resumed run continues the loss curve of an uninterrupted one (tests/test_train
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -57,6 +58,15 @@ def _broadcast_object(obj: Any, src: int = 0) -> Any:
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
+
+
+def lr_factor(step: int, *, warmup: int, decay: str, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps: linear warm-up over ``warmup`` steps, then constant
+    (the reference recipe) or a cosine from 1 down to ``min_ratio`` at step ``total``."""
+    f = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if decay == "cosine" and total > 0:
+        f *= min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
+    return f
 
 
 class Trainer:
@@ -128,9 +138,11 @@ class Trainer:
                                   layout=gc.layout, **tdc_settings(cfg)).to(d.device)
         self.loss = GQLoss(cfg, self.tdc, lpips, vf_model)
 
-        warm = int(cfg.optim.warmup_steps)
-        sched_fn = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))) \
-            if warm > 0 else None
+        o = cfg.optim
+        factor = functools.partial(lr_factor, warmup=int(o.warmup_steps), decay=str(o.decay),
+                                   total=int(cfg.run.max_steps), min_ratio=float(o.min_lr_ratio))
+        sched_fn = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)) \
+            if int(o.warmup_steps) > 0 or o.decay != "constant" else None
         gen_params = [p for p in gen.parameters() if p.requires_grad]
         stage = int(cfg.deepspeed.zero_stage)
         self.engine_g, _ = make_engine(gen, gen_params, cfg, stage, int(cfg.data.batch_size), float(cfg.optim.lr),
@@ -322,6 +334,7 @@ class Trainer:
         # generator step: the discriminator is frozen; the engine's forward returns the full generator loss
         _set_requires_grad(self.disc, False)
         loss_g, x_hat = eg(xin, step=self.step, update_tdc=boundary, disc_active=disc_on)
+        lr = float(eg.get_lr()[0])  # the rate this step uses (the scheduler moves on inside step())
         eg.backward(loss_g)
         eg.step()
         _set_requires_grad(self.disc, True)
@@ -334,7 +347,7 @@ class Trainer:
             ed.backward(loss_d)
             ed.step()
             logs.update(dlogs)
-        logs["lr"] = float(eg.get_lr()[0])
+        logs["lr"] = lr
         logs["batch_size"] = float(x.shape[0])
         return logs
 
