@@ -95,6 +95,14 @@ def _train_facts(log_path: str) -> dict:
     return facts
 
 
+def _optim_text(cfg: dict) -> str:
+    o = cfg.get("optim", {})
+    text = f"learning rate {o.get('lr', 1e-4):g}"
+    if o.get("decay", "constant") == "cosine":
+        text += f" with a cosine decay to {o.get('min_lr_ratio', 0.0):g} x that rate at the last step"
+    return text
+
+
 def write_card(dest: str, report: dict, meta: dict) -> str:
     rec = report.get("reconstruction", {})
     q, g = rec.get("quantized", {}), rec.get("gaussian", {})
@@ -139,7 +147,7 @@ in the training list either). `chelsea` is also the training job's monitoring im
 
 Exactly `jobs/demo_model.yaml` (copied below), run by the project's own training job (`gq train`, plain PyTorch
 engine, one process, `run.threads: {meta.get('threads', 1)}`): L1 reconstruction with a learned log-variance, KL weight 0.1
-with the TDC controller holding every group's KL near log2 K = 16 bits, Adam. No perceptual (LPIPS) term and no
+with the TDC controller holding every group's KL near log2 K = 16 bits, Adam at {meta['optim']}. No perceptual (LPIPS) term and no
 discriminator: their weights are not shipped, and on a CPU budget they would not pay off.
 
 * steps: **{meta['steps']}** generator steps of batch 8 ({meta['steps'] * 8} crops of 64x64)
@@ -261,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": steps, "train_wall_s": float(times.get("train_wall_s", float("nan"))),
             "overrides": times.get("overrides", overrides), "note": times.get("note"), "threads": cfg["run"].get("threads"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs visible",
-            "config_text": config_text, "train_facts": _train_facts(log_path)}
+            "config_text": config_text, "train_facts": _train_facts(log_path), "optim": _optim_text(cfg)}
     card = write_card(args.dest, report, meta)
     print(f"built-in model: {args.dest} ({size / 1e6:.2f} MB, {steps} steps, "
           f"{meta['train_wall_s'] / 60:.1f} min training); card {card}\n{report.get('summary', '')}")
