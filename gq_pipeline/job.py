@@ -203,7 +203,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
             raise ValueError(f"this ViT model takes {fixed}x{fixed} images only: use --image-size {fixed} "
                              f"--crop center")
     preprocess = {"image_size": int(image_size), "crop": crop, "resize": "PIL bicubic, shorter side",
-                  "multiple_of": factor, "alpha": "composite on white", "max_pixels": int(max_pixels)}
+                  "multiple_of": factor, "alpha": "composite on white", "max_pixels": int(max_pixels),
+                  "encoder_precision": precision}  # bf16 changes ~2% of tokens: never mixed in one output
     c = gq.config
     ctx = ShardContext(model_fingerprint=gq.model_fingerprint, codebook_fingerprint=gq.fingerprint,
                        codebook_size=c.codebook_size, group=c.group, seed=c.seed, beta=c.beta, arch=c.arch,
@@ -251,7 +252,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         try:
             resources = _resources(gpus_per_worker, workers, cpus_per_worker, read_cpus, writers)
             if precision == "bf16" and resources["gpus_per_worker"] == 0:
-                _log(progress, "--precision bf16 applies to GPU actors only; CPU actors run fp32")
+                raise ValueError("--precision bf16 runs the encoder in bf16 on GPU actors, but this run has none "
+                                 "(no GPUs in the cluster, or --gpus-per-worker 0); use --precision fp32")
             _log(progress, f"{resources['workers']} model actor(s), {resources['gpus_per_worker']:g} GPU / "
                            f"{resources['cpus_per_worker']:g} CPU each; cluster {resources['cluster_cpus']:g} CPU "
                            f"{resources['cluster_gpus']:g} GPU")

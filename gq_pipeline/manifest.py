@@ -153,7 +153,8 @@ class OutputStore:
     def check_compatible(self, state: OutputState, ctx: ShardContext) -> None:
         """Refuse to mix tokens of different models/codebooks/preprocessing under one output."""
         want = {"model_fingerprint": ctx.model_fingerprint, "codebook_fingerprint": ctx.codebook_fingerprint,
-                "image_size": ctx.preprocess["image_size"], "crop": ctx.preprocess["crop"]}
+                "image_size": ctx.preprocess["image_size"], "crop": ctx.preprocess["crop"],
+                "encoder_precision": ctx.preprocess.get("encoder_precision")}
         sources = list(state.records.values())[:1]
         if state.manifest:
             sources.append({**state.manifest, **(state.manifest.get("preprocess") or {})})
@@ -161,7 +162,8 @@ class OutputStore:
             pre = rec.get("preprocess", rec)
             have = {"model_fingerprint": rec.get("model_fingerprint"),
                     "codebook_fingerprint": rec.get("codebook_fingerprint"),
-                    "image_size": pre.get("image_size"), "crop": pre.get("crop")}
+                    "image_size": pre.get("image_size"), "crop": pre.get("crop"),
+                    "encoder_precision": pre.get("encoder_precision")}
             diff = {k: (have[k], want[k]) for k in want if have[k] is not None and have[k] != want[k]}
             if diff:
                 what = ", ".join(f"{k} {a!r} (this run: {b!r})" for k, (a, b) in diff.items())

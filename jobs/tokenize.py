@@ -46,7 +46,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="logical CPUs per read/decode task (default 1 with GPUs, 0.25 on CPU-only clusters)")
     p.add_argument("--latents", action="store_true", help="also write the Gaussian mean mu as float16")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16 autocast for the encoder on GPU actors (the codebook search stays fp32)")
+                   help="bf16 autocast for the encoder on GPU actors (the codebook search stays fp32); needs GPU "
+                        "actors, changes ~2%% of tokens, and is recorded: an output never mixes precisions")
     p.add_argument("--config", help="reference YAML for a .ckpt --model")
     p.add_argument("--preset", help="built-in preset for a .ckpt --model (e.g. sd3unet_gq_0.25)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in a .ckpt you trust")

@@ -126,6 +126,21 @@ def test_other_model_or_preprocessing_is_refused(folder_run, tmp_path):
         gq_pipeline.tokenize(other, [folder], out, image_size=SIZE, progress=False)
     with pytest.raises(IncompatibleOutputError, match="image_size"):
         gq_pipeline.tokenize(make_tiny_model(seed=0), [folder], out, image_size=64, progress=False)
+    # bf16 changes some tokens: an fp32 output never receives bf16 tokens (refused before any work)
+    with pytest.raises(IncompatibleOutputError, match="encoder_precision 'fp32'"):
+        gq_pipeline.tokenize(make_tiny_model(seed=0), [folder], out, image_size=SIZE, precision="bf16",
+                             progress=False)
+    meta = pq.read_schema(glob.glob(os.path.join(out, "parquet", "*.parquet"))[0]).metadata
+    assert json.loads(meta[b"gq.preprocess"])["encoder_precision"] == "fp32"
+
+
+def test_bf16_without_gpu_actors_is_an_error_not_a_silent_fp32_run(ray_cluster, tiny_model, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(rgb_bytes(40, 40))
+    with pytest.raises(ValueError, match="bf16 .* GPU actors"):
+        gq_pipeline.tokenize(tiny_model, [str(tmp_path / "in")], str(tmp_path / "out"), image_size=SIZE,
+                             precision="bf16", progress=False)
+    assert not glob.glob(str(tmp_path / "out" / "parquet" / "*.parquet"))
 
 
 def test_crop_none_and_latents(ray_cluster, tiny_model, tmp_path):
