@@ -21,7 +21,7 @@ __all__ = ["init_ray"]
 def init_ray(address: str | None = None, **local_kwargs: Any) -> bool:
     """Connect or start Ray unless it is already initialized; True if this call started or joined it (so the caller
     should ``ray.shutdown()`` when done). ``local_kwargs`` (num_cpus, object_store_memory, ...) apply only to a
-    local start."""
+    local start, except ``log_to_driver``, which applies to both."""
     import ray
 
     if ray.is_initialized():
