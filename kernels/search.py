@@ -11,6 +11,7 @@ otherwise it raises. Our Triton module is imported lazily, only when the Triton 
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -37,7 +38,9 @@ def _triton_module():
     return search_triton
 
 
+@functools.lru_cache(maxsize=1)
 def _triton_available() -> bool:
+    """Whether the Triton kernels import (checked once per process: a failed import is not cheap to repeat)."""
     try:
         _triton_module()
     except Exception:  # noqa: BLE001  (ImportError, or a broken triton install)
@@ -108,13 +111,18 @@ def _search_fake(mu, logvar, features, beta, backend):
     return mu.new_empty((mu.shape[0],), dtype=torch.int64)
 
 
-@torch.library.custom_op("gq_kernels::search_topk", mutates_args=())
-def _topk_op(mu: torch.Tensor, logvar: torch.Tensor, features: torch.Tensor, beta: float, k: int,
-             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_eager(mu: torch.Tensor, logvar: torch.Tensor, features: torch.Tensor, beta: float, k: int,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     weights, table = _weights_and_table(mu, logvar, features, beta)
     if resolve_backend(backend, weights.device) == "triton":
         return _triton_module().triton_topk(weights, table, k)
     return search_topk_blocked(weights, table, k)
+
+
+@torch.library.custom_op("gq_kernels::search_topk", mutates_args=())
+def _topk_op(mu: torch.Tensor, logvar: torch.Tensor, features: torch.Tensor, beta: float, k: int,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _topk_eager(mu, logvar, features, beta, k, backend)
 
 
 @_topk_op.register_fake
@@ -140,7 +148,7 @@ def gq_search(mu: torch.Tensor, logvar: torch.Tensor, features: torch.Tensor, be
     Returns: int64 ``[rows]`` on mu's device; ties resolve to the lowest index, like ``torch.argmax``.
     """
     _check_inputs(mu, logvar, features)
-    resolve_backend(backend, mu.device)  # validate early, with the caller's stack
+    backend = resolve_backend(backend, mu.device)  # once, early, with the caller's stack for its warning
     if not torch.compiler.is_compiling():
         # Eager calls skip the op dispatcher: its first use imports torch._dynamo (seconds per process, e.g. in
         # every Ray actor), and the result is the same function.
@@ -173,8 +181,11 @@ def gq_search_topk(mu: torch.Tensor, logvar: torch.Tensor, features: torch.Tenso
         raise ValueError(f"k must be an int in [1, K={features.shape[0]}], got {k!r}")
     if score not in _SCORES:
         raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
-    resolve_backend(backend, mu.device)
-    idx, val = torch.ops.gq_kernels.search_topk(mu, logvar, features, float(beta), int(k), backend)
+    backend = resolve_backend(backend, mu.device)
+    if torch.compiler.is_compiling():
+        idx, val = torch.ops.gq_kernels.search_topk(mu, logvar, features, float(beta), int(k), backend)
+    else:  # eager: skip the op dispatcher, as gq_search does
+        idx, val = _topk_eager(mu, logvar, features, float(beta), int(k), backend)
     if score == "log_ratio":
         val = gemm_to_log_ratio(val, mu, logvar, beta)
     return idx, val

@@ -13,7 +13,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.pa
     __file__))), ".cache", "torch_extensions"))
 
 from gq_model import GQModel  # noqa: E402
-from jobs.training.config import build_gq_config, load_config  # noqa: E402
+from jobs.training.config import build_gq_config, load_config, tdc_settings  # noqa: E402
 from jobs.training.loop import train  # noqa: E402
 from tests.conftest import read_step_metrics  # noqa: E402
 
@@ -209,13 +209,25 @@ def test_reference_recipe_config():
     l, o = cfg.loss, cfg.optim
     assert (l.perceptual_weight, l.kl_weight, l.disc.weight, l.disc.ndf, l.disc.n_layers, l.disc.loss) == \
         (1.0, 0.1, 0.75, 160, 6, "hinge")
-    assert l.learn_logvar and l.disc.actnorm and (l.tdc.tolerance, l.tdc.lam_factor) == (0.5, 1.01)
+    assert l.learn_logvar and l.disc.actnorm and tdc_settings(cfg) == {"tolerance": 0.5, "lam_factor": 1.01}
     assert o.lr == 1e-4 and list(o.betas) == [0.9, 0.999] and o.weight_decay == 0
     assert cfg.data.image_size == 256 and cfg.data.batch_size == 16 and cfg.deepspeed.precision == "fp32"
     # a preset with a partial override changes encoder and decoder together
     small = build_gq_config(load_config(os.path.join(REPO, "configs", "train_sd3unet_gq_0.25.yaml"),
                                         ["model.encoder.ch=32"]))
     assert small.encoder["ch"] == 32 and small.decoder["ch"] == 32 and small.encoder["z_channels"] == 16
+
+
+def test_tdc_settings_come_from_the_reference_yaml_unless_overridden(tmp_path):
+    from tests.test_model import SMALL_REFERENCE_YAML
+
+    yaml_path = tmp_path / "ref.yaml"
+    yaml_path.write_text(SMALL_REFERENCE_YAML.replace("params: {format: bchw, group: 8,",
+                                                      "params: {format: bchw, group: 8, tolerance: 0.25,"))
+    cfg = {"model": {"preset": str(yaml_path)}, "loss": {"tdc": {"tolerance": None, "lam_factor": None}}}
+    assert tdc_settings(cfg) == {"tolerance": 0.25, "lam_factor": 1.01}
+    cfg["loss"]["tdc"]["tolerance"] = 0.4
+    assert tdc_settings(cfg)["tolerance"] == 0.4
 
 
 def test_cli_registers_train_and_export():

@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "learn_logvar": True,
         "logvar_init": 0.0,
         "kl_weight": 0.1,
-        "tdc": {"tolerance": 0.5, "lam_factor": 1.01},
+        "tdc": {"tolerance": None, "lam_factor": None},  # null: the model preset's (the reference's 0.5, 1.01)
         "disc": {
             "enabled": True, "start": 10001, "weight": 0.75, "max_weight": 1.0e4, "loss": "hinge",
             "ndf": 160, "n_layers": 6, "actnorm": True, "lr": None, "betas": None,
@@ -172,8 +172,13 @@ def tdc_settings(cfg: DictConfig | Mapping) -> dict[str, float]:
     """TDC tolerance and controller factor: the loss.tdc section, falling back to the model preset's values."""
     d = _model_dict(cfg)
     tdc = to_container(cfg)["loss"]["tdc"]
-    return {"tolerance": float(tdc.get("tolerance", d.get("tolerance", 0.5))),
-            "lam_factor": float(tdc.get("lam_factor", d.get("lam_factor", 1.01)))}
+
+    def pick(key: str, default: float) -> float:
+        for value in (tdc.get(key), d.get(key), default):
+            if value is not None:
+                return float(value)
+
+    return {"tolerance": pick("tolerance", 0.5), "lam_factor": pick("lam_factor", 1.01)}
 
 
 def validate(cfg: DictConfig) -> None:
