@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gq_pipeline.manifest import OutputStore
-from gq_pipeline.records import ERROR_KINDS, ROW_END
+from gq_pipeline.records import ERROR_KINDS, FORMAT_VERSION, ROW_END
 from gq_pipeline.sources import Unit
-from gq_pipeline.writers import (FORMAT_VERSION, ShardContext, build_error_table, build_token_table, parquet_bytes,
+from gq_pipeline.writers import (ShardContext, build_error_table, build_token_table, parquet_bytes,
                                  split_rows, tar_bytes)
 
 __all__ = ["UnitAssembler", "CompleteUnit", "FailedUnit", "commit_unit"]

@@ -12,8 +12,9 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from gq_pipeline.sources import get_fs, to_url
-from gq_pipeline.writers import FORMAT_VERSION, ShardContext, is_local, put_atomic
+from gq_pipeline.records import FORMAT_VERSION
+from gq_pipeline.sources import get_fs, is_local_fs, to_url
+from gq_pipeline.writers import ShardContext, put_atomic
 
 __all__ = ["OutputStore", "OutputState", "IncompatibleOutputError", "manifest_unit_entry", "RUN_CONSTANTS"]
 
@@ -47,7 +48,7 @@ class OutputStore:
         self.fs, self.root = get_fs(url, storage_options)
         self.root = self.root.rstrip("/")
         self.url = to_url(self.fs, self.root)
-        self.local = is_local(self.fs)
+        self.local = is_local_fs(self.fs)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)

@@ -42,7 +42,7 @@ from gq_pipeline.records import SampleError
 if TYPE_CHECKING:  # torch is imported lazily: Ray read tasks decode images and never need it
     import torch
 
-__all__ = ["preprocess_image", "preprocess_uint8", "to_model_input", "decode_image", "to_rgb", "shorter_side_size",
+__all__ = ["preprocess_image", "preprocess_uint8", "to_model_input", "decode_image", "to_rgb", "resize_crop", "shorter_side_size",
            "DEFAULT_MAX_PIXELS", "CROP_MODES"]
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -140,7 +140,10 @@ def shorter_side_size(w: int, h: int, size: int) -> tuple[int, int]:
     return max(size, round(w * scale)), size
 
 
-def _resize_crop(im: Image.Image, size: int, crop: str, multiple_of: int, max_pixels: int) -> Image.Image:
+def resize_crop(im: Image.Image, size: int, crop: str = "center", multiple_of: int = 8,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Shorter side to ``size`` (PIL bicubic), then the centre ``size`` square (``crop="center"``) or the
+    ``multiple_of`` crop of ``crop="none"`` (module doc); the tokenizer's resize, shared with training."""
     w, h = im.size
     new_w, new_h = shorter_side_size(w, h, size)
     if crop == "center":
@@ -166,17 +169,14 @@ def preprocess_uint8(data: bytes, image_size: int, crop: str = "center", *, max_
         raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
     if image_size <= 0 or image_size % multiple_of:
         raise ValueError(f"image_size {image_size} must be a positive multiple of {multiple_of}")
-    with _pil_limits(max_pixels):
-        im = _open(data, max_pixels)
-        size = im.size
-        im = to_rgb(im)
-        try:
-            im = _resize_crop(im, image_size, crop, multiple_of, max_pixels)
-            arr = np.asarray(im, dtype=np.uint8)
-        except SampleError:
-            raise
-        except Exception as e:
-            raise SampleError("decode", f"resize failed: {type(e).__name__}: {e}", *size) from None
+    im = decode_image(data, max_pixels)
+    size = im.size
+    try:
+        arr = np.asarray(resize_crop(im, image_size, crop, multiple_of, max_pixels), dtype=np.uint8)
+    except SampleError:
+        raise
+    except Exception as e:
+        raise SampleError("decode", f"resize failed: {type(e).__name__}: {e}", *size) from None
     return np.ascontiguousarray(arr.transpose(2, 0, 1)), size
 
 

@@ -10,8 +10,17 @@ import json
 import re
 from typing import Any
 
-__all__ = ["ERROR_KINDS", "SampleError", "make_key", "make_unit_id", "ROW_OK", "ROW_ERROR", "ROW_END",
+__all__ = ["FORMAT_VERSION", "tokens_fit_uint16", "ERROR_KINDS", "SampleError", "make_key", "make_unit_id", "ROW_OK", "ROW_ERROR", "ROW_END",
            "RESERVED_COLUMNS", "IMAGE_EXTENSIONS", "TAR_EXTENSIONS", "PARQUET_EXTENSIONS"]
+
+# Token shard format version (docs/token-format.md): writers stamp it, readers refuse newer ones.
+FORMAT_VERSION = 1
+
+
+def tokens_fit_uint16(codebook_size: int) -> bool:
+    """Tokens are stored as uint16 when every index fits (K <= 65536), else as int32."""
+    return int(codebook_size) <= 65536
+
 
 # Error record kinds (docs/token-format.md, "Errors").
 ERROR_KINDS = ("decode", "empty", "too_large", "unsupported", "read", "model")

@@ -29,10 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from gq_pipeline.records import FORMAT_VERSION as _WRITTEN_FORMAT_VERSION
+
 __all__ = ["ShardError", "FingerprintMismatchError", "FSRef", "Shard", "ShardSet", "list_shards", "read_manifest",
            "read_error_tables", "read_parquet_rows", "iter_tar_rows", "tokens_to_int64", "FORMAT_VERSION"]
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = str(_WRITTEN_FORMAT_VERSION)  # as stored in the gq.format_version metadata string
 TOKEN_COLUMNS = ("tokens", "token_shape", "latent", "latent_shape")
 _MODEL_FP = re.compile(r"^(?P<unit>.+)-(?P<fp>[0-9a-f]{16})$")
 

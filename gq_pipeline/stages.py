@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from gq_pipeline.preprocess import preprocess_uint8, to_model_input
-from gq_pipeline.records import ROW_END, ROW_ERROR, ROW_OK, SampleError
+from gq_pipeline.records import ROW_END, ROW_ERROR, ROW_OK, SampleError, tokens_fit_uint16
 from gq_pipeline.sources import RawSample, Unit, UnitInfo, UnitReadError, iter_samples
 
 __all__ = ["READ_SCHEMA", "TOKEN_SCHEMA", "read_units", "TokenizerActor", "model_payload"]
@@ -159,7 +159,7 @@ class TokenizerActor:
         self.autocast = precision == "bf16" and self.device.type == "cuda"
         self.latents = latents
         self.vit = model.config.arch == "vit"
-        self.token_dtype = np.uint16 if model.config.codebook_size <= 65536 else np.int32
+        self.token_dtype = np.uint16 if tokens_fit_uint16(model.config.codebook_size) else np.int32
         if warmup_size:  # first calls pay one-off costs (kernel set-up, lazy imports): keep them out of the stats
             self._run(np.zeros((1, 3, warmup_size, warmup_size), np.uint8))
 

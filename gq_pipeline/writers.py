@@ -19,12 +19,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gq_pipeline.records import ROW_ERROR, ROW_OK
+from gq_pipeline.records import FORMAT_VERSION, ROW_ERROR, ROW_OK, tokens_fit_uint16
+from gq_pipeline.sources import is_local_fs
 
-__all__ = ["ShardContext", "put_atomic", "is_local", "build_token_table", "build_error_table", "parquet_bytes",
-           "tar_bytes", "FORMAT_VERSION"]
+__all__ = ["ShardContext", "put_atomic", "build_token_table", "build_error_table", "parquet_bytes",
+           "tar_bytes"]
 
-FORMAT_VERSION = 1
 _TAR_PASSTHROUGH = (("txt", pa.string()), ("json", pa.string()), ("cls", pa.int64()))
 
 
@@ -45,11 +45,11 @@ class ShardContext:
 
     @property
     def token_type(self) -> pa.DataType:
-        return pa.uint16() if self.codebook_size <= 65536 else pa.int32()
+        return pa.uint16() if tokens_fit_uint16(self.codebook_size) else pa.int32()
 
     @property
     def token_numpy(self):
-        return np.uint16 if self.codebook_size <= 65536 else np.int32
+        return np.uint16 if tokens_fit_uint16(self.codebook_size) else np.int32
 
     def metadata(self, unit_id: str) -> dict[str, str]:
         return {"gq.format_version": str(FORMAT_VERSION), "gq.model_fingerprint": self.model_fingerprint,
@@ -59,14 +59,9 @@ class ShardContext:
                 "gq.unit_id": unit_id, **self.extra_metadata}
 
 
-def is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
 def put_atomic(fs, path: str, data: bytes) -> None:
     """Publish ``data`` at ``path`` all at once: readers see the old state or the whole new file, never a part."""
-    if is_local(fs):
+    if is_local_fs(fs):
         tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)

@@ -89,6 +89,14 @@ def test_training_preprocessing_equals_the_tokenizers(tmp_path):
         assert torch.equal(got, preprocess_image(data, 32)), name
         checked += 1
     assert checked == sum(e is None for _, e in images.values())
+    # a very elongated image takes the tokenizer's crop-box resize path: still identical
+    from PIL import Image as PILImage
+
+    from tests.conftest import encode_image
+
+    wide = encode_image(PILImage.fromarray(np.random.default_rng(5).integers(0, 255, (20, 700, 3), np.uint8)), "PNG")
+    assert torch.equal(ImageTransform(32, None, "center")(PILImage.open(io.BytesIO(wide))),
+                       preprocess_image(wide, 32))
     # the resize step too: resize the shorter side to 48 then centre-crop 32 == tokenizer at 48, centre 32 crop
     data = images["ok_02.jpg"][0]
     big = preprocess_image(data, 48)

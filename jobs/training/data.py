@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gq_pipeline.preprocess import decode_image, shorter_side_size, to_rgb
+from gq_pipeline.preprocess import decode_image, resize_crop, shorter_side_size, to_model_input, to_rgb
 from gq_pipeline.records import IMAGE_EXTENSIONS
 
 __all__ = ["IMAGE_EXTS", "SampleIndex", "build_index", "ImageTransform", "SampleReader", "BatchStream",
@@ -335,25 +335,26 @@ class ImageTransform:
         img = to_rgb(img)
         w, h = img.size
         target = self.size if self.resize is None else int(self.resize)
-        short = min(w, h)
         if target <= 0:
-            target = short
+            target = min(w, h)
         target = max(target, self.size)
-        if short != target:
-            w, h = shorter_side_size(w, h, target)
-            img = img.resize((w, h), Image.BICUBIC)
         s = self.size
-        if self.crop == "random" and rng is not None:
-            top = int(rng.integers(0, h - s + 1))
-            left = int(rng.integers(0, w - s + 1))
+        if target == s and not (self.crop == "random" and rng is not None):
+            img = resize_crop(img, s)  # the tokenizer's own resize + centre crop, very elongated images included
         else:
-            top, left = (h - s) // 2, (w - s) // 2
-        img = img.crop((left, top, left + s, top + s))
+            if min(w, h) != target:
+                w, h = shorter_side_size(w, h, target)
+                img = img.resize((w, h), Image.BICUBIC)
+            if self.crop == "random" and rng is not None:
+                top = int(rng.integers(0, h - s + 1))
+                left = int(rng.integers(0, w - s + 1))
+            else:
+                top, left = (h - s) // 2, (w - s) // 2
+            img = img.crop((left, top, left + s, top + s))
         a = np.array(img, dtype=np.uint8)
         if self.flip and rng is not None and rng.random() < 0.5:
             a = a[:, ::-1]
-        t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float()
-        return t / 127.5 - 1.0
+        return to_model_input(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------- stream
