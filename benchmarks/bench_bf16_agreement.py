@@ -46,14 +46,6 @@ def sample_images(size: int) -> list[torch.Tensor]:
     return out
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per image, on [0, 255] after clamping (the eval protocol's clamped PSNR)."""
-    a = ((a.clamp(-1, 1) + 1) * 127.5).round()
-    b = ((b.clamp(-1, 1) + 1) * 127.5).round()
-    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(255.0 ** 2 / mse)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo")
@@ -64,6 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the numbers here")
     args = ap.parse_args(argv)
 
+    from gq_model.metrics.image import psnr  # gq eval's clamped per-image PSNR
     from gq_pipeline.model_loader import load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

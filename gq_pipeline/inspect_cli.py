@@ -74,20 +74,22 @@ def _add(counts, flat):
 
 
 def usage_stats(counts, codebook_size: int | None) -> dict:
-    """Share of codes used, perplexity exp(H) and entropy in bits of the token distribution."""
+    """Share of codes used, perplexity and entropy in bits of the token distribution (``gq_model.metrics``'s
+    ``usage_stats``), plus the ten most frequent codes."""
     import numpy as np
+    import torch
 
-    total = int(counts.sum())
+    from gq_model.metrics.codebook_usage import usage_stats as metrics_usage
+
     k = codebook_size or len(counts)
-    if not total:
+    s = metrics_usage(torch.as_tensor(np.asarray(counts, dtype=np.int64)))
+    if not s["tokens"]:
         return {"tokens": 0, "codebook_size": k, "used_codes": 0, "usage": 0.0, "perplexity": 0.0,
                 "entropy_bits": 0.0, "top": []}
-    p = counts[counts > 0] / total
-    h = float(-(p * np.log(p)).sum())
     top = np.argsort(-counts, kind="stable")[:10]
-    return {"tokens": total, "codebook_size": k, "used_codes": int((counts > 0).sum()),
-            "usage": float((counts > 0).sum() / k), "perplexity": float(np.exp(h)), "entropy_bits": h / np.log(2),
-            "max_entropy_bits": float(np.log2(k)), "top": [[int(i), int(counts[i])] for i in top if counts[i]]}
+    return {"tokens": s["tokens"], "codebook_size": k, "used_codes": s["used"], "usage": s["used"] / k,
+            "perplexity": s["perplexity"], "entropy_bits": s["entropy_bits"], "max_entropy_bits": float(np.log2(k)),
+            "top": [[int(i), int(counts[i])] for i in top if counts[i]]}
 
 
 def plot_usage(counts, stats: dict, path: str) -> None:

@@ -153,14 +153,17 @@ def _check_first_parquet(units, image_column: str | None, storage_options: dict 
 
 
 def _usage(hist: np.ndarray | None) -> dict[str, Any]:
+    """``gq_model.metrics.usage_stats`` of this run's token histogram, under the manifest's names."""
     if hist is None or hist.sum() == 0:
         return {"scope": "this run", "tokens": 0}
-    total = int(hist.sum())
-    p = hist[hist > 0] / total
-    entropy = float(-(p * np.log2(p)).sum())
-    return {"scope": "this run", "tokens": total, "codes_used": int((hist > 0).sum()),
-            "codebook_size": int(hist.size), "usage_fraction": float((hist > 0).mean()),
-            "entropy_bits": round(entropy, 4), "perplexity": round(float(2 ** entropy), 2)}
+    import torch
+
+    from gq_model.metrics.codebook_usage import usage_stats
+
+    s = usage_stats(torch.from_numpy(hist))
+    return {"scope": "this run", "tokens": s["tokens"], "codes_used": s["used"], "codebook_size": int(hist.size),
+            "usage_fraction": s["usage"], "entropy_bits": round(s["entropy_bits"], 4),
+            "perplexity": round(s["perplexity"], 2)}
 
 
 def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: str = "parquet",

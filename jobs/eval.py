@@ -138,13 +138,12 @@ def _batches(files: list[str], spec: dict) -> Iterator[tuple[Any, list[dict]]]:
 
 # ---------------------------------------------------------------------------------------------------------- work
 def _load_model(spec: dict):
-    from gq_model import GQModel
+    """Every model form ``gq tokenize`` takes (bundle, built-in name, .ckpt + YAML/preset, DeepSpeed checkpoint)."""
+    from gq_pipeline.model_loader import load_model
 
-    if spec["model"].endswith(".ckpt"):
-        if not (spec.get("reference_config") or spec.get("preset")):
-            raise ValueError("a .ckpt --model needs --reference-config or --preset")
-        return GQModel.from_reference_checkpoint(spec["model"], spec.get("reference_config"), preset=spec.get("preset"))
-    return GQModel.from_pretrained(spec["model"])
+    if spec["model"].endswith(".ckpt") and not (spec.get("reference_config") or spec.get("preset")):
+        raise ValueError("a .ckpt --model needs --reference-config or --preset")  # eval's own flag name
+    return load_model(spec["model"], config=spec.get("reference_config"), preset=spec.get("preset"))
 
 
 def load_metric_nets(spec: dict) -> tuple[Any, Any, dict, list[str]]:

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from gq_model.metrics.codebook_usage import usage_stats
+from gq_model.metrics.image import psnr as image_psnr
+
 __all__ = ["Monitor", "codebook_stats", "image_grid", "psnr"]
 
 log = logging.getLogger(__name__)
@@ -23,20 +26,16 @@ _BAR_KEYS = (("loss_g", "L"), ("nll", "nll"), ("bits_mean", "bits"), ("bits_min"
 
 
 def codebook_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, float]:
-    """Usage (fraction of the K codes used), perplexity (exp entropy of the code histogram) over all groups."""
-    idx = indices.reshape(-1).long().cpu()
-    counts = torch.bincount(idx, minlength=codebook_size).double()
-    p = counts / counts.sum()
-    nz = p[p > 0]
-    entropy = float(-(nz * nz.log()).sum())
-    return {"codebook_used": float((counts > 0).sum()), "codebook_usage": float((counts > 0).sum()) / codebook_size,
-            "codebook_perplexity": math.exp(entropy), "codebook_entropy_bits": entropy / math.log(2)}
+    """Usage (fraction of the K codes used), perplexity (exp entropy of the code histogram) over all groups:
+    ``gq_model.metrics.usage_stats`` under the training log's names."""
+    s = usage_stats(torch.bincount(indices.reshape(-1).long().cpu(), minlength=codebook_size))
+    return {"codebook_used": float(s["used"]), "codebook_usage": s["usage"], "codebook_perplexity": s["perplexity"],
+            "codebook_entropy_bits": s["entropy_bits"]}
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (both clamped)."""
-    mse = float(((x.float().clamp(-1, 1) - y.float().clamp(-1, 1)) / 2).pow(2).mean())
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
+    """Mean per-image PSNR in dB of images in [-1, 1] (clamped): ``gq eval``'s definition."""
+    return float(image_psnr(x.float(), y.float()).mean())
 
 
 def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
