@@ -191,7 +191,7 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg, d = self.cfg, self.dist
-        so = OmegaConf.to_container(cfg.data.storage_options) if cfg.data.storage_options else {}
+        so = self.storage_options
         self.reader = SampleReader(cfg.data.image_column, so, memory=self.train_images)
         idx = None
         if self.train_images is not None:
@@ -284,16 +284,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ resume
     def _maybe_resume(self) -> bool:
         self._rng_state = None
-        mode = str(self.cfg.run.resume or "never")
-        if mode == "never":
+        target = self._resume_target()
+        if target is None:
             return False
-        if mode == "auto":
-            tag = ckpt.read_latest(self.ckpt_root)
-            if tag is None:
-                return False
-            root = self.ckpt_root
-        else:
-            root, tag = ckpt.resolve_checkpoint(mode)
+        root, tag = target
         tag_dir = os.path.join(root, tag)
         with open(os.path.join(tag_dir, ckpt.TRAINER_STATE_NAME), encoding="utf-8") as f:
             state = json.load(f)
