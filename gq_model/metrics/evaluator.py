@@ -3,7 +3,8 @@
 Why one object: the same batch feeds the quantized and the Gaussian (mu) reconstructions, the codebook histograms and
 the posterior's KL, and all of it must be summed across Ray workers or torchrun ranks. Everything is therefore kept as
 tensors that merge by addition, except the ``*.extremes`` entries (running maxima) which merge by maximum;
-``state()``/``merge_state()`` expose that, ``report()`` turns the totals into the JSON report's sections.
+``state()``/``load_state()`` and :func:`merge_states` expose that, ``report()`` turns the totals into the JSON
+report's sections.
 
 Reconstructions come from the *raw* decoder (``model.decoder``), not ``decode_latent``: the reference's eval bypasses
 the ViT ``clamp_range`` too, so the "unclamped" numbers are the reference's and the clamped ones clip to [-1, 1].
@@ -122,9 +123,6 @@ class ReconstructionEvaluator:
             h.load({k: state[f"{name}.{k}"] for k in ("counts", "moments", "extremes")})
         for name, f in self.fid.items():
             f.load({k: state[f"fid.{name}.{k}"] for k in ("n", "sum", "outer")})
-
-    def merge_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.load_state(merge_states(self.state(), state))
 
     def all_reduce(self) -> None:
         """Sum (max for extremes) the state over an initialized torch.distributed group; every rank gets the total."""
