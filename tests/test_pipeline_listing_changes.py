@@ -163,3 +163,22 @@ def test_job_survives_listing_changes_exactly_once(ray_cluster, tiny_model_dir, 
     assert max(counts.values()) == 1, counts
     expected = {f"{i:02d}.png" for i in range(0, 14, 2)} | {"-a.png", "05.png", "99.png", "07.jpg"}
     assert set(counts) == expected
+
+
+def test_committed_sources_read_back_from_webdataset_only_outputs(ray_cluster, tiny_model_dir, tmp_path):
+    """The read-back replan uses when a unit's range changed, for an output written without Parquet shards."""
+    from gq_pipeline import tokenize
+    from gq_pipeline.manifest import OutputStore
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        _image(folder / f"{i:02d}.png", i)
+    (folder / "03.jpg").write_bytes(b"broken")
+    out = str(tmp_path / "tokens")
+    tokenize(tiny_model_dir, str(folder), out, format="webdataset", image_size=32, unit_size=10, progress=False)
+    store = OutputStore(out)
+    (record,) = store.load().records.values()
+    assert [s["format"] for s in record["shards"]] == ["webdataset"]
+    sources = store.committed_sources(record)
+    assert sorted(os.path.basename(s) for s in sources) == ["00.png", "01.png", "02.png", "03.jpg"]
