@@ -126,6 +126,8 @@ def test_other_model_or_preprocessing_is_refused(folder_run, tmp_path):
         gq_pipeline.tokenize(other, [folder], out, image_size=SIZE, progress=False)
     with pytest.raises(IncompatibleOutputError, match="image_size"):
         gq_pipeline.tokenize(make_tiny_model(seed=0), [folder], out, image_size=64, progress=False)
+    with pytest.raises(IncompatibleOutputError, match="crop"):
+        gq_pipeline.tokenize(make_tiny_model(seed=0), [folder], out, image_size=SIZE, crop="none", progress=False)
     # bf16 changes some tokens: an fp32 output never receives bf16 tokens (refused before any work)
     with pytest.raises(IncompatibleOutputError, match="encoder_precision 'fp32'"):
         gq_pipeline.tokenize(make_tiny_model(seed=0), [folder], out, image_size=SIZE, precision="bf16",
