@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import oracle_search, reference_search
+from kernels.reference import oracle_search
 
 
 def oracle_indices(mu, logvar, codebook, beta):
     """(float64 argmax indices, is_clear): is_clear is False for rows that are genuine float32 ties."""
     best, ambiguous, _ = oracle_search(mu, logvar, codebook, beta)
     return best, ~ambiguous
-
-
-def reference_quantize_float32(mu_rows, logvar_rows, codebook, beta):
-    """The reference's torch backend (float32 log-probs over [rows/8, K, m] chunks, sum, argmax)."""
-    return reference_search(mu_rows, logvar_rows, codebook, beta)
 
 
 def tdc_reference_step(bits: torch.Tensor, lam: float, lam_min: float, lam_max: float, target: float,

@@ -121,9 +121,10 @@ def test_triton_argmax_matches_float64_oracle(tr, m, k_total, rows, beta, splits
     ref, _ = check_against_oracle(got, mu, lv, cb, beta)
     assert got[16] == DUP and ref[16] == DUP, "duplicates (same tile, later tiles, last partial tile) -> lowest index"
     if splits is not None:  # the packed atomic merge across codebook splits also returns the winning GEMM score
+        from kernels import prepare_features
         from kernels.search_cpu import row_weights
         w = row_weights(mu, lv, beta).double()  # the float32 weights the kernel used, exactly
-        f = torch.cat([cb, cb * cb], 1).double()
+        f = prepare_features(cb).double()
         exact = (w @ f.T).gather(1, got[:, None])[:, 0]
         mag = (w.abs() @ f.abs().T).gather(1, got[:, None])[:, 0]
         val = tr[("argmax_scores", m, k_total, rows, beta, splits)].double()
