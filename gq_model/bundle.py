@@ -20,6 +20,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from gq_model.codebook import codebook_fingerprint
 from gq_model.config import GQConfig
+from gq_model.storage import url_to_fs
 
 __all__ = ["save_bundle", "load_bundle", "read_bundle_config", "resolve_model_url", "BUNDLE_FORMAT",
            "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -65,7 +66,7 @@ def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None
 
 def save_bundle(model, url: str, storage_options: dict[str, Any] | None = None, **extra: Any) -> None:
     """Save ``model`` (a GQModel) as a bundle under ``url`` (``storage_options`` go to fsspec, e.g. an S3 endpoint)."""
-    fs, path = fsspec.core.url_to_fs(os.fspath(url), **(storage_options or {}))
+    fs, path = url_to_fs(url, storage_options)
     fs.makedirs(path, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tensors[CODEBOOK_KEY] = model.quantizer.codebook.detach().to("cpu").contiguous()
@@ -87,7 +88,7 @@ def save_bundle(model, url: str, storage_options: dict[str, Any] | None = None, 
 def read_bundle_config(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The parsed ``config.json`` of a bundle, validated."""
     url = resolve_model_url(url)
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = url_to_fs(url, storage_options)
     cfg_path = _join(path, CONFIG_NAME)
     if not fs.exists(cfg_path):
         raise FileNotFoundError(f"{url} is not a GQ bundle: {CONFIG_NAME} not found")
@@ -110,7 +111,7 @@ def load_bundle(url: str, map_location: str | torch.device = "cpu", storage_opti
 
     url = resolve_model_url(url)
     meta = read_bundle_config(url, storage_options)
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = url_to_fs(url, storage_options)
     weights_path = _join(path, WEIGHTS_NAME)
     if not fs.exists(weights_path):
         raise FileNotFoundError(f"{url}: {WEIGHTS_NAME} not found")

@@ -34,9 +34,9 @@ def load_model(spec: Any, *, config: str | None = None, preset: str | None = Non
 
         if not os.path.exists(spec):
             return GQModel.from_pretrained(spec)  # built-in name; raises a clear FileNotFoundError otherwise
-    import fsspec
+    from gq_model.storage import url_to_fs
 
-    fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
+    fs, path = url_to_fs(spec, storage_options)
     path = path.rstrip("/")
     if fs.isdir(path):
         if fs.exists(f"{path}/config.json"):

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from gq_model.storage import options_for
 from gq_pipeline.records import FORMAT_VERSION as _WRITTEN_FORMAT_VERSION
 
 __all__ = ["ShardError", "FingerprintMismatchError", "FSRef", "Shard", "ShardSet", "list_shards", "read_manifest",
@@ -67,9 +68,10 @@ class FSRef:
 
 
 def _fsref(url: str, storage_options: dict | None) -> tuple[FSRef, str]:
-    fs, path = fsspec.core.url_to_fs(os.fspath(url), **(storage_options or {}))
+    options = options_for(url, storage_options)
+    fs, path = fsspec.core.url_to_fs(os.fspath(url), **options)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return FSRef(protocol, tuple(sorted((storage_options or {}).items()))), path
+    return FSRef(protocol, tuple(sorted(options.items()))), path
 
 
 def _is_temporary(path: str) -> bool:

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import fsspec
 
+from gq_model.storage import url_to_fs
 from gq_pipeline.records import (IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, RESERVED_COLUMNS, TAR_EXTENSIONS, SampleError,
                                  make_key, make_unit_id)
 
@@ -38,17 +39,12 @@ class UnitReadError(Exception):
     rerun retries it. Format problems (a corrupt tar) are *not* this: they become ``read`` error records."""
 
 
-def _storage_options(url: str, storage_options: dict | None) -> dict:
-    proto = url.split("://", 1)[0] if "://" in url else "file"
-    return {} if proto in ("file", "local") else dict(storage_options or {})
-
-
 def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """``(fs, path)`` for a URL; ``memory://`` is refused because Ray workers cannot see the driver's memory."""
     if url.startswith("memory://") or url.startswith("memory:"):
         raise ValueError(f"{url}: memory:// filesystems live inside one process, and the Ray workers that read and "
                          f"write run in other processes; use a local path, file://, s3://, gs:// or http(s)://")
-    return fsspec.core.url_to_fs(url, **_storage_options(url, storage_options))
+    return url_to_fs(url, storage_options)
 
 
 def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -57,7 +57,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"refuse larger images as too_large errors (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--image-column", help="image column of Parquet inputs (default: auto-detect)")
     p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
-                   help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:9000"}\'')
+                   help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:9000"}\', or per '
+                        'protocol when a run mixes stores: \'{"s3": {...}, "gs": {...}}\'')
     p.add_argument("--writers", type=int, default=None,
                    help="units committed (encoded + uploaded) at once, as Ray tasks (default: CPUs / 4, 2 to 32)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (no RAY_ADDRESS)")

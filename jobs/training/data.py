@@ -93,9 +93,9 @@ class SampleIndex:
 
 
 def _fs_for(url: str, storage_options: Mapping[str, Any] | None):
-    import fsspec
+    from gq_model.storage import url_to_fs
 
-    return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    return url_to_fs(url, storage_options)
 
 
 def _unstrip(fs, path: str, original: str) -> str:
