@@ -220,9 +220,9 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                    + (f" ({plan.ignored} non-image files ignored, e.g. {plan.ignored_examples[0]})"
                       if plan.ignored else ""))
     _check_first_parquet(plan.units, image_column, storage_options)
-    store.prepare()
     state = store.load()
     store.check_compatible(state, ctx)
+    store.prepare()  # after the check: a refused output is left exactly as it was
     records = dict(state.records)
     replanned = reconcile_with_committed(plan.units, records, unit_size, store.committed_sources)
     if replanned.changed_dirs:

@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 import gq_pipeline
 from gq_pipeline import preprocess_image
@@ -98,3 +99,15 @@ def test_mixed_stores_s3_model_and_images_gcs_shards(ray_cluster, moto_s3, s3, f
     assert tokens_by_member == {smp["__key__"]: _direct_tokens(tiny_model, smp["jpg"]) for smp in samples}
     manifest = json.loads(gcs.cat("gq-mixed-out/run/manifest.json"))
     assert manifest["tokenized"] == 4
+
+
+def test_a_missing_bucket_is_a_clear_error_and_nothing_is_created(fake_gcs, gcs, moto_s3, s3, tiny_model, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(rgb_bytes(40, 40))
+    options = {"s3": moto_s3, "gs": fake_gcs}
+    for url in ("gs://gq-no-such-bucket/run", "s3://gq-no-such-bucket/run"):
+        with pytest.raises(FileNotFoundError, match="bucket 'gq-no-such-bucket' does not exist"):
+            gq_pipeline.tokenize(tiny_model, [str(tmp_path / "in")], url, image_size=SIZE, storage_options=options,
+                                 progress=False)
+    assert "gq-no-such-bucket" not in {b.rstrip("/") for b in gcs.ls("")}
+    assert "gq-no-such-bucket" not in {b.rstrip("/") for b in s3.ls("")}

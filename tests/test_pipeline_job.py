@@ -136,6 +136,21 @@ def test_other_model_or_preprocessing_is_refused(folder_run, tmp_path):
     assert json.loads(meta[b"gq.preprocess"])["encoder_precision"] == "fp32"
 
 
+def test_shards_without_any_commit_record_are_refused_by_their_names(folder_run, tmp_path):
+    """A run killed after writing shards but before its first commit record leaves no manifest and no units/: the
+    shard names (which end in the model fingerprint) are then the only sign of whose tokens they are."""
+    import shutil
+
+    folder, images, out, s = folder_run
+    orphan = tmp_path / "orphan"
+    (orphan / "parquet").mkdir(parents=True)
+    shard = sorted(glob.glob(os.path.join(out, "parquet", "*.parquet")))[0]
+    shutil.copy(shard, orphan / "parquet")
+    with pytest.raises(IncompatibleOutputError, match=rf"holds shards of model\(s\) \['{s['model_fingerprint']}'\]"):
+        gq_pipeline.tokenize(make_tiny_model(seed=1), [folder], str(orphan), image_size=SIZE, progress=False)
+    assert os.listdir(orphan) == ["parquet"]  # refused before anything was written
+
+
 def test_bf16_without_gpu_actors_is_an_error_not_a_silent_fp32_run(ray_cluster, tiny_model, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(rgb_bytes(40, 40))
