@@ -6,7 +6,8 @@ Data flow::
     ray.data.from_items(units)                                   one row per unit
       .map_batches(read_units, batch_size=1)                     CPU tasks: read + decode + preprocess, streamed
       .map_batches(TokenizerActor, ActorPoolStrategy, batch_size=B)   model once per actor; GPU or CPU
-    driver: iter_batches -> UnitAssembler -> commit tasks: shards, error file, commit record (last)
+    driver: iter_batches [-> TokenizerActor in-process, driver placement] -> UnitAssembler
+            -> commit tasks: shards, error file, commit record (last)
 
 The driver assembles units from the streamed results rather than writing from the actors: Ray Data's writers name
 files by UUID and do not keep a unit together, and per-unit tasks with ``batch_size=None`` would make the model
@@ -14,6 +15,7 @@ stage's batch size equal to a unit. Measurements and the trade-off are in docs/a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -31,10 +33,11 @@ from gq_pipeline.replan import reconcile_with_committed
 from gq_pipeline.sources import plan_units
 from gq_pipeline.writers import ShardContext
 
-__all__ = ["tokenize", "JobError", "FORMATS", "PRECISIONS"]
+__all__ = ["tokenize", "JobError", "FORMATS", "PRECISIONS", "PLACEMENTS"]
 
 FORMATS = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": ("parquet", "webdataset")}
 PRECISIONS = ("fp32", "bf16")
+PLACEMENTS = ("auto", "driver", "actors")
 MAX_INPUT_BLOCKS = 2000
 
 
@@ -59,8 +62,9 @@ def _ensure_ray(ray_address: str | None, num_cpus: int | None, object_store_memo
     return init_ray(ray_address, **kwargs)
 
 
-def _resources(gpus_per_worker, workers, cpus_per_worker, read_cpus, writers) -> dict[str, Any]:
-    """Actors, CPUs/GPUs per actor and per read task, and concurrent commits for the connected cluster."""
+def _resources(gpus_per_worker, workers, cpus_per_worker, read_cpus, writers, model_placement) -> dict[str, Any]:
+    """Where the model runs, actors, CPUs/GPUs per actor and per read task, and concurrent commits for the
+    connected cluster."""
     import ray
 
     cluster = ray.cluster_resources()
@@ -68,23 +72,52 @@ def _resources(gpus_per_worker, workers, cpus_per_worker, read_cpus, writers) ->
     gpw = (1.0 if n_gpu > 0 else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
     if gpw > 0 and n_gpu == 0:
         raise ValueError(f"--gpus-per-worker {gpw} but the Ray cluster has no GPUs")
-    workers, cpus_per_worker, read_cpus = _placement(gpw, n_gpu, workers, cpus_per_worker, read_cpus)
+    n_nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU"))
+    placement = _model_placement(model_placement, gpw, n_nodes, workers, cpus_per_worker)
+    if placement == "driver":
+        workers, cpus_per_worker, read_cpus = 1, cpus_per_worker or n_cpu, read_cpus or 0.25
+    else:
+        workers, cpus_per_worker, read_cpus = _placement(gpw, n_gpu, workers, cpus_per_worker, read_cpus)
     # Commit tasks take no CPU reservation; each new one may start a worker process (~1 s of CPU), so small clusters
     # get few, large ones enough for ~40 ms of CPU per 1000 images at 100k+ images/s.
     writers = writers or int(min(32, max(2, n_cpu // 4)))
-    return {"cluster_cpus": n_cpu, "cluster_gpus": n_gpu, "workers": workers, "gpus_per_worker": gpw,
-            "cpus_per_worker": cpus_per_worker, "read_cpus": read_cpus, "writers": writers}
+    return {"cluster_cpus": n_cpu, "cluster_gpus": n_gpu, "model_placement": placement, "workers": workers,
+            "gpus_per_worker": gpw, "cpus_per_worker": float(cpus_per_worker), "read_cpus": read_cpus,
+            "writers": writers}
+
+
+def _model_placement(requested: str, gpw: float, n_nodes: int, workers: int | None,
+                     cpus_per_worker: float | None) -> str:
+    """``driver``: this process runs the encoder and search on the batches the read tasks decode; ``actors``: a Ray
+    actor pool does.
+
+    ``auto`` picks the driver on a single CPU-only node, with no actor settings asked for. There an actor buys nothing
+    and costs a process start, a second torch import, the weights' transfer and one more object-store hop per
+    batch: on a 2-core machine the actor pool reached 0.76-0.83 of a plain DataLoader loop's images/s and the
+    driver 0.99 (docs/benchmarks.md). GPUs and several nodes take actors: one per GPU, fed by read tasks everywhere.
+    """
+    if requested not in PLACEMENTS:
+        raise ValueError(f"model placement must be one of {PLACEMENTS}, got {requested!r}")
+    if requested == "driver" and gpw > 0:
+        raise ValueError("--model-placement driver runs the model on this process's CPU, but the run asks for GPU "
+                         "actors (the cluster has GPUs): use --model-placement actors, or --gpus-per-worker 0")
+    if requested == "driver" and workers not in (None, 1):
+        raise ValueError(f"--model-placement driver runs one model, in this process; --workers {workers} asks for "
+                         f"an actor pool")
+    if requested != "auto":
+        return requested
+    return "driver" if gpw == 0 and n_nodes <= 1 and workers in (None, 1) and cpus_per_worker is None else "actors"
 
 
 def _build_dataset(gq, todo, cfg: dict[str, Any], res: dict[str, Any], *, batch_size: int, precision: str,
                    latents: bool):
-    """units -> read/decode tasks -> model actor pool (lazy Ray Dataset)."""
+    """units -> read/decode tasks [-> model actor pool] (lazy Ray Dataset; the driver placement stops after the
+    read tasks and runs the model in :func:`_drive`)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from gq_pipeline.stages import TokenizerActor, model_payload, read_units
 
-    payload_ref = ray.put(model_payload(gq))
     read_task_memory = int(min(2 << 30, max(256 << 20, 4 * cfg["max_pixels"] + (64 << 20))))
     items = [{"unit": json.dumps(u.to_dict())} for u in todo]
     # One block per unit up to 2000 blocks (then several units per read task): from_items puts every block in the
@@ -94,6 +127,9 @@ def _build_dataset(gq, todo, cfg: dict[str, Any], res: dict[str, Any], *, batch_
     # actor's, which stops Ray fusing the read into the actor: fused, decoding would run serially with the model.
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": cfg},
                         num_cpus=res["read_cpus"], memory=read_task_memory)
+    if res["model_placement"] == "driver":
+        return ds
+    payload_ref = ray.put(model_payload(gq))
     actor_kwargs = {"num_cpus": res["cpus_per_worker"]}
     if res["gpus_per_worker"] > 0:
         actor_kwargs["num_gpus"] = res["gpus_per_worker"]
@@ -174,7 +210,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
              unit_size: int = 1000, max_pixels: int = DEFAULT_MAX_PIXELS, image_column: str | None = None,
              storage_options: dict | None = None, writers: int | None = None, progress: bool = True,
              ray_address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None,
-             trust_checkpoint: bool = False, read_chunk_rows: int = 32) -> dict[str, Any]:
+             trust_checkpoint: bool = False, read_chunk_rows: int = 32, model_placement: str = "auto"
+             ) -> dict[str, Any]:
     """Tokenize image inputs into token shards under ``output``; returns the run summary (also in manifest.json).
 
     Safe to rerun after a crash: committed units are skipped, unfinished ones redone with identical output names
@@ -253,13 +290,17 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         dctx = DataContext.get_current()
         saved_ctx = (dctx.enable_progress_bars, dctx.target_max_block_size)
         try:
-            resources = _resources(gpus_per_worker, workers, cpus_per_worker, read_cpus, writers)
+            resources = _resources(gpus_per_worker, workers, cpus_per_worker, read_cpus, writers, model_placement)
             if precision == "bf16" and resources["gpus_per_worker"] == 0:
                 raise ValueError("--precision bf16 runs the encoder in bf16 on GPU actors, but this run has none "
                                  "(no GPUs in the cluster, or --gpus-per-worker 0); use --precision fp32")
-            _log(progress, f"{resources['workers']} model actor(s), {resources['gpus_per_worker']:g} GPU / "
-                           f"{resources['cpus_per_worker']:g} CPU each; cluster {resources['cluster_cpus']:g} CPU "
-                           f"{resources['cluster_gpus']:g} GPU")
+            if resources["model_placement"] == "driver":
+                _log(progress, f"model in this process ({resources['cpus_per_worker']:g} CPU threads); cluster "
+                               f"{resources['cluster_cpus']:g} CPU for reading and committing")
+            else:
+                _log(progress, f"{resources['workers']} model actor(s), {resources['gpus_per_worker']:g} GPU / "
+                               f"{resources['cpus_per_worker']:g} CPU each; cluster {resources['cluster_cpus']:g} "
+                               f"CPU {resources['cluster_gpus']:g} GPU")
             dctx.enable_progress_bars = False
             # Ray Data merges a task's outputs into blocks of up to 128 MiB, so a whole unit reached the actor pool as
             # one block, became one actor task, and its tokens reached the driver only when the unit was done
@@ -275,8 +316,10 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
             ds = _build_dataset(gq, todo, cfg, resources, batch_size=batch_size, precision=precision,
                                 latents=latents)
             try:
-                pipeline_s, hist_total = _drive(ds, todo, store, storage_options, ctx, formats,
-                                                resources["writers"], niceness, progress, stage, new_records, failed)
+                with _driver_model(gq, resources, batch_size, latents) as local_model:
+                    pipeline_s, hist_total = _drive(ds, todo, store, storage_options, ctx, formats,
+                                                    resources["writers"], niceness, progress, stage, new_records,
+                                                    failed, local_model)
             except Exception as e:  # the job stopped: keep what was committed, account for it, then re-raise
                 pipeline_error = e
         finally:
@@ -342,9 +385,29 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     return summary
 
 
+@contextlib.contextmanager
+def _driver_model(gq, resources: dict[str, Any], batch_size: int, latents: bool):
+    """The model stage for the driver placement (None for actors), with torch's threads set for the run and then
+    put back: the caller's process is ours only while tokenize() runs."""
+    if resources["model_placement"] != "driver":
+        yield None
+        return
+    import torch
+
+    from gq_pipeline.stages import TokenizerActor
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(math.ceil(resources["cpus_per_worker"] - 1e-9))))
+    try:
+        yield TokenizerActor.in_process(gq, batch_size=batch_size, latents=latents)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _drive(ds, todo, store, storage_options, ctx, formats, writers, niceness, progress, stage, new_records,
-           failed):
-    """Consume the pipeline on the driver: assemble units, hand complete ones to commit tasks.
+           failed, local_model=None):
+    """Consume the pipeline on the driver: (run the model on each decoded batch, for the driver placement,)
+    assemble units, hand complete ones to commit tasks.
 
     Returns (pipeline seconds, token histogram of this run)."""
     from gq_pipeline.committer import Committer
@@ -379,6 +442,8 @@ def _drive(ds, todo, store, storage_options, ctx, formats, writers, niceness, pr
         except StopIteration:
             break
         stage["driver_wait_s"] += time.perf_counter() - tw
+        if local_model is not None:
+            table = local_model(table)
         ta = time.perf_counter()
         if "first_output_s" not in stage:  # start-up: actor launch, model load and warm-up, first batch
             stage["first_output_s"] = ta - t0

@@ -123,6 +123,9 @@ def model_payload(model) -> dict[str, Any]:
 class TokenizerActor:
     """Loads the model once per actor; turns ``ok`` rows into tokens (and μ), passes other rows through.
 
+    Also runs in the driver itself (:meth:`in_process`, the ``driver`` model placement), on the model the driver has
+    already loaded.
+
     Images are grouped by shape (``--crop none`` gives several) and run in chunks of ``batch_size``. A chunk that
     raises is retried one image at a time, so a bad sample becomes a ``model`` error record for itself alone. When
     *every* image of the chunk fails alone too, the failure is systematic (a broken model, out of memory): the batch
@@ -140,6 +143,14 @@ class TokenizerActor:
 
             self._init_error = f"model actor set-up failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
 
+    @classmethod
+    def in_process(cls, model, *, batch_size: int, latents: bool = False) -> "TokenizerActor":
+        """An instance for this process, on ``model`` as it is (CPU, fp32, the process's torch threads)."""
+        self = cls.__new__(cls)
+        self._init_error = None
+        self._use_model(model.eval(), batch_size, "fp32", latents, None)
+        return self
+
     def _setup(self, payload_ref, batch_size, precision, latents, use_gpu, cpu_threads, warmup_size) -> None:
         import ray
         import torch
@@ -147,14 +158,18 @@ class TokenizerActor:
         from gq_model import GQConfig, GQModel
 
         payload = ray.get(payload_ref[0]) if isinstance(payload_ref, list) else payload_ref
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if device.type == "cpu":
             torch.set_num_threads(max(1, int(cpu_threads)))
         model = GQModel(GQConfig.from_dict(payload["config"]))
         model.load_state_dict(payload["state"], strict=True)
         if model.model_fingerprint != payload["model_fingerprint"]:
             raise RuntimeError("model weights changed in transit: fingerprint mismatch")
-        self.model = model.to(self.device).eval()
+        self._use_model(model.to(device).eval(), batch_size, precision, latents, warmup_size)
+
+    def _use_model(self, model, batch_size, precision, latents, warmup_size) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
         self.batch_size = int(batch_size)
         self.autocast = precision == "bf16" and self.device.type == "cuda"
         self.latents = latents

@@ -35,6 +35,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="center: square crop; none: keep the aspect ratio (longer side cut to a multiple of the "
                         "model's downsampling factor)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    p.add_argument("--model-placement", default="auto", choices=["auto", "driver", "actors"],
+                   help="where the model runs: in this process on the batches that Ray tasks decode (driver), or in "
+                        "a Ray actor pool (actors). auto: driver on a single CPU-only node when no actor option is "
+                        "given, actors otherwise (GPUs, several nodes)")
     p.add_argument("--workers", type=int, default=None,
                    help="model actors (default: #GPUs / --gpus-per-worker, or one per node on CPU-only clusters)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
@@ -108,7 +112,8 @@ def _tokenize(tokenize, args: argparse.Namespace) -> dict:
                     preset=args.preset, unit_size=args.unit_size, max_pixels=args.max_pixels,
                     image_column=args.image_column, storage_options=args.storage_options, writers=args.writers,
                     progress=not args.quiet, ray_address=args.ray_address, num_cpus=args.num_cpus,
-                    object_store_memory=args.object_store_memory, trust_checkpoint=args.trust_checkpoint)
+                    object_store_memory=args.object_store_memory, trust_checkpoint=args.trust_checkpoint,
+                    model_placement=args.model_placement)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,8 +39,11 @@ def _read_parquet_dir(root: str):
 def folder_run(ray_cluster, messy_folder, tiny_model_dir, tmp_path_factory):
     folder, images = messy_folder
     out = str(tmp_path_factory.mktemp("out") / "tokens")
+    # A Ray actor pool runs the model here (the placement GPUs use); the reruns below take the default for this
+    # single CPU node, the driver, and must reproduce the same bytes.
     summary = gq_pipeline.tokenize(tiny_model_dir, [folder], out, format="both", image_size=SIZE, unit_size=4,
-                                   batch_size=8, max_pixels=1_000_000, progress=False)
+                                   batch_size=8, max_pixels=1_000_000, progress=False, model_placement="actors")
+    assert summary["throughput"]["resources"]["model_placement"] == "actors"
     return folder, images, out, summary
 
 
@@ -115,8 +118,9 @@ def test_rerun_skips_and_redo_reproduces_bytes(folder_run, tiny_model_dir):
     os.remove(sorted(glob.glob(os.path.join(out, "parquet", "*.parquet")))[0])
     redo = gq_pipeline.tokenize(tiny_model_dir, [folder], out, format="both", image_size=SIZE, unit_size=4,
                                 batch_size=3, max_pixels=1_000_000, progress=False)
+    assert redo["throughput"]["resources"]["model_placement"] == "driver"
     assert redo["units_committed"] >= 2 and redo["inputs"] == s["inputs"]
-    assert _tree_hashes(out) == before
+    assert _tree_hashes(out) == before  # the driver placement writes the actor pool's bytes
 
 
 def test_other_model_or_preprocessing_is_refused(folder_run, tmp_path):
@@ -250,7 +254,8 @@ def test_model_and_input_errors_are_clear(tmp_path, tiny_model):
         gq_pipeline.tokenize(tiny_model, [str(tmp_path)], str(tmp_path / "o"), image_size=30, progress=False)
 
 
-def test_a_model_failing_on_every_image_stops_the_job(ray_cluster, tmp_path):
+@pytest.mark.parametrize("placement", ["driver", "actors"])
+def test_a_model_failing_on_every_image_stops_the_job(ray_cluster, tmp_path, placement):
     from gq_pipeline.job import JobError
 
     broken = make_tiny_model()
@@ -262,7 +267,7 @@ def test_a_model_failing_on_every_image_stops_the_job(ray_cluster, tmp_path):
         (src / f"{i}.jpg").write_bytes(rgb_bytes(40, 40, seed=i))
     out = tmp_path / "out"
     with pytest.raises(JobError, match="NaN"):
-        gq_pipeline.tokenize(broken, [str(src)], str(out), image_size=SIZE, progress=False)
+        gq_pipeline.tokenize(broken, [str(src)], str(out), image_size=SIZE, progress=False, model_placement=placement)
     assert not glob.glob(str(out / "units" / "*.json"))  # nothing was committed as "model" errors
     assert json.load(open(out / "manifest.json"))["inputs"] == 0
 
@@ -294,3 +299,20 @@ def test_vit_tokens_are_stored_as_g_h_w(ray_cluster, tmp_path):
         assert sample["tokens.npy"].shape == (4, 4, 4) and sample["json"]["token_shape"] == [4, 4, 4]
         assert np.array_equal(sample["tokens.npy"], idx.T.reshape(4, 4, 4).numpy())
         assert np.array_equal(sample["latent.npy"], mu[0].T.reshape(16, 4, 4).numpy().astype(np.float16))
+
+
+def test_model_placement_choice():
+    from gq_pipeline.job import _model_placement
+
+    assert _model_placement("auto", 0.0, 1, None, None) == "driver"  # one CPU-only node
+    assert _model_placement("auto", 1.0, 1, None, None) == "actors"  # GPUs
+    assert _model_placement("auto", 0.0, 3, None, None) == "actors"  # several nodes
+    assert _model_placement("auto", 0.0, 1, 2, None) == "actors"     # an actor pool asked for
+    assert _model_placement("auto", 0.0, 1, None, 1.0) == "actors"
+    assert _model_placement("actors", 0.0, 1, None, None) == "actors"
+    with pytest.raises(ValueError, match="GPU actors"):
+        _model_placement("driver", 1.0, 1, None, None)
+    with pytest.raises(ValueError, match="--workers 2"):
+        _model_placement("driver", 0.0, 1, 2, None)
+    with pytest.raises(ValueError, match="one of"):
+        _model_placement("gpu", 0.0, 1, None, None)
