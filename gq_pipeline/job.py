@@ -39,6 +39,7 @@ FORMATS = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": ("par
 PRECISIONS = ("fp32", "bf16")
 PLACEMENTS = ("auto", "driver", "actors")
 MAX_INPUT_BLOCKS = 2000
+DRIVER_READ_TASKS = 2  # concurrent read/decode tasks feeding a model in the driver
 
 
 class JobError(RuntimeError):
@@ -72,8 +73,12 @@ def _resources(gpus_per_worker, workers, cpus_per_worker, read_cpus, writers, mo
     gpw = (1.0 if n_gpu > 0 else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
     if gpw > 0 and n_gpu == 0:
         raise ValueError(f"--gpus-per-worker {gpw} but the Ray cluster has no GPUs")
-    n_nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU"))
-    placement = _model_placement(model_placement, gpw, n_nodes, workers, cpus_per_worker)
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    # A driver outside the cluster (Ray Client) would pull every decoded image over the network: it counts as a
+    # second node, so auto keeps the model on the cluster.
+    on_cluster = ray.get_runtime_context().get_node_id() in nodes
+    placement = _model_placement(model_placement, gpw, len(nodes) + (0 if on_cluster else 1), workers,
+                                 cpus_per_worker)
     if placement == "driver":
         workers, cpus_per_worker, read_cpus = 1, cpus_per_worker or n_cpu, read_cpus or 0.25
     else:
@@ -93,8 +98,8 @@ def _model_placement(requested: str, gpw: float, n_nodes: int, workers: int | No
 
     ``auto`` picks the driver on a single CPU-only node, with no actor settings asked for. There an actor buys nothing
     and costs a process start, a second torch import, the weights' transfer and one more object-store hop per
-    batch: on a 2-core machine the actor pool reached 0.76-0.83 of a plain DataLoader loop's images/s and the
-    driver 0.99 (docs/benchmarks.md). GPUs and several nodes take actors: one per GPU, fed by read tasks everywhere.
+    batch: on a 2-core machine the actor pool reached 0.74-0.85 of a plain DataLoader loop's images/s and the
+    driver 0.90-1.11, median 1.0 (docs/benchmarks.md). GPUs and several nodes take actors: one per GPU, fed by read tasks everywhere.
     """
     if requested not in PLACEMENTS:
         raise ValueError(f"model placement must be one of {PLACEMENTS}, got {requested!r}")
@@ -114,7 +119,7 @@ def _build_dataset(gq, todo, cfg: dict[str, Any], res: dict[str, Any], *, batch_
     """units -> read/decode tasks [-> model actor pool] (lazy Ray Dataset; the driver placement stops after the
     read tasks and runs the model in :func:`_drive`)."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from gq_pipeline.stages import TokenizerActor, model_payload, read_units
 
@@ -125,8 +130,15 @@ def _build_dataset(gq, todo, cfg: dict[str, Any], res: dict[str, Any], *, batch_
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
     # The memory reservation (a decode of up to --max-pixels) also makes the read's remote args differ from the
     # actor's, which stops Ray fusing the read into the actor: fused, decoding would run serially with the model.
+    read_kwargs: dict[str, Any] = {}
+    if res["model_placement"] == "driver":
+        # The driver's torch threads hold every core without a Ray reservation, so Ray would start CPUs / read_cpus
+        # decode tasks at once (8 on 2 cores). Niced, they still take CPU from the model's threads while runnable
+        # (measured: model time +15-20 %, 0.82 of the DataLoader loop instead of 0.92-0.94). Two, as beside a CPU
+        # actor, keep ahead of any encoder: a decode costs a few percent of an encode on CPU.
+        read_kwargs["compute"] = TaskPoolStrategy(size=DRIVER_READ_TASKS)
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": cfg},
-                        num_cpus=res["read_cpus"], memory=read_task_memory)
+                        num_cpus=res["read_cpus"], memory=read_task_memory, **read_kwargs)
     if res["model_placement"] == "driver":
         return ds
     payload_ref = ray.put(model_payload(gq))
