@@ -127,7 +127,8 @@ def _build_dataset(gq, todo, cfg: dict[str, Any], res: dict[str, Any], *, batch_
     items = [{"unit": json.dumps(u.to_dict())} for u in todo]
     # One block per unit up to 2000 blocks (then several units per read task): from_items puts every block in the
     # object store from the driver, ~1.3 ms each, which would take minutes for millions of units.
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_INPUT_BLOCKS))
+    n_blocks = min(len(items), MAX_INPUT_BLOCKS)
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
     # The memory reservation (a decode of up to --max-pixels) also makes the read's remote args differ from the
     # actor's, which stops Ray fusing the read into the actor: fused, decoding would run serially with the model.
     read_kwargs: dict[str, Any] = {}
@@ -136,7 +137,7 @@ def _build_dataset(gq, todo, cfg: dict[str, Any], res: dict[str, Any], *, batch_
         # decode tasks at once (8 on 2 cores). Niced, they still take CPU from the model's threads while runnable
         # (measured: model time +15-20 %, 0.82 of the DataLoader loop instead of 0.92-0.94). Two, as beside a CPU
         # actor, keep ahead of any encoder: a decode costs a few percent of an encode on CPU.
-        read_kwargs["compute"] = TaskPoolStrategy(size=DRIVER_READ_TASKS)
+        read_kwargs["compute"] = TaskPoolStrategy(size=min(DRIVER_READ_TASKS, n_blocks))
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": cfg},
                         num_cpus=res["read_cpus"], memory=read_task_memory, **read_kwargs)
     if res["model_placement"] == "driver":
