@@ -6,7 +6,8 @@
 Parts:
 * ``throughput``: images/s of ``gq_pipeline.tokenize`` (default settings, which on one CPU node run the model in
   the driver; and ``model_placement="actors"`` for comparison) vs the usual DataLoader loop (``num_workers=1``, torch
-  using every core) with the same model and preprocessing, and the pipeline's per-stage time split. The model is the small test UNet (no real checkpoint is available offline).
+  using every core) with the same model and preprocessing, and the pipeline's per-stage time split. The model is
+  the small test UNet (no real checkpoint is available offline).
 * ``driver``: how many rows/s the driver can assemble into units and commit (the design choice in
   docs/architecture.md), and Ray's object-store -> driver transfer rate for token rows.
 * ``scaling``: listing speed, per-unit overhead, manifest bytes and driver memory per unit (docs/scaling.md).
@@ -430,7 +431,7 @@ def write_markdown(results: dict, path: str) -> None:
         lines += [f"**gq tokenize vs a plain DataLoader loop** ({tp['images']} JPEGs of 300-480 px -> "
                   f"{tp['image_size']}², batch {tp['batch_size']}; the loop: `DataLoader(num_workers=1)` + "
                   "`model.tokenize` with torch on all cores + one Parquet write; gq tokenize: default settings "
-                  f"(placement `{b['gq']['model_placement']}`, quarter-CPU decode tasks), Ray already started; "
+                  f"(placement `{b['gq']['model_placement']}`), Ray already started; "
                   "`--model-placement actors` (one actor with all but half a CPU, its start-up and warm-up "
                   "included) for comparison):",
                   "", "| run | loop img/s | gq tokenize img/s | ratio | start-up s (loop / gq) | steady-state ratio "
