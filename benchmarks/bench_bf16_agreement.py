@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import json
 import platform
 
-import numpy as np
 import torch
+
+from report import print_table, write_json  # benchmarks/report.py (this script's folder is on sys.path)
 
 SKIMAGE_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "colorwheel", "retina",
                  "hubble_deep_field", "logo", "camera", "coins", "brick", "grass", "gravel", "moon", "clock", "page",
@@ -92,15 +92,12 @@ def main(argv=None) -> int:
     }
     print(f"## bf16 encoder vs fp32: {res['device']}, model {args.model} ({res['model_fingerprint']}), "
           f"{len(images)} images at {args.image_size}px, {total} tokens\n")
-    print("| token agreement | images with every token equal | PSNR from fp32 tokens | PSNR from bf16 tokens | "
-          "worst-image PSNR change | max abs dmu / std(mu) |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {res['token_agreement']:.4%} | {res['images_all_tokens_equal']:.0%} | {res['psnr_fp32_tokens']:.2f} dB "
-          f"| {res['psnr_bf16_tokens']:.2f} dB | {res['psnr_delta_worst_image']:.3f} dB "
-          f"| {res['max_abs_dmu_over_std_mu']:.4f} |")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+    print_table(["token agreement", "images with every token equal", "PSNR from fp32 tokens", "PSNR from bf16 tokens",
+                 "worst-image PSNR change", "max abs dmu / std(mu)"],
+                [[f"{res['token_agreement']:.4%}", f"{res['images_all_tokens_equal']:.0%}",
+                  f"{res['psnr_fp32_tokens']:.2f} dB", f"{res['psnr_bf16_tokens']:.2f} dB",
+                  f"{res['psnr_delta_worst_image']:.3f} dB", f"{res['max_abs_dmu_over_std_mu']:.4f}"]])
+    write_json(args.json, res)
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -29,6 +28,8 @@ import time
 
 import numpy as np
 import torch
+
+from report import print_table, write_json  # benchmarks/report.py (this script's folder is on sys.path)
 
 
 def build_model(args):
@@ -127,14 +128,11 @@ def main(argv=None) -> int:
            "tokenized": summary["tokenized"], "errors": summary["errors"]}
     res["pipeline_over_ceiling"] = round(res["pipeline_images_per_s"] / res["model_ceiling_images_per_s"], 3)
     print(f"## gq tokenize on {res['device']}: {res['model']}, {args.size}², batch {args.batch}, {args.precision}\n")
-    print("| model ceiling (img/s) | pipeline (img/s) | pipeline / ceiling | model actor busy | images |")
-    print("|---|---|---|---|---|")
-    print(f"| {res['model_ceiling_images_per_s']:.0f} | {res['pipeline_images_per_s']} | "
-          f"{res['pipeline_over_ceiling']:.2f} | {res['model_utilization']} | {res['tokenized']} ok, "
-          f"{res['errors']} errors |")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+    print_table(["model ceiling (img/s)", "pipeline (img/s)", "pipeline / ceiling", "model actor busy", "images"],
+                [[f"{res['model_ceiling_images_per_s']:.0f}", res["pipeline_images_per_s"],
+                  f"{res['pipeline_over_ceiling']:.2f}", res["model_utilization"],
+                  f"{res['tokenized']} ok, {res['errors']} errors"]])
+    write_json(args.json, res)
     assert res["tokenized"] == args.images and res["errors"] == 0, res
     return 0
 

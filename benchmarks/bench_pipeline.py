@@ -117,7 +117,8 @@ def bench_gq(model_dir: str, src: str, size: int, batch: int, unit_size: int, **
     tp = s["throughput"]
     return {"images": tp["images"], "wall_s": tp["wall_s"], "pipeline_s": tp["pipeline_s"],
             "images_per_s": tp["images_per_s"], "first_output_s": tp["first_output_s"],
-            "steady_images_per_s": round(tp["images"] / (tp["pipeline_s"] - tp["first_output_s"]), 2), "stage_busy_s": tp["stage_busy_s"], "time_split": tp["time_split"],
+            "steady_images_per_s": round(tp["images"] / (tp["pipeline_s"] - tp["first_output_s"]), 2),
+            "stage_busy_s": tp["stage_busy_s"], "time_split": tp["time_split"],
             "model_utilization": tp["model_utilization"],
             "model_placement": tp["resources"]["model_placement"], "tokens": tokens}
 
@@ -453,7 +454,7 @@ def write_markdown(results: dict, path: str) -> None:
                       "±10 % or more (load average column); the sides of a ratio ran back to back.", "",
                   "Pipeline stage busy time (best run): " + ", ".join(
                       f"{k.replace('_s', '')} {v} s" for k, v in g["stage_busy_s"].items())
-                  + f"; split " + ", ".join(f"{k.replace('_s', '')} {v:.0%}" for k, v in g["time_split"].items())
+                  + "; split " + ", ".join(f"{k.replace('_s', '')} {v:.0%}" for k, v in g["time_split"].items())
                   + f"; model utilization {g['model_utilization']:.0%} of the pipeline's "
                     f"{g['pipeline_s']} s (the rest is start-up and the pipeline's fill/drain).", ""]
     if dr:

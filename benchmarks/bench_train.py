@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from report import print_table  # benchmarks/report.py (this script's folder is on sys.path)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ("plain", "zero0", "zero1", "zero2", "zero3")
 
@@ -133,16 +135,17 @@ def main() -> None:
     print(f"\nmodel: UNet ch={args.ch} ch_mult [1,2,2], {args.size}px, batch {args.batch}/rank, discriminator ndf 16 "
           f"x3; one generator + one discriminator step; {args.steps} timed steps after {args.warmup} warm-up, "
           f"median over {args.rounds} rounds; torch threads 1 per rank\n")
-    print("| ranks | engine | step time (ms, median) | vs plain | peak RSS per rank (MB) | vs plain |")
-    print("|---|---|---|---|---|---|")
     table = {}
     for (nproc, backend), runs in sorted(results.items()):
         step = statistics.median(statistics.median(x["median_s"] for x in run["ranks"]) for run in runs)
         mem = statistics.median(max(x["peak_rss_mb"] for x in run["ranks"]) for run in runs)
         table[(nproc, backend)] = (step, mem)
+    rows = []
     for (nproc, backend), (step, mem) in sorted(table.items(), key=lambda kv: (kv[0][0], BACKENDS.index(kv[0][1]))):
         base_step, base_mem = table.get((nproc, "plain"), (step, mem))
-        print(f"| {nproc} | {backend} | {step * 1e3:.1f} | {step / base_step:.3f} | {mem:.0f} | {mem / base_mem:.3f} |")
+        rows.append([nproc, backend, f"{step * 1e3:.1f}", f"{step / base_step:.3f}", f"{mem:.0f}",
+                     f"{mem / base_mem:.3f}"])
+    print_table(["ranks", "engine", "step time (ms, median)", "vs plain", "peak RSS per rank (MB)", "vs plain"], rows)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({f"{n}x{b}": runs for (n, b), runs in results.items()}, f, indent=2)

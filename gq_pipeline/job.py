@@ -99,7 +99,8 @@ def _model_placement(requested: str, gpw: float, n_nodes: int, workers: int | No
     ``auto`` picks the driver on a single CPU-only node, with no actor settings asked for. There an actor buys nothing
     and costs a process start, a second torch import, the weights' transfer and one more object-store hop per
     batch: on a 2-core machine the actor pool reached 0.74-0.85 of a plain DataLoader loop's images/s and the
-    driver 0.90-1.11, median 1.0 (docs/benchmarks.md). GPUs and several nodes take actors: one per GPU, fed by read tasks everywhere.
+    driver 0.90-1.11, median 1.0 (docs/benchmarks.md). GPUs and several nodes take actors: one per GPU, fed by
+    read tasks everywhere.
     """
     if requested not in PLACEMENTS:
         raise ValueError(f"model placement must be one of {PLACEMENTS}, got {requested!r}")

@@ -42,8 +42,8 @@ from gq_pipeline.records import SampleError
 if TYPE_CHECKING:  # torch is imported lazily: Ray read tasks decode images and never need it
     import torch
 
-__all__ = ["preprocess_image", "preprocess_uint8", "to_model_input", "decode_image", "to_rgb", "resize_crop", "shorter_side_size",
-           "DEFAULT_MAX_PIXELS", "CROP_MODES"]
+__all__ = ["preprocess_image", "preprocess_uint8", "to_model_input", "decode_image", "to_rgb", "resize_crop",
+           "shorter_side_size", "DEFAULT_MAX_PIXELS", "CROP_MODES"]
 
 DEFAULT_MAX_PIXELS = 100_000_000
 CROP_MODES = ("center", "none")

@@ -10,8 +10,8 @@ import json
 import re
 from typing import Any
 
-__all__ = ["FORMAT_VERSION", "tokens_fit_uint16", "ERROR_KINDS", "SampleError", "make_key", "make_unit_id", "ROW_OK", "ROW_ERROR", "ROW_END",
-           "RESERVED_COLUMNS", "IMAGE_EXTENSIONS", "TAR_EXTENSIONS", "PARQUET_EXTENSIONS"]
+__all__ = ["FORMAT_VERSION", "tokens_fit_uint16", "ERROR_KINDS", "SampleError", "make_key", "make_unit_id", "ROW_OK",
+           "ROW_ERROR", "ROW_END", "RESERVED_COLUMNS", "IMAGE_EXTENSIONS", "TAR_EXTENSIONS", "PARQUET_EXTENSIONS"]
 
 # Token shard format version (docs/token-format.md): writers stamp it, readers refuse newer ones.
 FORMAT_VERSION = 1

@@ -262,19 +262,26 @@ def iter_samples(unit: Unit, info: UnitInfo, storage_options: dict | None = None
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
 
+def _cat_each(fs: fsspec.AbstractFileSystem, paths: list[str], what: str) -> dict[str, Any]:
+    """One ``fs.cat`` for many paths (concurrent GETs on object stores): each path's bytes, or the exception it
+    raised, or None when the answer lacks it. A failure of the whole request is transient: :class:`UnitReadError`."""
+    try:
+        got = fs.cat(paths, on_error="return")
+    except Exception as e:
+        raise UnitReadError(f"{what}: {type(e).__name__}: {e}") from e
+    return {p: got.get(p, got.get(fs._strip_protocol(p))) for p in paths}
+
+
 def _iter_files(unit: Unit, storage_options: dict | None) -> Iterator[RawSample]:
     fs, dir_path = get_fs(unit.source, storage_options)
     for start in range(0, len(unit.files), _FILE_CHUNK):
         names = unit.files[start:start + _FILE_CHUNK]
         paths = [posixpath.join(dir_path, n) for n in names]
-        try:
-            got = fs.cat(paths, on_error="return")
-        except Exception as e:
-            raise UnitReadError(f"reading {unit.source}: {type(e).__name__}: {e}") from e
+        got = _cat_each(fs, paths, f"reading {unit.source}")
         for i, (name, p) in enumerate(zip(names, paths)):
             readable = f"{unit.prefix}/{name}" if unit.prefix else name
             key = make_key(f"{unit.source.rstrip('/')}/{name}", readable)
-            data = got.get(p, got.get(fs._strip_protocol(p)))
+            data = got[p]
             s = RawSample(start + i, key, None, f"{unit.source.rstrip('/')}/{name}")
             if isinstance(data, FileNotFoundError) or data is None:
                 s.error = SampleError("read", f"{name}: file disappeared after listing")
@@ -402,12 +409,9 @@ def _read_referenced_images(by_path: dict[str, list[RawSample]], storage_options
         fs, p = get_fs(url, storage_options)
         by_fs.setdefault(id(fs), (fs, {}))[1][p] = url
     for fs, paths in by_fs.values():
-        try:
-            got = fs.cat(list(paths), on_error="return")
-        except Exception as e:  # the whole request failed: a transient problem, retry the unit
-            raise UnitReadError(f"reading referenced images: {type(e).__name__}: {e}") from e
+        got = _cat_each(fs, list(paths), "reading referenced images")
         for p, url in paths.items():
-            data = got.get(p, got.get(fs._strip_protocol(p)))
+            data = got[p]
             for s in by_path[url]:
                 if isinstance(data, (bytes, bytearray)):
                     s.data = bytes(data)

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import time
-from typing import Any
 
 import numpy as np
 import torch
