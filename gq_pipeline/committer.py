@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gq_pipeline.assembly import CompleteUnit, commit_unit
+from gq_pipeline.commit import CompleteUnit, commit_unit
 from gq_pipeline.manifest import OutputStore
 from gq_pipeline.sources import Unit
 from gq_pipeline.writers import ShardContext

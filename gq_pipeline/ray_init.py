@@ -32,14 +32,16 @@ def init_ray(address: str | None = None, **local_kwargs: Any) -> bool:
         return True
     local_kwargs.setdefault("include_dashboard", False)
     if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0") in ("1", "true", "True"):
-        ray.init(**local_kwargs)  # the user asked for a node reachable from other machines
+        ray.init(address="local", **local_kwargs)  # the user asked for a node reachable from other machines
         return True
     from ray._private import ray_constants
 
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(_node_ip_address="127.0.0.1", **local_kwargs)
+        # address="local": without it ray.init joins whatever cluster /tmp/ray/ray_current_cluster names (the last
+        # `ray start` on this machine, possibly someone else's or long dead).
+        ray.init(address="local", _node_ip_address="127.0.0.1", **local_kwargs)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
     return True

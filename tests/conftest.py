@@ -73,7 +73,7 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
                  _node_ip_address="127.0.0.1", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -8,7 +8,8 @@ import tarfile
 import numpy as np
 import pyarrow as pa
 
-from gq_pipeline.assembly import CompleteUnit, FailedUnit, UnitAssembler, commit_unit
+from gq_pipeline.assembly import CompleteUnit, FailedUnit, UnitAssembler
+from gq_pipeline.commit import commit_unit
 from gq_pipeline.manifest import OutputStore
 from gq_pipeline.sources import Unit
 from gq_pipeline.stages import TOKEN_SCHEMA
