@@ -287,8 +287,8 @@ def gpu_section(args, results: dict) -> list[str]:
         diff = (idx_tr != idx_mat).nonzero().squeeze(1).cpu()
         unexplained = 0
         if diff.numel():
-            _, amb, _ = oracle_search(mu[diff].cpu(), lv[diff].cpu(), codebook, beta)
-            unexplained = int((~amb).sum())
+            res = oracle_search(mu[diff].cpu(), lv[diff].cpu(), codebook, beta)
+            unexplained = int((~(res.ambiguous | res.copies_open)).sum())
         cpu_rows = min(rows, args.gpu_cpu_rows)
         mu_c, lv_c = mu[:cpu_rows].cpu(), lv[:cpu_rows].cpu()
         t_cpu = _best_time(lambda: gq_search(mu_c, lv_c, features_cpu, beta, backend="torch"), 1) * rows / cpu_rows
