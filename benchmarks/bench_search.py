@@ -184,7 +184,10 @@ def ablation_section(args, results: dict, peak: float) -> list[str]:
         "plain matmul + argmax (2048-row chunks)": lambda: plain_search(mu, lv, features, beta, 2048),
     }
     ref_idx = search_blocked(w, features)
-    assert torch.equal(original_blocked(w, features), ref_idx)
+    diff = (original_blocked(w, features) != ref_idx).nonzero().squeeze(1)
+    if diff.numel():  # different tile shapes may round differently: only float32 ties may disagree
+        res = oracle_search(mu[diff], lv[diff], gaussian_codebook(k_total, m), beta)
+        assert (res.ambiguous | res.copies_open).all(), "the ablation variants disagree outside float32 ties"
     t = _interleaved(variants, args.repeats + 2)
     results["cpu"]["ablation"] = {"rows": rows, **{k: {"best_s": b, "median_s": md} for k, (b, md) in t.items()}}
     lines = [f"Ablation, {rows} rows (best / median of {args.repeats + 2} interleaved runs):", "",
