@@ -143,8 +143,9 @@ class _Actor:
 class ActorPool:
     """An elastic pool of Ray actors built by ``make_actor()``: ``size`` are kept alive (dead ones are replaced),
     each runs up to ``per_actor`` units at once. Actors that cannot be placed yet simply wait (an autoscaler adds
-    nodes for them); the job fails only if none has become ready after ``start_timeout_s``, or if set-ups keep
-    failing (``max_start_failures``) without a single success."""
+    nodes for them); the job fails only when no actor is left, or none has been ready for ``start_timeout_s``.
+    Replacements stop after ``max_start_failures`` failed set-ups, so a node that breaks every actor placed on it
+    cannot keep the pool restarting them while the healthy actors carry on."""
 
     def __init__(self, make_actor: Callable[[], Any], size: int, *, per_actor: int = 2,
                  start_timeout_s: float = 900.0, max_start_failures: int | None = None):
@@ -185,14 +186,16 @@ class ActorPool:
         self._calls[actor.handle.process.remote(unit)] = (actor, unit, attempt)
 
     def _retire(self, actor: _Actor) -> None:
-        """Forget a dead (or misbehaving) actor, kill it for good measure, and start a replacement."""
+        """Forget a dead actor, kill it for good measure, and start a replacement, unless set-ups have failed
+        ``max_start_failures`` times already (a node that breaks every actor placed on it must not keep the pool
+        busy restarting them: the live actors carry on)."""
         if self._actors.pop(actor.ready_ref, None) is None:
             return
         try:
             self._ray.kill(actor.handle, no_restart=True)
         except Exception:
             pass
-        if self.start_failures < self.max_start_failures or self.started > 0:
+        if self.start_failures < self.max_start_failures:
             self._spawn()
 
     def wait(self, timeout: float) -> list[tuple[dict, int, Any]]:
@@ -238,7 +241,7 @@ class ActorPool:
         if self._ready_actors():
             self._since_ready = time.monotonic()
             return
-        if not self._actors or (self.started == 0 and self.start_failures >= self.max_start_failures):
+        if not self._actors:
             raise NoWorkersError(f"no model worker could start ({self.start_failures} set-up failures); last "
                                  f"error: {self.last_start_error}")
         if time.monotonic() - self._since_ready > self.start_timeout_s:
