@@ -33,7 +33,7 @@ from gq_pipeline.records import IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, TAR_EXTENS
 
 __all__ = ["InputList", "open_input_list", "resolve", "row_kind", "BATCH_ROWS"]
 
-BATCH_ROWS = 8192  # rows per batch read from a list: what the planner holds at once, besides one unit
+BATCH_ROWS = 4096  # rows per batch read from a list: what the planner holds at once, besides one unit
 _COLUMN_NAMES = ("url", "path", "uri", "file", "filename", "key")
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 # A field separator no path contains: txt lists are parsed as one-column CSV without quoting.
@@ -127,14 +127,14 @@ class InputList:
         if fmt not in ("csv", "parquet"):
             raise ValueError(f"{self.url}: S3 Inventory format {inv.get('fileFormat')!r} is not supported (CSV or "
                              f"Parquet; for ORC, export the keys to a Parquet or text list)")
-        lower = [c.lower() for c in schema]
-        for need in ("bucket", "key"):
+        lower = [_norm(c) for c in schema]
+        for need in ("bucket", "key") if fmt == "csv" else ():  # Parquet files name their own columns
             if need not in lower:
                 raise ValueError(f"{self.url}: the inventory's fileSchema {schema} has no {need!r} field")
         for entry in inv.get("files", []):
             data_url = f"s3://{dest_bucket}/{entry['key']}"
             for table in _inventory_tables(data_url, fmt, schema, self.storage_options):
-                cols = {n.lower(): table.column(n).to_pylist() for n in table.column_names}
+                cols = {_norm(n): table.column(n).to_pylist() for n in table.column_names}
                 latest = cols.get("islatest")
                 marker = cols.get("isdeletemarker")
                 out = []
@@ -149,6 +149,11 @@ class InputList:
                         key = urllib.parse.unquote_plus(key)
                     out.append(f"s3://{bucket}/{key}")
                 yield out
+
+
+def _norm(column: str) -> str:
+    """Inventory field names: ``IsLatest`` in a CSV manifest's fileSchema, ``is_latest`` in Parquet files."""
+    return column.strip().lower().replace("_", "")
 
 
 def _content_hash(fs, path: str) -> str:
@@ -253,7 +258,7 @@ def _arrow_batches(fs, path: str, fmt: str, column: str | None):
             for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=[column]):
                 yield batch.column(0)
         return
-    block = 1 << 20  # ~ BATCH_ROWS rows of 128 bytes
+    block = 1 << 19  # ~ BATCH_ROWS rows of 128 bytes
     tsv = posixpath.basename(path).lower().split(".gz")[0].endswith(".tsv")
     if fmt == "txt":
         read = pcsv.ReadOptions(block_size=block, column_names=["url"])
@@ -283,14 +288,14 @@ def _inventory_tables(data_url: str, fmt: str, schema: list[str], storage_option
     if fmt == "parquet":
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
-            names = {n.lower(): n for n in pf.schema_arrow.names}
+            names = {_norm(n): n for n in pf.schema_arrow.names}
             cols = [names[c] for c in ("bucket", "key", "islatest", "isdeletemarker") if c in names]
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
                 yield batch
         return
     read = pcsv.ReadOptions(block_size=1 << 20, column_names=schema)
     conv = pcsv.ConvertOptions(column_types={c: "string" for c in schema}, include_columns=[
-        c for c in schema if c.lower() in ("bucket", "key", "islatest", "isdeletemarker")])
+        c for c in schema if _norm(c) in ("bucket", "key", "islatest", "isdeletemarker")])
     with fs.open(path, "rb", compression="infer") as f:
         for batch in pcsv.open_csv(f, read_options=read, convert_options=conv):
             yield batch

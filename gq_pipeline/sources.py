@@ -541,6 +541,7 @@ def _iter_list(unit: Unit, storage_options: dict | None) -> Iterator[RawSample]:
     """Every row of a list unit, in list order: the file's bytes, or a ``read`` error record when it does not exist
     (as a folder's file that disappeared). Other failures (network, permissions) fail the unit, to be retried."""
     urls = _list_unit_urls(unit, storage_options)
+    here = unit.source.rsplit("/", 1)[0] + "/"  # keys read as the path relative to the list where they can
     by_proto: dict[str, fsspec.AbstractFileSystem] = {}
     for start in range(0, len(urls), _FILE_CHUNK):
         chunk = urls[start:start + _FILE_CHUNK]
@@ -556,7 +557,8 @@ def _iter_list(unit: Unit, storage_options: dict | None) -> Iterator[RawSample]:
             for i, p in items:
                 got[i] = answers[p]
         for i, (url, data) in enumerate(zip(chunk, got)):
-            s = RawSample(start + i, make_key(url, url.split("://", 1)[-1]), None, url)
+            readable = url[len(here):] if url.startswith(here) else url.split("://", 1)[-1]
+            s = RawSample(start + i, make_key(url, readable), None, url)
             if isinstance(data, FileNotFoundError) or data is None:
                 s.error = SampleError("read", f"{url}: the listed file does not exist")
             elif isinstance(data, BaseException):
