@@ -29,7 +29,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from gq_pipeline.records import IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, TAR_EXTENSIONS
+from gq_pipeline.records import PARQUET_EXTENSIONS, TAR_EXTENSIONS
 
 __all__ = ["InputList", "open_input_list", "resolve", "row_kind", "BATCH_ROWS"]
 

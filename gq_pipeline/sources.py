@@ -14,7 +14,6 @@ names (leading ``.``, e.g. macOS ``._x.jpg`` resource forks) are skipped.
 """
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import posixpath
 import re
@@ -31,8 +30,8 @@ from gq_model.storage import url_to_fs
 from gq_pipeline.records import (IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, RESERVED_COLUMNS, TAR_EXTENSIONS, SampleError,
                                  make_key, make_unit_id)
 
-__all__ = ["Unit", "Plan", "ListingError", "RawSample", "UnitReadError", "plan_units", "iter_samples", "get_fs", "to_url",
-           "find_image_column"]
+__all__ = ["Unit", "Plan", "ListingError", "RawSample", "UnitReadError", "plan_units", "iter_samples", "get_fs",
+           "to_url", "find_image_column"]
 
 _MAGIC = re.compile(r"[*?\[]")
 _IMAGE_COLUMN_NAMES = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")

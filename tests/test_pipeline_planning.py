@@ -6,7 +6,6 @@ with tracemalloc and pyarrow's allocator.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import gzip
