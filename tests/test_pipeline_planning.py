@@ -345,6 +345,8 @@ def test_tokenize_input_list_end_to_end(ray_cluster, tiny_model_dir, tmp_path):
     summary = str(tmp_path / "summary.json")
     args = ["tokenize", "--model", tiny_model_dir, "--input-list", str(tmp_path / "list.txt"), "--output", out,
             "--image-size", str(SIZE), "--batch-size", "4", "--unit-size", "3", "--quiet", "--summary-json", summary]
+    assert main(["tokenize", "--model", tiny_model_dir, "--output", out]) == 1  # neither --input nor --input-list
+    assert not os.path.exists(out)
     assert main(args) == 0
     s = json.load(open(summary))
     assert (s["inputs"], s["tokenized"], s["errors"]) == (8, 6, 2)
