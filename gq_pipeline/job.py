@@ -27,10 +27,10 @@ import numpy as np
 from gq_pipeline.assembly import FailedUnit, UnitAssembler
 from gq_pipeline.manifest import OutputStore, manifest_unit_entry
 from gq_pipeline.model_loader import load_model
+from gq_pipeline.plan_store import PLAN_DIR
 from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
-from gq_pipeline.plan_store import PLAN_DIR
 from gq_pipeline.sources import plan_units
 from gq_pipeline.writers import ShardContext
 
