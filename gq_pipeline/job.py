@@ -25,6 +25,7 @@ import numpy as np
 
 from gq_pipeline.manifest import OutputStore, manifest_unit_entry
 from gq_pipeline.model_loader import load_model
+from gq_pipeline.plan_store import PLAN_DIR
 from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
@@ -196,7 +197,9 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
              storage_options: dict | None = None, progress: bool = True,
              ray_address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None,
              trust_checkpoint: bool = False, model_placement: str = "auto",
-             max_failed_units: str | int | float | None = None, max_attempts: int = 3) -> dict[str, Any]:
+             max_failed_units: str | int | float | None = None, max_attempts: int = 3,
+             input_list: str | None = None, input_list_column: str | None = None, relist: bool = False
+             ) -> dict[str, Any]:
     """Tokenize image inputs into token shards under ``output``; returns the run summary (also in manifest.json).
 
     Safe to rerun after a crash: committed units are skipped, unfinished ones redone with identical output names
@@ -205,6 +208,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     t_start = time.perf_counter()
     if isinstance(inputs, str):
         inputs = [inputs]
+    inputs = list(inputs or [])
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     if crop not in CROP_MODES:
@@ -237,7 +241,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
 
     # ---------------------------------------------------------------- plan, guard, resume
     t0 = time.perf_counter()
-    plan = plan_units(list(inputs), unit_size, storage_options)
+    plan = plan_units(inputs, unit_size, storage_options, input_list=input_list, input_list_column=input_list_column,
+                      plan_dir=f"{store.url}/{PLAN_DIR}", relist=relist)
     _log(progress, f"listed {plan.listed} files into {len(plan.units)} units in {plan.list_s:.2f}s"
                    + (f" ({plan.ignored} non-image files ignored, e.g. {plan.ignored_examples[0]})"
                       if plan.ignored else ""))
@@ -254,8 +259,14 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         r = records.get(uid)
         return r is not None and set(formats) <= set(r.get("formats", ())) and (not latents or r.get("latents"))
 
-    todo = [u for u in replanned.units if not is_done(u.unit_id)]
-    skipped = len(replanned.units) - len(todo)
+    # List units need no reconciling (content-hashed fixed ranges). Iterating them plans the list (persisted under
+    # _plan/, after the compatibility check above); a streaming driver would consume plan.list_units lazily.
+    planned = replanned.units + list(plan.list_units)
+    if input_list:
+        how = "read from the persisted plan" if plan.list_units.reused else "planned into _plan/"
+        _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
+    todo = [u for u in planned if not is_done(u.unit_id)]
+    skipped = len(planned) - len(todo)
     plan_s = time.perf_counter() - t0
     _log(progress, f"{skipped} units already committed, {len(todo)} to do")
 
@@ -371,7 +382,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         raise JobError(f"the pipeline stopped after committing {len(new_records)} of {len(todo)} units; committed work "
                        f"is kept and a rerun continues from there. Cause: {type(pipeline_error).__name__}: "
                        f"{str(pipeline_error)[-3000:]}") from pipeline_error
-    summary = {"output": store.url, "units_planned": len(replanned.units), "units_skipped": skipped,
+    summary = {"output": store.url, "units_planned": len(planned), "units_skipped": skipped,
                "units_committed": len(new_records), "units_failed": failed, "inputs": tot_in, "tokenized": tot_ok,
                "errors": tot_err, "errors_by_kind": manifest["errors_by_kind"],
                "this_run": {"inputs": run_in, "tokenized": sum(r["tokenized"] for r in new_records),

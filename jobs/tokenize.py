@@ -9,6 +9,7 @@ the pipeline stopped (rerun to retry them).
 
 Example: gq tokenize --model demo --input s3://bucket/shards/{00000..00999}.tar --output s3://bucket/tokens
          --format both --image-size 256 --batch-size 128
+         gq tokenize --model demo --input-list s3://bucket/inventory/.../manifest.json --output s3://bucket/tokens
 """
 from __future__ import annotations
 
@@ -25,9 +26,19 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="GQ bundle dir/URL, built-in name (demo), reference .ckpt (+ --config/--preset) or DeepSpeed "
                         "checkpoint dir")
-    p.add_argument("--input", required=True, nargs="+", metavar="URL",
+    p.add_argument("--input", nargs="+", metavar="URL", default=[],
                    help="image folders, globs, WebDataset tars (brace patterns ok) or Parquet files; any fsspec URL "
                         "(local, file://, s3://, gs://, http(s)://)")
+    p.add_argument("--input-list", metavar="FILE",
+                   help="a list of inputs instead of (or besides) listing folders: .txt (one URL or path per line), "
+                        ".csv/.tsv or .parquet with a url/path column (compressed text ok, e.g. .txt.gz), or an S3 "
+                        "Inventory manifest.json. Paths resolve against the list's directory; rows are cut into "
+                        "units of --unit-size rows, planned once into OUTPUT/_plan/")
+    p.add_argument("--input-list-column", metavar="NAME", help="the URL column of a CSV/Parquet --input-list "
+                   "(default: url, path, uri, file, filename or key)")
+    p.add_argument("--relist", action="store_true",
+                   help="plan the --input-list and brace patterns again instead of reading the plan persisted under "
+                        "OUTPUT/_plan/ (folders and globs are listed on every run anyway)")
     p.add_argument("--output", required=True, metavar="URL", help="output directory or URL (see docs/token-format.md)")
     p.add_argument("--format", default="parquet", choices=["parquet", "webdataset", "both"])
     p.add_argument("--image-size", type=int, default=256, help="shorter side after resizing (default 256)")
@@ -64,7 +75,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="built-in preset for a .ckpt --model (e.g. sd3unet_gq_0.25)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in a .ckpt you trust")
     p.add_argument("--unit-size", type=int, default=1000,
-                   help="image files per work unit for folders (tars and Parquet files are one unit each)")
+                   help="image files per work unit for folders and rows per unit for --input-list (tars and Parquet "
+                        "files are one unit each)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger images as too_large errors (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--image-column", help="image column of Parquet inputs (default: auto-detect)")
@@ -96,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from gq_pipeline.job import JobError, tokenize
+    from gq_pipeline.sources import ListingError
+
+    if not args.input and not args.input_list:
+        print("gq tokenize: error: give --input URL..., --input-list FILE, or both", file=sys.stderr)
+        return 1
+    try:
+        return _run(tokenize, JobError, args)
+    except ListingError as e:
+        print(f"gq tokenize: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(tokenize, JobError, args: argparse.Namespace) -> int:
 
     try:
         summary = _tokenize(tokenize, args)
@@ -120,7 +145,8 @@ def _tokenize(tokenize, args: argparse.Namespace) -> dict:
                     progress=not args.quiet, ray_address=args.ray_address, num_cpus=args.num_cpus,
                     object_store_memory=args.object_store_memory, trust_checkpoint=args.trust_checkpoint,
                     model_placement=args.model_placement, max_failed_units=args.max_failed_units,
-                    max_attempts=args.max_attempts)
+                    max_attempts=args.max_attempts, input_list=args.input_list,
+                    input_list_column=args.input_list_column, relist=args.relist)
 
 
 def main(argv: list[str] | None = None) -> int:
