@@ -333,6 +333,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                 stage["write_s"] += o.get("write_s", 0.0)
             stage["retries"], stage["workers_lost"] = run_stats.retries, run_stats.workers_lost
             stage["already_committed_by_another_run"] = run_stats.already
+            stage["driver_bytes_received"] = run_stats.outcome_bytes
         if new_records == [] and failed and len(failed) == len(todo) and pipeline_error is None:
             # nothing committed and every unit failed: systematic (a broken model or store), not bad inputs
             pipeline_error = RuntimeError(failed[0]["reason"])
@@ -360,7 +361,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
         "model_utilization": (round(stage["model_s"] / (pipeline_s * resources["workers"]), 3)
                               if pipeline_s > 0 and resources else None),
-        "resources": resources,
+        "resources": resources, "driver_bytes_received": stage.get("driver_bytes_received", 0),
         "faults": {k: stage.get(k, 0) for k in ("retries", "workers_lost", "oom_halvings",
                                                 "already_committed_by_another_run")},
     }

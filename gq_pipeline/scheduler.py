@@ -16,6 +16,7 @@ Faults are budgeted, not fatal:
 """
 from __future__ import annotations
 
+import pickle
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
@@ -86,6 +87,7 @@ class RunStats:
     retries: int = 0
     workers_lost: int = 0
     images: int = 0
+    outcome_bytes: int = 0  # pickled size of every outcome the driver received: what crosses to the driver
 
 
 # ------------------------------------------------------------------------------------------------------- pools
@@ -304,6 +306,8 @@ def run_units(pool, units: Iterable[dict], *, budget: FailureBudget, max_attempt
             break
         for unit, attempt, outcome in pool.wait(timeout=1.0):
             uid = unit["unit_id"]
+            if isinstance(outcome, dict):
+                stats.outcome_bytes += len(pickle.dumps(outcome, protocol=5))
             if isinstance(outcome, WorkerLost):
                 stats.workers_lost += 1
                 lost_counts[uid] = lost_counts.get(uid, 0) + 1
