@@ -30,13 +30,13 @@ from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
 from gq_pipeline.sources import plan_units
-from gq_pipeline.scheduler import (ActorPool, FailureBudget, FailureBudgetExceeded, LocalPool, NoWorkersError,
-                                   run_units)
+from gq_pipeline.scheduler import (ActorPool, FailureBudget, FailureBudgetExceeded, Interrupted, LocalPool,
+                                   NoWorkersError, run_units)
 from gq_pipeline.stages import ModelRunner, model_payload
 from gq_pipeline.worker import UnitProcessor, UnitWorkerActor, WorkSpec
 from gq_pipeline.writers import ShardContext
 
-__all__ = ["tokenize", "JobError", "FORMATS", "PRECISIONS", "PLACEMENTS"]
+__all__ = ["tokenize", "JobError", "RunInterrupted", "FORMATS", "PRECISIONS", "PLACEMENTS"]
 
 FORMATS = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": ("parquet", "webdataset")}
 PRECISIONS = ("fp32", "bf16")
@@ -45,7 +45,41 @@ DRIVER_DECODE_THREADS = 2  # decode threads beside a model in the driver (2 core
 
 
 class JobError(RuntimeError):
-    """The Ray pipeline failed (e.g. the model raises on every image): committed units stay, the rest is redone."""
+    """The job stopped (every unit failed, the failure budget ran out, no worker could start): committed units stay,
+    the rest is redone by a rerun."""
+
+
+class RunInterrupted(JobError):
+    """Ctrl-C or SIGTERM: the run stopped at once; what was committed is kept and counted in manifest.json."""
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGINT and SIGTERM (what schedulers send) stop the run cleanly: the first raises ``KeyboardInterrupt`` in the
+    main thread, so the driver stops dispatching, stops its workers and writes the manifest of what was committed;
+    a second one exits at once. Installed only in the main thread (signal handlers can only be set there)."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def hard_exit(signum, frame):
+        os._exit(128 + signum)
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, hard_exit)
+        signal.signal(signal.SIGTERM, hard_exit)
+        raise KeyboardInterrupt
+
+    saved = signal.signal(signal.SIGINT, first), signal.signal(signal.SIGTERM, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -279,6 +313,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     pipeline_error: Exception | None = None
     resources: dict[str, Any] = {}
     run_stats = None
+    interrupted = False
     if todo:
         started = False
         if _needs_ray(ray_address, model_placement, gpus_per_worker, workers, cpus_per_worker):
@@ -306,7 +341,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                             niceness=10 if resources["gpus_per_worker"] == 0 else 0)
             budget = FailureBudget(max_failed_units, len(todo))
             t_run = time.perf_counter()
-            with _worker_pool(gq, spec, resources, precision, latents) as pool:
+            with _stop_signals(), _worker_pool(gq, spec, resources, precision, latents) as pool:
                 try:
                     run_stats = run_units(pool, (u.to_dict() for u in todo), budget=budget,
                                           max_attempts=max_attempts,
@@ -315,6 +350,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                     run_stats, pipeline_error = e.stats, e
                 except NoWorkersError as e:
                     pipeline_error = e
+                except Interrupted as e:
+                    run_stats, interrupted = e.stats, True
                 pipeline_s = time.perf_counter() - t_run
                 for st in pool.stats():
                     hist_total += st["hist"]
@@ -379,6 +416,9 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     if failed:
         manifest["failed_units"] = failed
     store.write_manifest(manifest)
+    if interrupted:
+        raise RunInterrupted(f"interrupted: {len(new_records)} units committed in this run ({len(all_records)} of "
+                             f"{len(planned)} in the output, {tot_in} inputs); rerun the same command to resume")
     if pipeline_error is not None:
         raise JobError(f"the pipeline stopped after committing {len(new_records)} of {len(todo)} units; committed work "
                        f"is kept and a rerun continues from there. Cause: {type(pipeline_error).__name__}: "
@@ -410,7 +450,7 @@ def _worker_pool(gq, spec: WorkSpec, resources: dict[str, Any], precision: str, 
         torch.set_num_threads(max(1, int(math.ceil(resources["cpus_per_worker"] - 1e-9))))
         proc = UnitProcessor(spec, ModelRunner(gq.eval(), batch_size=spec.batch_size, precision="fp32",
                                                latents=latents))
-        pool = LocalPool(proc.process, concurrency=2)
+        pool = LocalPool(proc.process, concurrency=2, cancel=proc.cancel)
         pool.stats = lambda: [proc.stats()]  # type: ignore[attr-defined]
         try:
             yield pool

@@ -1,11 +1,12 @@
-"""``gq tokenize`` / ``python -m jobs.tokenize``: tokenize an image dataset into GQ token shards with Ray Data.
+"""``gq tokenize`` / ``python -m jobs.tokenize``: tokenize an image dataset into GQ token shards.
 
-Runs on the cluster named by ``RAY_ADDRESS`` (e.g. under ``ray job submit --working-dir . -- python -m
-jobs.tokenize ...``; a driver started outside the cluster needs gq installed on its nodes), else on a local Ray
-instance it starts. Credentials for s3:// or gs:// are best set in the cluster's environment; --storage-options
+Runs on the Ray cluster named by --ray-address or RAY_ADDRESS (e.g. under ``ray job submit --working-dir . -- python
+-m jobs.tokenize ...``; a driver started outside the cluster needs gq installed on its nodes); with GPUs or actor
+options and no cluster named, on a local Ray instance it starts; otherwise in this process alone. Credentials for s3:// or gs:// are best set in the cluster's environment; --storage-options
 travels to every task. Rerunning the same command resumes: committed units are skipped, unfinished ones redone
 with the same file names and bytes. Exit status: 0 done, 1 bad arguments or refused output, 3 some units failed or
-the pipeline stopped (rerun to retry them).
+the job stopped (rerun to retry them), 130 interrupted by Ctrl-C or SIGTERM (rerun to resume; a second Ctrl-C exits
+at once).
 
 Example: gq tokenize --model demo --input s3://bucket/shards/{00000..00999}.tar --output s3://bucket/tokens
          --format both --image-size 256 --batch-size 128
@@ -18,6 +19,7 @@ import json
 import sys
 
 EXIT_UNITS_FAILED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,23 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gq_pipeline.job import JobError, tokenize
+    from gq_pipeline.job import JobError, RunInterrupted, tokenize
     from gq_pipeline.sources import ListingError
 
     if not args.input and not args.input_list:
         print("gq tokenize: error: give --input URL..., --input-list FILE, or both", file=sys.stderr)
         return 1
     try:
-        return _run(tokenize, JobError, args)
+        summary = _tokenize(tokenize, args)
     except ListingError as e:
         print(f"gq tokenize: error: {e}", file=sys.stderr)
         return 1
-
-
-def _run(tokenize, JobError, args: argparse.Namespace) -> int:
-
-    try:
-        summary = _tokenize(tokenize, args)
+    except RunInterrupted as e:  # one line: what was committed, and that a rerun resumes
+        print(f"gq tokenize: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("gq tokenize: interrupted before any unit was committed; rerun the same command to start",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except JobError as e:
         print(f"gq tokenize: {e}", file=sys.stderr)
         return EXIT_UNITS_FAILED
