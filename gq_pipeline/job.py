@@ -87,11 +87,18 @@ def _log(progress: bool, msg: str) -> None:
         print(f"[gq tokenize] {msg}", file=sys.stderr, flush=True)
 
 
-def _ensure_ray(ray_address: str | None, num_cpus: int | None, object_store_memory: int | None) -> bool:
-    """Connect to ``ray_address``/``RAY_ADDRESS`` if given, else start a local cluster. True if we started it."""
+def _ensure_ray(ray_address: str | None, num_cpus: int | None, object_store_memory: int | None,
+                verbose: bool = False) -> bool:
+    """Connect to ``ray_address``/``RAY_ADDRESS`` if given, else start a local cluster. True if we started it.
+    Unless ``verbose``, Ray's own start-up messages and its workers' log lines stay out of the user's terminal:
+    they are nothing a CLI user can act on (the workers' errors reach the summary as error records)."""
+    import logging
+
     from gq_pipeline.ray_init import init_ray
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"log_to_driver": bool(verbose)}
+    if not verbose and not ray_address:
+        kwargs["logging_level"] = logging.WARNING
     if num_cpus:
         kwargs["num_cpus"] = int(num_cpus)
     if object_store_memory:
@@ -232,8 +239,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
              ray_address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None,
              trust_checkpoint: bool = False, model_placement: str = "auto",
              max_failed_units: str | int | float | None = None, max_attempts: int = 3,
-             input_list: str | None = None, input_list_column: str | None = None, relist: bool = False
-             ) -> dict[str, Any]:
+             input_list: str | None = None, input_list_column: str | None = None, relist: bool = False,
+             allow_empty: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Tokenize image inputs into token shards under ``output``; returns the run summary (also in manifest.json).
 
     Safe to rerun after a crash: committed units are skipped, unfinished ones redone with identical output names
@@ -299,6 +306,10 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     if input_list:
         how = "read from the persisted plan" if plan.list_units.reused else "planned into _plan/"
         _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
+    if not planned and not allow_empty:
+        where = ", ".join(list(inputs)[:3] + ([input_list] if input_list else []))
+        raise ValueError(f"no inputs found in {where} ({plan.listed} files listed, {plan.ignored} not images): "
+                         f"check the path, or pass --allow-empty to accept an empty run")
     todo = [u for u in planned if not is_done(u.unit_id)]
     skipped = len(planned) - len(todo)
     plan_s = time.perf_counter() - t0
@@ -317,7 +328,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     if todo:
         started = False
         if _needs_ray(ray_address, model_placement, gpus_per_worker, workers, cpus_per_worker):
-            started = _ensure_ray(ray_address, num_cpus, object_store_memory)
+            started = _ensure_ray(ray_address, num_cpus, object_store_memory, verbose)
             resources = _resources(gpus_per_worker, workers, cpus_per_worker, decode_threads, model_placement)
         else:
             resources = _local_resources(decode_threads)

@@ -90,6 +90,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     p.add_argument("--summary-json", metavar="PATH", help="also write the run summary to this local file")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own messages and its workers' logs")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="accept inputs that hold no image (default: an error, since it is usually a wrong path)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -149,7 +152,8 @@ def _tokenize(tokenize, args: argparse.Namespace) -> dict:
                     object_store_memory=args.object_store_memory, trust_checkpoint=args.trust_checkpoint,
                     model_placement=args.model_placement, max_failed_units=args.max_failed_units,
                     max_attempts=args.max_attempts, input_list=args.input_list,
-                    input_list_column=args.input_list_column, relist=args.relist)
+                    input_list_column=args.input_list_column, relist=args.relist, allow_empty=args.allow_empty,
+                    verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

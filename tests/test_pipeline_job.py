@@ -316,3 +316,15 @@ def test_model_placement_choice():
         _model_placement("driver", 0.0, 1, 2, None)
     with pytest.raises(ValueError, match="one of"):
         _model_placement("gpu", 0.0, 1, None, None)
+
+
+def test_an_empty_input_is_an_error_unless_allowed(tmp_path, tiny_model):
+    """An input folder without a single image is almost always a wrong path: refused, unless --allow-empty."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no inputs found.*--allow-empty"):
+        gq_pipeline.tokenize(tiny_model, [str(tmp_path / "in")], str(tmp_path / "out"), image_size=SIZE,
+                             progress=False)
+    s = gq_pipeline.tokenize(tiny_model, [str(tmp_path / "in")], str(tmp_path / "out"), image_size=SIZE,
+                             progress=False, allow_empty=True)
+    assert s["inputs"] == 0 and s["ignored_files"] == 1
