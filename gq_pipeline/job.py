@@ -194,6 +194,12 @@ def _model_placement(requested: str, gpw: float, n_nodes: int, workers: int | No
     return "driver" if gpw == 0 and n_nodes <= 1 and workers in (None, 1) and cpus_per_worker is None else "actors"
 
 
+def _under(url: str, root: str) -> bool:
+    """``url`` is ``root`` or inside it (both as ``sources.to_url`` spells them)."""
+    root = root.rstrip("/")
+    return url.rstrip("/") == root or url.startswith(root + "/")
+
+
 def _check_first_parquet(units, image_column: str | None, storage_options: dict | None) -> None:
     """Fail fast on a wrong or missing image column (one footer read) instead of failing every Parquet unit."""
     import pyarrow.parquet as pq
@@ -287,6 +293,11 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     _log(progress, f"listed {plan.listed} files into {len(plan.units)} units in {plan.list_s:.2f}s"
                    + (f" ({plan.ignored} non-image files ignored, e.g. {plan.ignored_examples[0]})"
                       if plan.ignored else ""))
+    inside = [u for u in plan.units if _under(u.source, store.url)]
+    if inside:  # --output inside --input: gq's own shards are never inputs
+        plan.units = [u for u in plan.units if not _under(u.source, store.url)]
+        _log(progress, f"note: {len(inside)} unit(s) under the output folder {store.url} are not inputs (the "
+                       f"output lies inside an input); they were left out")
     _check_first_parquet(plan.units, image_column, storage_options)
     state = store.load()
     store.check_compatible(state, ctx)

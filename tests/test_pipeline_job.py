@@ -328,3 +328,16 @@ def test_an_empty_input_is_an_error_unless_allowed(tmp_path, tiny_model):
     s = gq_pipeline.tokenize(tiny_model, [str(tmp_path / "in")], str(tmp_path / "out"), image_size=SIZE,
                              progress=False, allow_empty=True)
     assert s["inputs"] == 0 and s["ignored_files"] == 1
+
+
+def test_an_output_inside_the_input_is_never_read_as_input(tmp_path, tiny_model):
+    """The first run writes shards under the input folder; every rerun must still see only the images (it used to
+    list gq's own shards and fail with "no image column found")."""
+    src = tmp_path / "data"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.png").write_bytes(rgb_bytes(40, 40, seed=i))
+    out = src / "tokens"
+    for _ in range(2):
+        s = gq_pipeline.tokenize(tiny_model, [str(src)], str(out), image_size=SIZE, format="both", progress=False)
+        assert s["inputs"] == s["tokenized"] == 3 and s["units_failed"] == []
