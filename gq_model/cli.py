@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "eval": "jobs.eval",
     "decode": "gq_pipeline.decode_cli",
     "inspect": "gq_pipeline.inspect_cli",
+    "gc": "gq_pipeline.gc_cli",
     "demo": "jobs.demo",
 }
 

@@ -136,7 +136,7 @@ def build_report(args: argparse.Namespace) -> dict:
         report["codebook_fingerprint"], mixed = None, True
         report["problems"].append(str(e))
     manifest = read_manifest(ss.fsref, ss.root)
-    errors, bad_errors = read_error_tables(ss.fsref, ss.root)
+    errors, bad_errors = read_error_tables(ss.fsref, ss.root, ss.error_files)
     report["unreadable"] += [msg for _, msg in bad_errors]
     by_kind = dict(Counter(errors.column("error").to_pylist())) if errors is not None else {}
     report["errors"] = {"total": sum(by_kind.values()), "by_kind": by_kind}
