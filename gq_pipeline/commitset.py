@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["STAGING", "UNITS", "new_attempt", "staged_relpath", "read_records", "staged_files", "publish",
-           "remove_tree", "roll_forward", "RollForward", "committed_paths"]
+           "remove_tree", "roll_forward", "RollForward", "committed_paths", "uncommitted_files"]
 
 STAGING = ".staging"
 UNITS = "units"
@@ -101,6 +101,24 @@ def committed_paths(records: dict[str, dict[str, Any]]) -> set[str]:
         if r.get("errors_file"):
             out.add(r["errors_file"])
     return out
+
+
+def uncommitted_files(fs, root: str, records: dict[str, dict[str, Any]]) -> list[str]:
+    """Shard and error files under ``parquet/``, ``webdataset/`` and ``errors/`` that no record covers (relpaths):
+    what a plain reader would see beyond the commit set. Temporaries and the wids index are not counted."""
+    keep = committed_paths(records)
+    out = []
+    for sub in ("parquet", "webdataset", "errors"):
+        try:
+            listed = fs.ls(posixpath.join(root, sub), detail=False)
+        except FileNotFoundError:
+            continue
+        for p in listed:
+            name = posixpath.basename(p.rstrip("/"))
+            rel = f"{sub}/{name}"
+            if ".tmp" not in name and name.endswith((".parquet", ".tar")) and rel not in keep:
+                out.append(rel)
+    return sorted(out)
 
 
 def staged_files(fs, root: str) -> dict[str, list[str]]:

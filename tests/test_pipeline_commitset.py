@@ -192,7 +192,10 @@ def test_planted_shard_is_invisible_to_gq_readers_and_gc_removes_exactly_the_orp
     for fmt in ("parquet", "webdataset"):
         assert sorted(s["source"] for s in TokenDataset(out, format=fmt, shuffle=False)) == sorted(expected)
         assert _inspect(out, fmt)["samples"] == 10
-    assert gq_main(["inspect", out, "--no-tokens"]) == 0
+    r = _inspect(out)
+    assert r["uncommitted_files"] == sorted([f"parquet/u-00000000deadbeef-{fp}.parquet",
+                                             f"webdataset/u-00000000deadbeef-{fp}.tar"])
+    assert any("gq gc" in p for p in r["problems"]) and gq_main(["inspect", out, "--no-tokens"]) == 1
     # gq gc --dry-run: the plan names exactly the orphans, and nothing changes
     before = _tree(out)
     plan = collect_garbage(out, dry_run=True)
@@ -218,6 +221,7 @@ def test_planted_shard_is_invisible_to_gq_readers_and_gc_removes_exactly_the_orp
     assert set(after) - set(before) == {"_lease.json"}
     assert all(after[p] == before[p] for p in after if p in before)  # nothing committed was touched
     _assert_once(_sources_everywhere(out), expected)
+    assert gq_main(["inspect", out, "--no-tokens"]) == 0
     assert collect_garbage(out).removed == []  # idempotent
 
 
