@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gq_pipeline.commitset import new_attempt, publish, remove_tree, staged_relpath
 from gq_pipeline.manifest import OutputStore
@@ -33,7 +34,6 @@ from gq_pipeline.writers import (ShardContext, build_error_table, build_token_ta
 
 __all__ = ["CompleteUnit", "commit_unit", "stage_unit", "publish_unit", "StagedUnit"]
 
-ROW_GROUP_SIZE = 1024  # writers.parquet_bytes' row groups; recorded per shard so readers need no footer
 
 
 @dataclass
@@ -54,8 +54,10 @@ class StagedUnit:
     hist: np.ndarray | None
 
 
-def _row_groups(n: int) -> list[int]:
-    return [min(ROW_GROUP_SIZE, n - i) for i in range(0, n, ROW_GROUP_SIZE)]
+def _row_groups(data: bytes) -> list[int]:
+    """Rows per row group of Parquet bytes, from their own footer (recorded so that readers need not read it)."""
+    md = pq.read_metadata(pa.BufferReader(data))
+    return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
 
 
 def _token_shapes(ok: pa.Table) -> list[list[int]]:
@@ -96,7 +98,7 @@ def stage_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], 
             rel = store.shard_relpath("parquet", unit.unit_id, fp)
             stage(rel, data)
             shards.append({"format": "parquet", "path": rel, "rows": n_ok, "bytes": len(data),
-                           "sha256": hashlib.sha256(data).hexdigest(), "row_groups": _row_groups(n_ok),
+                           "sha256": hashlib.sha256(data).hexdigest(), "row_groups": _row_groups(data),
                            "columns": table.column_names, "token_shapes": shapes})
         if "webdataset" in formats:
             data = tar_bytes(ok, ctx, parquet_input=unit.kind == "parquet")
