@@ -140,13 +140,19 @@ def staged_files(fs, root: str) -> dict[str, list[str]]:
 
 def publish(fs, src: str, dst: str) -> None:
     """Move a staged file to its final name. Local: ``os.replace`` (atomic, same file system). Object stores: a
-    server-side copy then a delete of the staged object (the copy appears whole, like any PUT)."""
-    if _is_local(fs):
-        os.makedirs(posixpath.dirname(dst), exist_ok=True)
-        os.replace(src, dst)
-    else:
-        fs.copy(src, dst)
-        fs.rm_file(src)
+    server-side copy then a delete of the staged object (the copy appears whole, like any PUT). A staged file that
+    is gone while its final name exists was published by a concurrent roll-forward: that is success."""
+    try:
+        if _is_local(fs):
+            os.makedirs(posixpath.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+        else:
+            fs.copy(src, dst)
+            fs.rm_file(src)
+    except FileNotFoundError:
+        # A roll-forward in another process (gq gc, a run starting) published this committed file first.
+        if not fs.exists(dst):
+            raise
 
 
 def remove_tree(fs, path: str) -> None:
@@ -215,10 +221,7 @@ def roll_forward(fs, root: str, records: dict[str, dict[str, Any]], dry_run: boo
                 continue
             report.published.append(rel)
             if not dry_run:
-                try:
-                    publish(fs, src, dst)
-                except FileNotFoundError:  # another process published it meanwhile
-                    pass
+                publish(fs, src, dst)
         report.cleaned.append(f"{STAGING}/{attempt}")
         if not dry_run:
             remove_tree(fs, folder)

@@ -176,7 +176,8 @@ def test_crash_then_changed_folder_and_rerun_every_reader_sees_every_input_once(
 
 
 def test_planted_shard_is_invisible_to_gq_readers_and_gc_removes_exactly_the_orphans(crashed, tiny_model,
-                                                                                        ray_cluster):
+                                                                                        tiny_model_dir, ray_cluster,
+                                                                                        capsys):
     folder, out, units, (s1, s2) = crashed
     gq_pipeline.tokenize(tiny_model, [folder], out, format="both", image_size=SIZE, unit_size=UNIT, batch_size=8,
                          progress=False)
@@ -192,6 +193,9 @@ def test_planted_shard_is_invisible_to_gq_readers_and_gc_removes_exactly_the_orp
     for fmt in ("parquet", "webdataset"):
         assert sorted(s["source"] for s in TokenDataset(out, format=fmt, shuffle=False)) == sorted(expected)
         assert _inspect(out, fmt)["samples"] == 10
+    png = out + "-png"
+    assert gq_main(["decode", "--model", tiny_model_dir, "--input", out, "--out", png, "--limit", "100"]) == 0
+    assert "decoded 10 sample(s)" in capsys.readouterr().out
     r = _inspect(out)
     assert r["uncommitted_files"] == sorted([f"parquet/u-00000000deadbeef-{fp}.parquet",
                                              f"webdataset/u-00000000deadbeef-{fp}.tar"])
