@@ -10,8 +10,10 @@ An output written by ``gq tokenize`` is read through its *commit set*: the recor
 shapes, so listing costs one listing of ``units/`` and one read of the manifest, no footer per shard, and a file no
 record covers (a crash leftover, a planted copy) is never read. Folders without records (shards written by another
 tool, a glob, a list of files) are described from metadata instead (Parquet footers, ``index.json``). Either way a
-dataset can be split into exact sample ranges before any token is decoded. File systems are re-created from ``(protocol, storage_options)`` in each process, never pickled or
-inherited through ``fork``: an s3fs instance copied into a DataLoader worker keeps a dead event loop and hangs.
+dataset can be split into exact sample ranges before any token is decoded.
+
+File systems are re-created from ``(protocol, storage_options)`` in each process, never pickled or inherited through
+``fork``: an s3fs instance copied into a DataLoader worker keeps a dead event loop and hangs.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import pytest
 
 import gq_pipeline
 from gq_pipeline.assembly import UnitAssembler
-from gq_pipeline.commit import commit_unit, publish_unit, stage_unit
+from gq_pipeline.commit import commit_unit, stage_unit
 from gq_pipeline.commitset import STAGING
 from gq_pipeline.dataset import TokenDataset
 from gq_pipeline.gc_cli import LeaseHeldError, collect_garbage
