@@ -247,6 +247,19 @@ def test_gc_rolls_forward_a_unit_killed_between_record_and_publish(crashed):
     assert not os.path.exists(os.path.join(out, STAGING))
 
 
+def test_staged_bytes_the_record_does_not_vouch_for_are_not_published(crashed):
+    folder, out, units, (s1, s2) = crashed
+    rel = next(r for r in s1.files if r.endswith(".parquet") and r.startswith("parquet/"))
+    staged = os.path.join(out, STAGING, s1.attempt, rel)
+    data = bytearray(open(staged, "rb").read())
+    data[100] ^= 0xFF  # a flipped bit on the disk
+    open(staged, "wb").write(bytes(data))
+    assert gq_main(["gc", out]) == 1
+    report = collect_garbage(out)
+    assert report.mismatched == [f"{STAGING}/{s1.attempt}/{rel}"] and report.damaged == [rel]
+    assert not os.path.exists(os.path.join(out, rel)) and os.path.exists(staged)  # kept for a person to look at
+
+
 def test_a_second_commit_of_a_unit_discards_its_staged_files(crashed, tiny_model):
     folder, out, units, _ = crashed
     store = OutputStore(out)
