@@ -27,11 +27,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["STAGING", "UNITS", "new_attempt", "staged_relpath", "read_records", "staged_files", "publish",
+__all__ = ["STAGING", "UNITS", "WIDS_INDEX", "new_attempt", "staged_relpath", "read_records", "staged_files", "publish",
            "remove_tree", "roll_forward", "RollForward", "committed_paths", "uncommitted_files"]
 
 STAGING = ".staging"
 UNITS = "units"
+# The wids index lives at the output root, not in webdataset/: a directory read of webdataset/ by
+# ray.data.read_webdataset took it for a tar ("truncated header"), and HF datasets could pick it as the data.
+WIDS_INDEX = "webdataset-index.json"
 
 
 def _is_local(fs) -> bool:

@@ -14,7 +14,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from gq_pipeline.commitset import RollForward, read_records, roll_forward, staged_files
+from gq_pipeline.commitset import WIDS_INDEX, RollForward, read_records, roll_forward, staged_files
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.sources import get_fs, is_local_fs, to_url
 from gq_pipeline.writers import ShardContext, put_atomic
@@ -190,14 +190,23 @@ class OutputStore:
                  json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
     def write_wids_index(self, records: list[dict[str, Any]]) -> str | None:
+        """``webdataset-index.json`` at the output root (a wids index of the committed tars). It is not inside
+        ``webdataset/``: there ``ray.data.read_webdataset`` read it as a tar and HF ``datasets`` as the data. An index
+        an older gq left in ``webdataset/`` is removed for the same reason."""
+        old = self.path("webdataset", "index.json")
+        try:
+            if self.fs.exists(old):
+                self.fs.rm_file(old)
+        except FileNotFoundError:
+            pass
         shards = sorted((s["path"], s["rows"]) for r in records for s in r.get("shards", [])
                         if s["format"] == "webdataset" and s["rows"] > 0)
         if not shards:
             return None
         index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": posixpath.basename(self.root),
-                 "shardlist": [{"url": posixpath.basename(p), "nsamples": n} for p, n in shards]}
-        self.put("webdataset/index.json", json.dumps(index, indent=1).encode("utf-8"))
-        return "webdataset/index.json"
+                 "shardlist": [{"url": p, "nsamples": n} for p, n in shards]}
+        self.put(WIDS_INDEX, json.dumps(index, indent=1).encode("utf-8"))
+        return WIDS_INDEX
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.put("manifest.json", json.dumps(manifest, indent=1, sort_keys=False).encode("utf-8"))

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gq_model.storage import options_for
-from gq_pipeline.commitset import read_records, staged_files, staged_relpath
+from gq_pipeline.commitset import WIDS_INDEX, read_records, staged_files, staged_relpath
 from gq_pipeline.records import FORMAT_VERSION as _WRITTEN_FORMAT_VERSION
 
 __all__ = ["ShardError", "FingerprintMismatchError", "FSRef", "Shard", "ShardSet", "list_shards", "read_manifest",
@@ -310,8 +310,12 @@ def _root_of(directory: str) -> str:
 
 
 def _index_next_to(fs, directory: str) -> str | None:
-    idx = posixpath.join(directory, "index.json")
-    return idx if fs.exists(idx) else None
+    """The wids index for a folder of tars: ``<root>/webdataset-index.json`` (gq's layout) or an ``index.json``
+    inside the folder (older gq versions, other tools)."""
+    candidates = [posixpath.join(directory, "index.json")]
+    if posixpath.basename(directory) == "webdataset":
+        candidates.insert(0, posixpath.join(posixpath.dirname(directory), WIDS_INDEX))
+    return next((c for c in candidates if fs.exists(c)), None)
 
 
 def _discover(fs, path: str, format: str, url) -> tuple[list[str], str, str | None, str | None]:

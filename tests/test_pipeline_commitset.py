@@ -89,11 +89,16 @@ def _sources_everywhere(out: str, ray_ok: bool = True) -> dict[str, list[str]]:
                                             split="train", cache_dir=cache)["source"]
     tars = sorted(glob.glob(f"{out}/webdataset/*.tar"))
     seen["webdataset"] = [json.loads(s["json"])["source"] for s in wds.WebDataset(tars, shardshuffle=False)]
+    hf_wds = load_dataset(os.path.join(out, "webdataset"), split="train", cache_dir=cache)
+    seen["hf webdataset dir"] = [j["source"] for j in hf_wds["json"]]
     if ray_ok:
         import ray.data
 
         seen["ray.data.read_parquet"] = ray.data.read_parquet(os.path.join(out, "parquet")) \
             .select_columns(["source"]).to_pandas()["source"].tolist()
+        seen["ray.data.read_webdataset"] = [json.loads(j)["source"] if isinstance(j, (str, bytes)) else j["source"]
+                                            for j in ray.data.read_webdataset(os.path.join(out, "webdataset"))
+                                            .to_pandas()["json"]]
     for fmt in ("parquet", "webdataset"):
         seen[f"TokenDataset {fmt}"] = [s["source"] for s in TokenDataset(out, format=fmt, shuffle=False)]
         seen[f"TokenDataset {fmt} folder"] = [s["source"] for s in TokenDataset(os.path.join(out, fmt),
@@ -162,12 +167,21 @@ def test_staged_files_are_invisible_to_plain_readers(crashed, ray_cluster):
 def test_crash_then_changed_folder_and_rerun_every_reader_sees_every_input_once(crashed, tiny_model, ray_cluster):
     folder, out, units, (s1, s2) = crashed
     _images(folder, ["a05b.jpg", "a01b.jpg", "z.jpg"])  # inside unit 1's range, inside unit 0's, at the end
+    with open(os.path.join(out, "webdataset", "index.json"), "w") as f:  # where an older gq kept the wids index
+        json.dump({"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": []}, f)
     s = gq_pipeline.tokenize(tiny_model, [folder], out, format="both", image_size=SIZE, unit_size=UNIT,
                              batch_size=8, progress=False)
     expected = {f"file://{folder}/{n}" for n in os.listdir(folder)}
     assert s["inputs"] == s["tokenized"] == len(expected) == 13
     # the rerun rolled unit 1 forward; unit 2's staging (never committed, and recut) is left for gq gc
     assert os.listdir(os.path.join(out, STAGING)) == [s2.attempt]
+    # the wids index moved to the root: webdataset/ holds tars only, for directory readers (issue 18)
+    import wids
+
+    assert os.listdir(os.path.join(out, "webdataset")) == [n for n in os.listdir(os.path.join(out, "webdataset"))
+                                                           if n.endswith(".tar")]
+    index = wids.ShardListDataset(os.path.join(out, "webdataset-index.json"), cache_dir=out + "-wids")
+    assert sorted(index[i][".json"]["source"] for i in range(len(index))) == sorted(expected)  # decoded by wids
     seen = _sources_everywhere(out)
     _assert_once(seen, expected)
     for fmt in ("parquet", "webdataset"):
