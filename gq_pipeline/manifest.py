@@ -1,7 +1,9 @@
 """The output directory's bookkeeping: commit records, the compatibility guard, ``manifest.json`` and the wids index.
 
-A unit is done exactly when ``units/<unit_id>.json`` exists; it is written after the unit's shards, so a crash at any
-moment leaves either a committed unit or one that a rerun redoes (rewriting the same names with the same bytes).
+A unit is done exactly when ``units/<unit_id>.json`` exists; it is created after the unit's files are staged and
+before they are published (:mod:`gq_pipeline.commit`, :mod:`gq_pipeline.commitset`), so a crash at any moment leaves
+either an uncommitted unit that no plain reader sees and a rerun redoes (same names, same bytes), or a committed unit
+whose staged files the next run's :meth:`OutputStore.prepare` rolls forward.
 Resuming reads ``manifest.json`` plus only the commit records the manifest does not list yet, so a rerun costs one
 listing of ``units/`` and a few reads, never a scan of the shards or a re-read of finished inputs.
 """
@@ -12,6 +14,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from gq_pipeline.commitset import WIDS_INDEX, RollForward, read_records, roll_forward, staged_files
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.sources import get_fs, is_local_fs, to_url
 from gq_pipeline.writers import ShardContext, put_atomic
@@ -20,7 +23,7 @@ __all__ = ["OutputStore", "OutputState", "IncompatibleOutputError", "manifest_un
 
 SUBDIRS = ("parquet", "webdataset", "errors", "units")
 # Commit-record fields that are the same for the whole output: stored once at the top of manifest.json.
-RUN_CONSTANTS = ("format_version", "model_fingerprint", "codebook_fingerprint", "preprocess")
+RUN_CONSTANTS = ("format_version", "model_fingerprint", "codebook_fingerprint", "preprocess", "codebook_size")
 
 
 def manifest_unit_entry(record: dict[str, Any]) -> dict[str, Any]:
@@ -61,8 +64,14 @@ class OutputStore:
 
     # ------------------------------------------------------------------ start of a run
     def prepare(self) -> None:
-        """Create directories (local) and remove temporaries left by a killed run (local only: object stores have
-        none, since every object is one PUT)."""
+        """Create directories (local), remove temporaries left by a killed run (local only: object stores have
+        none, since every object is one PUT), and roll forward committed units whose files are still staged."""
+        self._prepare_dirs()
+        self.fs.invalidate_cache()
+        if staged_files(self.fs, self.root):  # one listing; usually empty
+            self.roll_forward(read_records(self.fs, self.root) or {})
+
+    def _prepare_dirs(self) -> None:
         if not self.local:
             bucket = self.root.split("/", 1)[0]
             try:
@@ -101,28 +110,18 @@ class OutputStore:
         except ValueError as e:
             raise ValueError(f"{self.url}/manifest.json is not valid JSON ({e}); it is rewritten at the end of every "
                              f"run, so delete it and rerun to rebuild it from units/") from e
-        names = [n for n in self._ls_names("units") if n.endswith(".json") and ".tmp-" not in n]
-        m = state.manifest or {}
-        shared = {k: m[k] for k in RUN_CONSTANTS if k in m}
-        known = {u["unit_id"]: u for u in m.get("units", []) if "formats" in u}
-        missing = []
-        for n in names:
-            uid = n[:-5]
-            if uid in known:
-                state.records[uid] = {**known[uid], **shared}
-            else:
-                missing.append(self.path("units", n))
-        if missing:
-            for p, blob in self.fs.cat(missing, on_error="return").items():
-                if isinstance(blob, BaseException):
-                    raise OSError(f"cannot read commit record {p}: {blob}")
-                rec = json.loads(blob)
-                state.records[rec["unit_id"]] = rec
+        state.records = read_records(self.fs, self.root, state.manifest or {}) or {}
         for sub in ("parquet", "webdataset"):
             for n in self._ls_names(sub):
                 if n.endswith((".parquet", ".tar")):
                     state.foreign_shards.append(f"{sub}/{n}")
         return state
+
+    def roll_forward(self, records: dict[str, dict[str, Any]], dry_run: bool = False) -> RollForward:
+        """Publish the staged files of committed units (a run killed between a record and its publish); call at the
+        start of a run, after :meth:`load`. Staging folders of uncommitted units are left for ``gq gc``."""
+        self.fs.invalidate_cache()
+        return roll_forward(self.fs, self.root, records, dry_run=dry_run)
 
     def committed_sources(self, record: dict[str, Any]) -> list[str]:
         """The ``source`` of every sample a committed unit wrote (tokens and errors), read back from its shards.
@@ -191,14 +190,23 @@ class OutputStore:
                  json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
     def write_wids_index(self, records: list[dict[str, Any]]) -> str | None:
+        """``webdataset-index.json`` at the output root (a wids index of the committed tars). It is not inside
+        ``webdataset/``: there ``ray.data.read_webdataset`` read it as a tar and HF ``datasets`` as the data. An index
+        an older gq left in ``webdataset/`` is removed for the same reason."""
+        old = self.path("webdataset", "index.json")
+        try:
+            if self.fs.exists(old):
+                self.fs.rm_file(old)
+        except FileNotFoundError:
+            pass
         shards = sorted((s["path"], s["rows"]) for r in records for s in r.get("shards", [])
                         if s["format"] == "webdataset" and s["rows"] > 0)
         if not shards:
             return None
         index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": posixpath.basename(self.root),
-                 "shardlist": [{"url": posixpath.basename(p), "nsamples": n} for p, n in shards]}
-        self.put("webdataset/index.json", json.dumps(index, indent=1).encode("utf-8"))
-        return "webdataset/index.json"
+                 "shardlist": [{"url": p, "nsamples": n} for p, n in shards]}
+        self.put(WIDS_INDEX, json.dumps(index, indent=1).encode("utf-8"))
+        return WIDS_INDEX
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.put("manifest.json", json.dumps(manifest, indent=1, sort_keys=False).encode("utf-8"))

@@ -100,7 +100,7 @@ def test_webdataset_and_wids_read_back(folder_run):
         assert sample["tokens.npy"].dtype == np.uint16 and sample["json"]["source"] == r["source"]
         seen += 1
     assert seen == s["tokenized"]
-    ds = wids.ShardListDataset(os.path.join(out, "webdataset", "index.json"))
+    ds = wids.ShardListDataset(os.path.join(out, "webdataset-index.json"))
     assert len(ds) == s["tokenized"] and ds[0][".tokens.npy"] is not None
 
 
