@@ -32,7 +32,7 @@ from gq_pipeline.sources import Unit
 from gq_pipeline.writers import (ShardContext, build_error_table, build_token_table, parquet_bytes,
                                  split_rows, tar_bytes)
 
-__all__ = ["CompleteUnit", "commit_unit", "stage_unit", "publish_unit", "StagedUnit"]
+__all__ = ["CompleteUnit", "commit_unit", "stage_unit", "commit_staged", "publish_unit", "StagedUnit"]
 
 
 
@@ -141,6 +141,16 @@ def discard_unit(store: OutputStore, staged: StagedUnit) -> None:
     remove_tree(store.fs, store.path(staged_relpath(staged.attempt, "")).rstrip("/"))
 
 
+def commit_staged(store: OutputStore, staged: StagedUnit) -> bool:
+    """Steps 2 and 3: create the record (the commit point), then publish. False when another run had created this
+    unit's record first: then this try's staged files are discarded and nothing of it is visible."""
+    if store.commit(staged.record) is False:
+        discard_unit(store, staged)
+        return False
+    publish_unit(store, staged)
+    return True
+
+
 def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], done: CompleteUnit
                 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Stage a complete unit's files, create its commit record, publish the files.
@@ -148,10 +158,6 @@ def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...],
     Returns (record, token histogram of this unit). When another run had already created the record, this try's
     files are discarded and (that record, None) is returned, so the other run's tokens are not counted twice."""
     staged = stage_unit(store, ctx, formats, done)
-    created = store.commit(staged.record)
-    if created is False:  # OutputStore.commit as a conditional create: someone else committed this unit
-        discard_unit(store, staged)
-        existing = json.loads(store.fs.cat_file(store.path("units", f"{done.unit.unit_id}.json")))
-        return existing, None
-    publish_unit(store, staged)
+    if not commit_staged(store, staged):
+        return json.loads(store.fs.cat_file(store.path("units", f"{done.unit.unit_id}.json"))), None
     return staged.record, staged.hist
