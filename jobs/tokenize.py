@@ -23,7 +23,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     from gq_pipeline.preprocess import DEFAULT_MAX_PIXELS
 
     p.add_argument("--model", required=True,
-                   help="GQ bundle dir/URL, built-in name (demo), reference .ckpt (+ --config/--preset) or DeepSpeed "
+                   help="official:sd3unet_gq_0.25 or hf://owner/repo/file.ckpt (Hugging Face Hub), GQ bundle "
+                        "dir/URL, built-in name (demo), reference .ckpt (+ --config/--preset) or DeepSpeed "
                         "checkpoint dir")
     p.add_argument("--input", required=True, nargs="+", metavar="URL",
                    help="image folders, globs, WebDataset tars (brace patterns ok) or Parquet files; any fsspec URL "
