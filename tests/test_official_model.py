@@ -196,7 +196,6 @@ def test_preset_inferred_from_the_file_name_can_be_overridden(hub, small):
     assert same_tokens(load_model(spec, config=yaml_path), source)
 
 
-@pytest.mark.slow
 def test_official_alias_full_size_model(hub, tmp_path):
     """``official:sd3unet_gq_0.25`` -> xutongda/GQModel/sd3unet_gq_0.25.ckpt, architecture from the file name."""
     from gq_model.config import GQConfig
