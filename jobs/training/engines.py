@@ -92,11 +92,7 @@ def ds_config(cfg: Any, stage: int, batch_size: int) -> dict[str, Any]:
     }
     if float(d.grad_clip) > 0:
         out["gradient_clipping"] = float(d.grad_clip)
-    extra = d.config or {}
-    if not isinstance(extra, dict):  # an OmegaConf node: plain containers, so nested dicts merge (and pickle) as dicts
-        from omegaconf import OmegaConf
-
-        extra = OmegaConf.to_container(extra, resolve=True)
+    extra = dict(d.config or {})
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
