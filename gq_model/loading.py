@@ -23,7 +23,7 @@ from typing import Any
 __all__ = ["load_model", "describe_spec"]
 
 
-def describe_spec(spec: Any, storage_options: dict | None = None) -> str:
+def describe_spec(spec: Any) -> str:
     """Which form ``spec`` is: ``model``, ``hub``, ``reference``, ``bundle``, ``deepspeed`` or ``builtin``."""
     from gq_model.hub import is_hub_spec
 
@@ -64,7 +64,7 @@ def load_model(spec: Any, *, config: str | None = None, preset: str | None = Non
     spec = os.fspath(spec)
     if spec.startswith("memory:"):
         raise ValueError("--model: memory:// is not supported (Ray workers cannot see it)")
-    kind = describe_spec(spec, storage_options)
+    kind = describe_spec(spec)
     if config is not None and preset is not None:
         raise ValueError("give either a reference YAML (--config) or a preset (--preset), not both")
     if kind not in ("hub", "reference") and (config is not None or preset is not None):

@@ -6,11 +6,19 @@ model file downloaded from the internet, or a training folder someone hands over
 ``weights_only`` unpickler (tensors, containers and primitive types only) unless the caller says the file is trusted
 (``trust_checkpoint=True``, ``--trust-checkpoint`` on the command line).
 
-DeepSpeed's ZeRO optimizer shards pickle three small DeepSpeed objects besides tensors (checked on checkpoints that
-DeepSpeed 0.19.8 writes for this project's trainer at ZeRO 1, 2 and 3, fp32 and bf16): the ``ZeroStageEnum`` stage
-number, the ``LossScaler`` and ``fragment_address`` records of ``param_slice_mappings``. They are allow-listed here
-under their pickled names but mapped to inert stand-ins defined below, so reading a shard neither imports deepspeed
-nor lets a file choose which class is instantiated. Nothing else is allowed.
+What else a legitimate checkpoint pickles was read off the files DeepSpeed 0.19.8 writes for this project's trainer
+(ZeRO 0-3, fp32 and bf16, ``torch.serialization.get_unsafe_globals_in_checkpoint``):
+
+* the ZeRO optimizer shards: DeepSpeed's ``ZeroStageEnum`` (the stage number), ``LossScaler`` and the
+  ``fragment_address`` records of ``param_slice_mappings``;
+* the model states, whenever the run set ``deepspeed.config``: the trainer hands DeepSpeed that part of its config
+  as OmegaConf nodes, which DeepSpeed pickles into ``ds_config`` (``DictConfig``, ``ListConfig``, ``AnyNode``,
+  their ``Metadata``, a ``defaultdict`` cache, ``typing.Any`` and the ``dict``/``list``/``int`` type objects).
+
+They are allow-listed under their pickled names but mapped to inert stand-ins defined below (the three builtin types
+map to themselves: calling them builds plain data), so reading a shard imports neither deepspeed nor omegaconf and no
+file chooses which class is instantiated or which function is called. gq never reads those entries; it only needs
+them not to stop the load. Nothing else is allowed.
 """
 from __future__ import annotations
 
@@ -36,10 +44,32 @@ class DeepSpeedRecord:
         return f"DeepSpeedRecord({vars(self)})"
 
 
-_DEEPSPEED_STAND_INS = [
+class ConfigRecord:
+    """Stand-in for an OmegaConf node (``DictConfig``, ``ListConfig``, ``AnyNode``, ``Metadata``): attributes only."""
+
+
+class InertMapping(dict):
+    """Stand-in for ``collections.defaultdict``: a plain dict that ignores the default factory it is given."""
+
+    def __init__(self, *factory_and_items):
+        super().__init__()
+
+
+class TypeMarker:
+    """Stand-in for ``typing.Any``, which OmegaConf records as a node's type."""
+
+
+_SAFE_STAND_INS = [
     (DeepSpeedZeroStage, "deepspeed.runtime.zero.config.ZeroStageEnum"),
     (DeepSpeedRecord, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
     (DeepSpeedRecord, "deepspeed.utils.tensor_fragment.fragment_address"),
+    *((ConfigRecord, f"omegaconf.{name}") for name in ("dictconfig.DictConfig", "listconfig.ListConfig",
+                                                        "nodes.AnyNode", "base.Metadata", "base.ContainerMetadata")),
+    (InertMapping, "collections.defaultdict"),
+    (TypeMarker, "typing.Any"),
+    (dict, "builtins.dict"),
+    (list, "builtins.list"),
+    (int, "builtins.int"),
 ]
 
 
@@ -94,7 +124,7 @@ def load_torch_file(source: str | os.PathLike | bytes, *, trust_checkpoint: bool
     try:
         if trust_checkpoint:
             return torch.load(target, **kwargs)
-        with torch.serialization.safe_globals(_DEEPSPEED_STAND_INS):
+        with torch.serialization.safe_globals(_SAFE_STAND_INS):
             return torch.load(target, **kwargs)
     except pickle.UnpicklingError as e:
         if not trust_checkpoint:
