@@ -121,8 +121,9 @@ def gq_cache_dir() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ download
-def download(hub_file: HubFile) -> str:
-    """Local path of the verified file, downloading it into the Hub cache when it is not there yet."""
+def download(hub_file: HubFile, *, verify: bool = True) -> str:
+    """Local path of the file in the Hub cache, downloaded when it is not there yet, and verified unless told not to
+    (:func:`load_hub_model` verifies only when it reads the file, not when its converted bundle is cached)."""
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
@@ -147,7 +148,8 @@ def download(hub_file: HubFile) -> str:
                                 f"{hub_file.filename!r} ({hub_file.url()})") from e
     except HfHubHTTPError as e:
         raise OSError(f"{hub_file.spec}: the Hub refused {hub_file.url()}: {str(e).splitlines()[0]}") from e
-    _verify_cached_file(hub_file, path)
+    if verify:
+        _verify_cached_file(hub_file, path)
     return path
 
 
@@ -182,7 +184,7 @@ def _verify_cached_file(hub_file: HubFile, path: str) -> None:
 
 
 def _content_sha256(path: str) -> str:
-    """sha256 of a verified cached file: its blob name when that is the sha256 (LFS), else computed."""
+    """The sha256 the Hub names a cached file by (its blob name, for LFS files), else computed from its bytes."""
     etag = os.path.basename(os.path.realpath(path))
     return etag if _SHA256.match(etag) else _file_digest(path, "sha256")
 
@@ -217,14 +219,15 @@ def load_hub_model(spec: str, *, config: str | None = None, preset: str | None =
 
     hub_file = parse_hub_spec(spec)
     config, preset, arch_key = _architecture(hub_file, config, preset)
-    path = download(hub_file)
+    path = download(hub_file, verify=False)
     bundle_dir = os.path.join(gq_cache_dir(), "bundles", f"{_content_sha256(path)}-{arch_key}")
     if cache_bundle and os.path.isfile(os.path.join(bundle_dir, "config.json")):
         try:
-            return load_bundle(bundle_dir)
+            return load_bundle(bundle_dir)  # checks its own weights_sha256
         except (ValueError, OSError) as e:  # a damaged cache entry is rebuilt, never used
             log.warning("%s: cached bundle %s is unusable (%s); rebuilding it from the checkpoint", spec, bundle_dir, e)
             shutil.rmtree(bundle_dir, ignore_errors=True)
+    _verify_cached_file(hub_file, path)
     model = load_reference_checkpoint(path, config, preset=preset, trust_checkpoint=False)
     if cache_bundle:
         _save_cached_bundle(model, bundle_dir, spec, hub_file)

@@ -175,6 +175,11 @@ def test_hf_checkpoint_downloads_once_verifies_and_caches_a_bundle(hub, small, t
     # the second load asks the Hub (HEAD) but downloads nothing, and reads the cached bundle
     again = GQModel.from_pretrained(spec, config=yaml_path)
     assert hub.downloads() == 1 and same_tokens(again, source)
+    # a damaged cache entry is never used: rebuilt from the (verified) checkpoint, still without a download
+    weights = bundles[0] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    assert same_tokens(load_model(spec, config=yaml_path), source) and hub.downloads() == 1
+    assert same_tokens(GQModel.from_pretrained(bundles[0]), source)  # the rebuilt entry is whole again
     # every CLI resolves specs through the same function: gq eval's loader, the pipeline's loader
     from gq_pipeline.model_loader import load_model as pipeline_load_model
     from jobs.eval import _load_model
