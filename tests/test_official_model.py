@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import os
 import threading
-from pathlib import Path
 
 import pytest
 import torch
