@@ -55,7 +55,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "actors, changes ~2%% of tokens, and is recorded: an output never mixes precisions")
     p.add_argument("--config", help="reference YAML for a .ckpt --model")
     p.add_argument("--preset", help="built-in preset for a .ckpt --model (e.g. sd3unet_gq_0.25)")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in a .ckpt or DeepSpeed checkpoint you trust (weights_only otherwise; "
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow pickled objects in a .ckpt or DeepSpeed checkpoint you trust (weights_only otherwise; "
                         "never applies to hf:// or official: models)")
     p.add_argument("--unit-size", type=int, default=1000,
                    help="image files per work unit for folders (tars and Parquet files are one unit each)")
