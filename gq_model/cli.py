@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "decode": "gq_pipeline.decode_cli",
     "inspect": "gq_pipeline.inspect_cli",
     "demo": "jobs.demo",
+    "weights": "gq_model.weights_cli",
 }
 
 
