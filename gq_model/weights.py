@@ -79,7 +79,8 @@ class WeightFile:
     def expected(self) -> str:
         if self.sha256:
             return f"sha256 {self.sha256}"
-        return f"sha256 starting {self.sha256_prefix} (the torch.hub file-name prefix; the full digest is not published)"
+        return (f"sha256 starting {self.sha256_prefix} "
+                "(the torch.hub file-name prefix; the full digest is not published)")
 
 
 FILES: dict[str, WeightFile] = {f.key: f for f in (

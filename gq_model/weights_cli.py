@@ -36,7 +36,8 @@ def run_fetch(args: argparse.Namespace) -> int:
     from gq_model.weights import FILES, WeightsUnavailable, fetch
 
     try:
-        got = fetch(args.names or ["all"], cache=args.cache, base_url=args.base_url, timeout=args.timeout, download=True)
+        got = fetch(args.names or ["all"], cache=args.cache, base_url=args.base_url, timeout=args.timeout,
+                    download=True)
     except WeightsUnavailable as e:
         print(f"gq weights fetch: error: {e}", file=sys.stderr)
         return 1

@@ -279,7 +279,8 @@ def test_training_with_perceptual_loss_and_no_weights_stops_before_building_the_
     msg = str(err.value)
     for expected in ("vgg16-397923af.pth", W.FILES["vgg16"].url, "397923af", "lpips-v0.1-vgg.pth",
                      W.FILES["lpips-vgg-heads"].url, W.FILES["lpips-vgg-heads"].sha256,
-                     "gq weights fetch lpips-vgg", "loss.perceptual_weight=0", str(cache), "loss.perceptual_weight=1.0"):
+                     "gq weights fetch lpips-vgg", "loss.perceptual_weight=0", str(cache),
+                     "loss.perceptual_weight=1.0"):
         assert expected in msg, expected
     assert not (out / "metrics.jsonl").exists()
 

@@ -43,7 +43,8 @@ def load_state_dict_file(url: str, storage_options: Mapping[str, Any] | None = N
     return _load_with_digest(url, storage_options)[0]
 
 
-def _load_with_digest(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+def _load_with_digest(url: str,
+                      storage_options: Mapping[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, sha256 of the file's bytes), from one read."""
     import fsspec
 

@@ -2,7 +2,8 @@
 
 Why our own: torchvision (and with it pytorch-fid / torch-fidelity) cannot be installed next to the CPU torch used
 here. The weight file is given explicitly (``gq eval --inception-weights``) or resolved by :mod:`gq_model.weights`
-(gq's cache, else a download checked against the file name's SHA-256 prefix; ``gq weights fetch fid-inception``). rFID is only comparable across papers if the *TF 2015-12-05 Inception graph* is
+(gq's cache, else a download checked against the file name's SHA-256 prefix; ``gq weights fetch fid-inception``).
+rFID is only comparable across papers if the *TF 2015-12-05 Inception graph* is
 used, so this module reproduces the layout that file was published for: torchvision's ``Inception3`` module tree
 (``num_classes=1008``, no auxiliary head) with the Mixed blocks swapped for the FID variants, which differ from the
 torchvision ones only in pooling:
@@ -238,7 +239,8 @@ def build_fid_inception(url: str | None = None, **resolve_kw) -> tuple[FIDIncept
     """The FID InceptionV3 from ``url`` when given (see :func:`load_fid_inception`), else from gq's weight resolution
     (cache -> verified download); :class:`gq_model.weights.WeightsUnavailable` with the ways out otherwise."""
     if url:
-        return load_fid_inception(url)
+        model, info = load_fid_inception(url)
+        return model, {**info, "source": "explicit"}
     resolve_kw.setdefault("ways_out", EVAL_WAYS_OUT)
     resolve_kw.setdefault("purpose", "gq eval's rFID")
     r = resolve_group("fid-inception", **resolve_kw)["fid-inception"]
