@@ -416,3 +416,20 @@ def test_gq_weights_fetch_refuses_corrupt_files_and_unknown_names(server, cache,
     assert not (cache / name).exists() and _no_partial_files(cache)
     with pytest.raises(SystemExit):
         _gq("weights", "fetch", "lpips-squeeze")
+
+
+def test_two_ranks_without_weights_both_stop_with_the_error(cache, tmp_path):
+    """torchrun with 2 gloo ranks: local rank 0 tries, every rank raises the same error, nothing hangs."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "jobs.train", str(TINY), f"run.out_dir={tmp_path / 'run'}",
+           "loss.perceptual_weight=1.0", "deepspeed.enabled=false", "deepspeed.backend=gloo", "run.progress=false"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    assert out.count("WeightsUnavailable") >= 2 and "(on another rank)" in out, out[-4000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
