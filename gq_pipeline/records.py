@@ -11,7 +11,8 @@ import re
 from typing import Any
 
 __all__ = ["FORMAT_VERSION", "tokens_fit_uint16", "ERROR_KINDS", "SampleError", "make_key", "make_unit_id", "ROW_OK",
-           "ROW_ERROR", "ROW_END", "checked_dimension", "printable", "is_utf8", "INT32_MAX", "RESERVED_COLUMNS", "IMAGE_EXTENSIONS", "TAR_EXTENSIONS", "PARQUET_EXTENSIONS"]
+           "ROW_ERROR", "ROW_END", "checked_dimension", "printable", "is_utf8", "INT32_MAX", "RESERVED_COLUMNS",
+           "IMAGE_EXTENSIONS", "TAR_EXTENSIONS", "PARQUET_EXTENSIONS"]
 
 # Token shard format version (docs/token-format.md): writers stamp it, readers refuse newer ones.
 FORMAT_VERSION = 1

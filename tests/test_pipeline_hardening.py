@@ -121,7 +121,8 @@ def icns_with_png(png: bytes) -> bytes:
 
 # ------------------------------------------------------------------------------------------- 2: path references
 def _ref_parquet(path, refs):
-    col = pa.array([{"bytes": None, "path": r} for r in refs], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    col = pa.array([{"bytes": None, "path": r} for r in refs],
+                   pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     pq.write_table(pa.table({"image": col}), path)
 
 
@@ -369,7 +370,7 @@ def test_output_urls_with_dotdot_are_normalised_or_refused(tmp_path):
 def test_tar_links_and_dotdot_members_are_recorded():
     buf = io.BytesIO()
     jpg = rgb_bytes(24, 24)
-    with tarfile.open(fileobj=buf, mode="w") as t:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as t:
         def add(name, data=None, kind=tarfile.REGTYPE, target=""):
             info = tarfile.TarInfo(name)
             info.type, info.linkname = kind, target
@@ -384,12 +385,13 @@ def test_tar_links_and_dotdot_members_are_recorded():
         add("003.jpg", jpg)
         add("004.jpg", jpg)
         add("004.txt", kind=tarfile.SYMTYPE, target="/etc/hostname")
+        add("caf\xe9.jpg", jpg)  # written as Latin-1 bytes: not UTF-8
     got = list(iter_samples(_tar_unit(buf.getvalue()), UnitInfo()))
-    assert [s.member for s in got] == ["000", "001", "002", "..", "003", "004"]
+    assert [s.member for s in got] == ["000", "001", "002", "..", "003", "004", "caf\\xe9"]
     assert [s.error.kind if s.error else "ok" for s in got] == ["ok", "unsupported", "unsupported", "unsupported",
-                                                                 "ok", "unsupported"]
+                                                                 "ok", "unsupported", "unsupported"]
     assert "link" in got[1].error.message and "link" in got[5].error.message and "'..'" in got[3].error.message
-    assert len({s.key for s in got}) == 6
+    assert len({s.key for s in got}) == 7
     rows = [decode_sample("u", s, CFG) for s in got]
     assert rows_to_table(rows).column("member").to_pylist()[3] == ".."
 
@@ -406,7 +408,7 @@ def test_one_run_over_every_bad_file_commits_all_its_units(tmp_path):
         (d / f"ok{i}.jpg").write_bytes(rgb_bytes(40, 40, seed=i))
     (d / "br[1].jpg").write_bytes(rgb_bytes(40, 40, seed=7))
     (d / "badwidth.bmp").write_bytes(bmp_with_width(4294967169))
-    with open(os.path.join(os.fsencode(d), b"caf\xe9.jpg"), "wb") as f:
+    with open(os.path.join(os.fsencode(d), b"a\xe9.jpg"), "wb") as f:  # first of its unit: in the commit record
         f.write(rgb_bytes(40, 40, seed=9))
     os.symlink("loop.jpg", d / "loop.jpg")
     os.mkfifo(d / "fifo.jpg")
@@ -419,6 +421,9 @@ def test_one_run_over_every_bad_file_commits_all_its_units(tmp_path):
     assert summary["ignored_decodable"] == 1 and summary["skipped_files"] == 1
     errors = [r for n in os.listdir(tmp_path / "out" / "errors")
               for r in pq.read_table(tmp_path / "out" / "errors" / n).to_pylist()]
-    assert sorted(r["source"].rsplit("/", 1)[1] for r in errors) == ["badwidth.bmp", "caf\\xe9.jpg", "loop.jpg"]
+    assert sorted(r["source"].rsplit("/", 1)[1] for r in errors) == ["a\\xe9.jpg", "badwidth.bmp", "loop.jpg"]
     json.dumps(summary)
     assert set(summary["errors_by_kind"]) <= set(ERROR_KINDS)
+    again = in_thread(lambda: gq_pipeline.tokenize(make_tiny_model(), [str(d)], str(tmp_path / "out"),
+                                                    image_size=32, unit_size=4, progress=False), timeout=300)
+    assert again["units_committed"] == 0 and again["units_skipped"] == summary["units_committed"] == 2
