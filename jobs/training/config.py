@@ -70,7 +70,7 @@ DEFAULTS: dict[str, Any] = {
         "grad_clip": 0.0,
         "backend": "auto",        # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
         "config": {},             # raw DeepSpeed config merged over the generated one (both engines)
-        "disc_zero_stage": None,  # default: zero_stage
+        "disc_zero_stage": None,  # default: zero_stage, at most 2 (see Trainer.setup)
     },
     "run": {
         "out_dir": "runs/gq",

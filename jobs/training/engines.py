@@ -92,7 +92,13 @@ def ds_config(cfg: Any, stage: int, batch_size: int) -> dict[str, Any]:
     }
     if float(d.grad_clip) > 0:
         out["gradient_clipping"] = float(d.grad_clip)
-    extra = dict(d.config or {})
+    # A plain container: OmegaConf's nested nodes are no dicts, and a shallow dict() of them made every
+    # deepspeed.config.zero_optimization.* override replace the whole block, dropping its stage.
+    extra = d.config or {}
+    if not isinstance(extra, dict):
+        from omegaconf import OmegaConf
+
+        extra = OmegaConf.to_container(extra, resolve=True)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}

@@ -148,7 +148,14 @@ class Trainer:
                                        cfg.optim.betas, sched_fn)
         self.engine_d = None
         if disc is not None:
-            dstage = stage if cfg.deepspeed.disc_zero_stage is None else int(cfg.deepspeed.disc_zero_stage)
+            # The generator's loss runs the discriminator inside the generator engine's forward, and its backward
+            # goes through the discriminator's weights: under ZeRO-3 those are partitioned again by then (measured:
+            # "weight should have at least three dimensions" in conv2d's backward). The discriminator is small, so by
+            # default it gets at most ZeRO-2 (optimizer state and gradients still partitioned).
+            dstage = min(stage, 2) if cfg.deepspeed.disc_zero_stage is None else int(cfg.deepspeed.disc_zero_stage)
+            if dstage == 3:
+                raise ValueError("deepspeed.disc_zero_stage=3 is not supported: the generator's backward runs through "
+                                 "the discriminator's weights, which ZeRO-3 has partitioned by then; use 2 or less")
             self.engine_d, _ = make_engine(disc, list(disc.parameters()), cfg, dstage, int(cfg.data.batch_size),
                                            float(cfg.loss.disc.lr or cfg.optim.lr),
                                            cfg.loss.disc.betas or cfg.optim.betas)
