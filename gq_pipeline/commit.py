@@ -31,8 +31,10 @@ class CompleteUnit:
 
 
 def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], done: CompleteUnit
-                ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Write a complete unit's files, then its commit record. Returns (record, token histogram of this unit)."""
+                ) -> tuple[dict[str, Any], np.ndarray | None, bool]:
+    """Write a complete unit's files, then its commit record. Returns (record, token histogram of this unit,
+    created). ``created`` is False when the unit was already committed (the record is created conditionally): the
+    record returned is then the one the store holds, and the caller must not count the unit as this run's again."""
     unit = done.unit
     fp = ctx.model_fingerprint
     if done.rows is not None:
@@ -78,5 +80,6 @@ def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...],
         record["files"] = {"count": len(unit.files), "first": unit.files[0], "last": unit.files[-1]}
     if done.info.get("image_column"):
         record["image_column"] = done.info["image_column"]
-    store.commit(record)
-    return record, hist
+    if not store.commit(record):
+        return store.read_record(unit.unit_id) or record, None, False
+    return record, hist, True

@@ -31,16 +31,17 @@ class CommitResult:
     read_s: float
     model_s: float
     error: str | None = None
+    created: bool = True  # False: the unit was already committed (another run or an earlier attempt); not ours
 
 
 def _commit_task(url: str, storage_options: dict | None, ctx: ShardContext, formats: tuple[str, ...],
-                 niceness: int, done: CompleteUnit) -> tuple[dict[str, Any], np.ndarray | None, float]:
+                 niceness: int, done: CompleteUnit) -> tuple[dict[str, Any], np.ndarray | None, bool, float]:
     from gq_pipeline.stages import lower_priority
 
     lower_priority(niceness)
     t0 = time.perf_counter()
-    record, hist = commit_unit(OutputStore(url, storage_options), ctx, formats, done)
-    return record, hist, time.perf_counter() - t0
+    record, hist, created = commit_unit(OutputStore(url, storage_options), ctx, formats, done)
+    return record, hist, created, time.perf_counter() - t0
 
 
 class Committer:
@@ -78,12 +79,12 @@ class Committer:
             done = self._pending.pop(ref)
             read_s, model_s = done.info.get("read_s", 0.0), done.model_s
             try:
-                record, hist, dt = self._ray.get(ref)
+                record, hist, created, dt = self._ray.get(ref)
             except Exception as e:  # the unit stays uncommitted and is redone by the next run
                 out.append(CommitResult(done.unit, None, None, 0.0, read_s, model_s,
                                         f"write failed: {type(e).__name__}: {e}"[:2000]))
                 continue
-            out.append(CommitResult(done.unit, record, hist, dt, read_s, model_s))
+            out.append(CommitResult(done.unit, record, hist, dt, read_s, model_s, created=created))
         return out
 
     def drain(self) -> list[CommitResult]:

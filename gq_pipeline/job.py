@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gq_pipeline.assembly import FailedUnit, UnitAssembler
+from gq_pipeline.lease import OutputLease
 from gq_pipeline.manifest import OutputStore, manifest_unit_entry
 from gq_pipeline.model_loader import load_model
 from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
@@ -224,8 +225,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
              unit_size: int = 1000, max_pixels: int = DEFAULT_MAX_PIXELS, image_column: str | None = None,
              storage_options: dict | None = None, writers: int | None = None, progress: bool = True,
              ray_address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None,
-             trust_checkpoint: bool = False, read_chunk_rows: int = 32, model_placement: str = "auto"
-             ) -> dict[str, Any]:
+             trust_checkpoint: bool = False, read_chunk_rows: int = 32, model_placement: str = "auto",
+             force_lease: bool = False) -> dict[str, Any]:
     """Tokenize image inputs into token shards under ``output``; returns the run summary (also in manifest.json).
 
     Safe to rerun after a crash: committed units are skipped, unfinished ones redone with identical output names
@@ -271,117 +272,122 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                    + (f" ({plan.ignored} non-image files ignored, e.g. {plan.ignored_examples[0]})"
                       if plan.ignored else ""))
     _check_first_parquet(plan.units, image_column, storage_options)
-    state = store.load()
-    store.check_compatible(state, ctx)
-    store.prepare()  # after the check: a refused output is left exactly as it was
-    records = dict(state.records)
-    replanned = reconcile_with_committed(plan.units, records, unit_size, store.committed_sources)
-    if replanned.changed_dirs:
-        _log(progress, "note: " + replanned.describe())
+    # One writer per output (gq_pipeline.lease): taken before the state is read, so no other run commits between
+    # the listing this run plans from and its own commits; a second run refuses here.
+    with OutputLease.for_store(store, force=force_lease, log=lambda m: _log(progress, m)) as lease:
+        state = store.load()
+        store.check_compatible(state, ctx)
+        store.prepare(temp_stale_s=lease.temp_grace_s)  # after the check: a refused output is left as it was
+        records = dict(state.records)
+        replanned = reconcile_with_committed(plan.units, records, unit_size, store.committed_sources)
+        if replanned.changed_dirs:
+            _log(progress, "note: " + replanned.describe())
 
-    def is_done(uid: str) -> bool:
-        r = records.get(uid)
-        return r is not None and set(formats) <= set(r.get("formats", ())) and (not latents or r.get("latents"))
+        def is_done(uid: str) -> bool:
+            r = records.get(uid)
+            return r is not None and set(formats) <= set(r.get("formats", ())) and (not latents or r.get("latents"))
 
-    todo = [u for u in replanned.units if not is_done(u.unit_id)]
-    skipped = len(replanned.units) - len(todo)
-    plan_s = time.perf_counter() - t0
-    _log(progress, f"{skipped} units already committed, {len(todo)} to do")
+        todo = [u for u in replanned.units if not is_done(u.unit_id)]
+        skipped = len(replanned.units) - len(todo)
+        plan_s = time.perf_counter() - t0
+        _log(progress, f"{skipped} units already committed, {len(todo)} to do")
 
-    # ---------------------------------------------------------------- run
-    failed: list[dict[str, str]] = []
-    new_records: list[dict[str, Any]] = []
-    hist_total: np.ndarray | None = None
-    stage = {"read_decode_s": 0.0, "model_s": 0.0, "write_s": 0.0, "driver_wait_s": 0.0, "driver_assemble_s": 0.0}
-    pipeline_s = 0.0
-    pipeline_error: Exception | None = None
-    resources: dict[str, Any] = {}
-    if todo:
-        import ray
-        from ray.data import DataContext
+        # ---------------------------------------------------------------- run
+        failed: list[dict[str, str]] = []
+        new_records: list[dict[str, Any]] = []
+        known_records: list[dict[str, Any]] = []  # units found committed already at commit time: not this run's
+        hist_total: np.ndarray | None = None
+        stage = {"read_decode_s": 0.0, "model_s": 0.0, "write_s": 0.0, "driver_wait_s": 0.0, "driver_assemble_s": 0.0}
+        pipeline_s = 0.0
+        pipeline_error: Exception | None = None
+        resources: dict[str, Any] = {}
+        if todo:
+            import ray
+            from ray.data import DataContext
 
-        started = _ensure_ray(ray_address, num_cpus, object_store_memory)
-        dctx = DataContext.get_current()
-        saved_ctx = (dctx.enable_progress_bars, dctx.target_max_block_size)
-        try:
-            resources = _resources(gpus_per_worker, workers, cpus_per_worker, read_cpus, writers, model_placement)
-            if precision == "bf16" and resources["gpus_per_worker"] == 0:
-                raise ValueError("--precision bf16 runs the encoder in bf16 on GPU actors, but this run has none "
-                                 "(no GPUs in the cluster, or --gpus-per-worker 0); use --precision fp32")
-            if resources["model_placement"] == "driver":
-                _log(progress, f"model in this process ({resources['cpus_per_worker']:g} CPU threads); cluster "
-                               f"{resources['cluster_cpus']:g} CPU for reading and committing")
-            else:
-                _log(progress, f"{resources['workers']} model actor(s), {resources['gpus_per_worker']:g} GPU / "
-                               f"{resources['cpus_per_worker']:g} CPU each; cluster {resources['cluster_cpus']:g} "
-                               f"CPU {resources['cluster_gpus']:g} GPU")
-            dctx.enable_progress_bars = False
-            # Ray Data merges a task's outputs into blocks of up to 128 MiB, so a whole unit reached the actor pool as
-            # one block, became one actor task, and its tokens reached the driver only when the unit was done
-            # (measured: first output after 31 s of a 33 s run). Blocks of about one model batch of decoded images
-            # keep actor tasks at a batch or two and results streaming. (A streaming repartition would do the same
-            # but runs as its own 1-CPU operator, which deadlocked next to a CPU actor on a 2-CPU node.)
-            dctx.target_max_block_size = max(1 << 20, batch_size * 3 * image_size * image_size
-                                             * (2 if crop == "none" else 1))
-            niceness = 10 if resources["gpus_per_worker"] == 0 else 0  # CPU-only: the model's threads come first
-            cfg = {"image_size": image_size, "crop": crop, "max_pixels": max_pixels, "multiple_of": factor,
-                   "storage_options": storage_options, "image_column": image_column, "chunk_rows": read_chunk_rows,
-                   "niceness": niceness}
-            ds = _build_dataset(gq, todo, cfg, resources, batch_size=batch_size, precision=precision,
-                                latents=latents)
+            started = _ensure_ray(ray_address, num_cpus, object_store_memory)
+            dctx = DataContext.get_current()
+            saved_ctx = (dctx.enable_progress_bars, dctx.target_max_block_size)
             try:
-                with _driver_model(gq, resources, batch_size, latents) as local_model:
-                    pipeline_s, hist_total = _drive(ds, todo, store, storage_options, ctx, formats,
-                                                    resources["writers"], niceness, progress, stage, new_records,
-                                                    failed, local_model)
-            except Exception as e:  # the job stopped: keep what was committed, account for it, then re-raise
-                pipeline_error = e
-        finally:
-            dctx.enable_progress_bars, dctx.target_max_block_size = saved_ctx
-            if started:
-                ray.shutdown()
+                resources = _resources(gpus_per_worker, workers, cpus_per_worker, read_cpus, writers, model_placement)
+                if precision == "bf16" and resources["gpus_per_worker"] == 0:
+                    raise ValueError("--precision bf16 runs the encoder in bf16 on GPU actors, but this run has none "
+                                     "(no GPUs in the cluster, or --gpus-per-worker 0); use --precision fp32")
+                if resources["model_placement"] == "driver":
+                    _log(progress, f"model in this process ({resources['cpus_per_worker']:g} CPU threads); cluster "
+                                   f"{resources['cluster_cpus']:g} CPU for reading and committing")
+                else:
+                    _log(progress, f"{resources['workers']} model actor(s), {resources['gpus_per_worker']:g} GPU / "
+                                   f"{resources['cpus_per_worker']:g} CPU each; cluster {resources['cluster_cpus']:g} "
+                                   f"CPU {resources['cluster_gpus']:g} GPU")
+                dctx.enable_progress_bars = False
+                # Ray Data merges a task's outputs into blocks of up to 128 MiB, so a whole unit reached the actor pool
+                # as one block, became one actor task, and its tokens reached the driver only when the unit was done
+                # (measured: first output after 31 s of a 33 s run). Blocks of about one model batch of decoded images
+                # keep actor tasks at a batch or two and results streaming. (A streaming repartition would do the same
+                # but runs as its own 1-CPU operator, which deadlocked next to a CPU actor on a 2-CPU node.)
+                dctx.target_max_block_size = max(1 << 20, batch_size * 3 * image_size * image_size
+                                                 * (2 if crop == "none" else 1))
+                niceness = 10 if resources["gpus_per_worker"] == 0 else 0  # CPU-only: the model's threads come first
+                cfg = {"image_size": image_size, "crop": crop, "max_pixels": max_pixels, "multiple_of": factor,
+                       "storage_options": storage_options, "image_column": image_column, "chunk_rows": read_chunk_rows,
+                       "niceness": niceness}
+                ds = _build_dataset(gq, todo, cfg, resources, batch_size=batch_size, precision=precision,
+                                    latents=latents)
+                try:
+                    with _driver_model(gq, resources, batch_size, latents) as local_model:
+                        pipeline_s, hist_total = _drive(ds, todo, store, storage_options, ctx, formats,
+                                                        resources["writers"], niceness, progress, stage, new_records,
+                                                        failed, local_model, lease, known_records)
+                except Exception as e:  # the job stopped: keep what was committed, account for it, then re-raise
+                    pipeline_error = e
+            finally:
+                dctx.enable_progress_bars, dctx.target_max_block_size = saved_ctx
+                if started:
+                    ray.shutdown()
 
-    # ---------------------------------------------------------------- manifest and summary
-    for r in new_records:
-        records[r["unit_id"]] = r
-    all_records = [records[k] for k in sorted(records)]
-    tot_in = sum(r["inputs"] for r in all_records)
-    tot_ok = sum(r["tokenized"] for r in all_records)
-    tot_err = sum(r["errors"] for r in all_records)
-    by_kind: dict[str, int] = {}
-    for r in all_records:
-        for k, v in r.get("errors_by_kind", {}).items():
-            by_kind[k] = by_kind.get(k, 0) + v
-    run_in = sum(r["inputs"] for r in new_records)
-    wall = time.perf_counter() - t_start
-    busy = {k: stage[k] for k in ("read_decode_s", "model_s", "write_s")}
-    busy_total = sum(busy.values()) or 1.0
-    throughput = {
-        "wall_s": round(wall, 3), "list_s": round(plan.list_s, 3), "plan_s": round(plan_s, 3),
-        "pipeline_s": round(pipeline_s, 3), "images": run_in,
-        "images_per_s": round(run_in / pipeline_s, 2) if pipeline_s > 0 else None,
-        "first_output_s": round(stage.get("first_output_s", 0.0), 3),
-        "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
-        "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
-        "model_utilization": (round(stage["model_s"] / (pipeline_s * resources["workers"]), 3)
-                              if pipeline_s > 0 and resources else None),
-        "driver_wait_s": round(stage["driver_wait_s"], 3),
-        "driver_assemble_s": round(stage["driver_assemble_s"], 3), "resources": resources,
-    }
-    wids = store.write_wids_index(all_records)
-    manifest = {"format_version": FORMAT_VERSION, "model_fingerprint": ctx.model_fingerprint,
-                "codebook_fingerprint": ctx.codebook_fingerprint, "codebook_size": c.codebook_size,
-                "group": c.group, "seed": c.seed, "beta": c.beta, "arch": c.arch, "preprocess": preprocess,
-                "inputs": tot_in, "tokenized": tot_ok, "errors": tot_err,
-                "errors_by_kind": dict(sorted(by_kind.items())),
-                "units": [manifest_unit_entry(r) for r in all_records], "wids_index": wids,
-                "throughput": throughput, "codebook_usage": _usage(hist_total),
-                "listing_changes": {"folders": len(replanned.changed_dirs), "recut_units": replanned.recut_units,
-                                    "committed_files_no_longer_listed": replanned.committed_unlisted,
-                                    "units_read_back": replanned.shards_read}}
-    if failed:
-        manifest["failed_units"] = failed
-    store.write_manifest(manifest)
+        # ---------------------------------------------------------------- manifest and summary
+        for r in known_records + new_records:
+            records[r["unit_id"]] = r
+        all_records = [records[k] for k in sorted(records)]
+        tot_in = sum(r["inputs"] for r in all_records)
+        tot_ok = sum(r["tokenized"] for r in all_records)
+        tot_err = sum(r["errors"] for r in all_records)
+        by_kind: dict[str, int] = {}
+        for r in all_records:
+            for k, v in r.get("errors_by_kind", {}).items():
+                by_kind[k] = by_kind.get(k, 0) + v
+        run_in = sum(r["inputs"] for r in new_records)
+        wall = time.perf_counter() - t_start
+        busy = {k: stage[k] for k in ("read_decode_s", "model_s", "write_s")}
+        busy_total = sum(busy.values()) or 1.0
+        throughput = {
+            "wall_s": round(wall, 3), "list_s": round(plan.list_s, 3), "plan_s": round(plan_s, 3),
+            "pipeline_s": round(pipeline_s, 3), "images": run_in,
+            "images_per_s": round(run_in / pipeline_s, 2) if pipeline_s > 0 else None,
+            "first_output_s": round(stage.get("first_output_s", 0.0), 3),
+            "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
+            "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
+            "model_utilization": (round(stage["model_s"] / (pipeline_s * resources["workers"]), 3)
+                                  if pipeline_s > 0 and resources else None),
+            "driver_wait_s": round(stage["driver_wait_s"], 3),
+            "driver_assemble_s": round(stage["driver_assemble_s"], 3), "resources": resources,
+        }
+        wids = store.write_wids_index(all_records)
+        manifest = {"format_version": FORMAT_VERSION, "model_fingerprint": ctx.model_fingerprint,
+                    "codebook_fingerprint": ctx.codebook_fingerprint, "codebook_size": c.codebook_size,
+                    "group": c.group, "seed": c.seed, "beta": c.beta, "arch": c.arch, "preprocess": preprocess,
+                    "inputs": tot_in, "tokenized": tot_ok, "errors": tot_err,
+                    "errors_by_kind": dict(sorted(by_kind.items())),
+                    "units": [manifest_unit_entry(r) for r in all_records], "wids_index": wids,
+                    "throughput": throughput, "codebook_usage": _usage(hist_total),
+                    "listing_changes": {"folders": len(replanned.changed_dirs), "recut_units": replanned.recut_units,
+                                        "committed_files_no_longer_listed": replanned.committed_unlisted,
+                                        "units_read_back": replanned.shards_read}}
+        if failed:
+            manifest["failed_units"] = failed
+        lease.check()  # a run that lost the lease must not overwrite the holder's manifest
+        store.write_manifest(manifest)
     if pipeline_error is not None:
         raise JobError(f"the pipeline stopped after committing {len(new_records)} of {len(todo)} units; committed work "
                        f"is kept and a rerun continues from there. Cause: {type(pipeline_error).__name__}: "
@@ -419,7 +425,7 @@ def _driver_model(gq, resources: dict[str, Any], batch_size: int, latents: bool)
 
 
 def _drive(ds, todo, store, storage_options, ctx, formats, writers, niceness, progress, stage, new_records,
-           failed, local_model=None):
+           failed, local_model=None, lease=None, known_records=None):
     """Consume the pipeline on the driver: (run the model on each decoded batch, for the driver placement,)
     assemble units, hand complete ones to commit tasks.
 
@@ -438,6 +444,10 @@ def _drive(ds, todo, store, storage_options, ctx, formats, writers, niceness, pr
             if r.error:
                 failed.append({"unit_id": r.unit.unit_id, "source": r.unit.source, "reason": r.error})
                 _log(progress, f"unit {r.unit.unit_id} ({r.unit.source}) failed: {r.error}")
+                continue
+            if not r.created:  # committed already (another run, or an earlier attempt): counted once, not here
+                known_records.append(r.record)
+                _log(progress, f"unit {r.unit.unit_id} was already committed; not counted as this run's")
                 continue
             new_records.append(r.record)
             stage["write_s"] += r.write_s
@@ -469,6 +479,8 @@ def _drive(ds, todo, store, storage_options, ctx, formats, writers, niceness, pr
             else:
                 harvest(committer.submit(result))
         harvest(committer.poll())
+        if lease is not None:
+            lease.check()  # stop committing once another run holds the output
         stage["driver_assemble_s"] += time.perf_counter() - ta
         now = time.perf_counter()
         if progress and now - last_log > 10:

@@ -4,8 +4,10 @@ Runs on the cluster named by ``RAY_ADDRESS`` (e.g. under ``ray job submit --work
 jobs.tokenize ...``; a driver started outside the cluster needs gq installed on its nodes), else on a local Ray
 instance it starts. Credentials for s3:// or gs:// are best set in the cluster's environment; --storage-options
 travels to every task. Rerunning the same command resumes: committed units are skipped, unfinished ones redone
-with the same file names and bytes. Exit status: 0 done, 1 bad arguments or refused output, 3 some units failed or
-the pipeline stopped (rerun to retry them).
+with the same file names and bytes. One run writes an output at a time: a second run on a leased output refuses
+(naming the owner and when its lease expires); --force-lease takes the lease of a crashed owner. Exit status: 0 done,
+1 bad arguments or refused output (incompatible, or leased by another run), 3 some units failed, the pipeline
+stopped or the lease was lost (rerun to retry them).
 
 Example: gq tokenize --model demo --input s3://bucket/shards/{00000..00999}.tar --output s3://bucket/tokens
          --format both --image-size 256 --batch-size 128
@@ -68,6 +70,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (no RAY_ADDRESS)")
     p.add_argument("--object-store-memory", type=int, default=None, help="bytes, local Ray instance only")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--force-lease", action="store_true",
+                   help="take the output's lease (_lease.json) even though another run holds it: for an owner that "
+                        "crashed on another machine; a live owner would then write alongside this run")
     p.add_argument("--summary-json", metavar="PATH", help="also write the run summary to this local file")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
 
@@ -90,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from gq_pipeline.job import JobError, tokenize
+    from gq_pipeline.lease import LeaseLostError
 
     try:
         summary = _tokenize(tokenize, args)
-    except JobError as e:
+    except (JobError, LeaseLostError) as e:
         print(f"gq tokenize: {e}", file=sys.stderr)
         return EXIT_UNITS_FAILED
     text = json.dumps(summary, indent=1)
@@ -113,14 +119,16 @@ def _tokenize(tokenize, args: argparse.Namespace) -> dict:
                     image_column=args.image_column, storage_options=args.storage_options, writers=args.writers,
                     progress=not args.quiet, ray_address=args.ray_address, num_cpus=args.num_cpus,
                     object_store_memory=args.object_store_memory, trust_checkpoint=args.trust_checkpoint,
-                    model_placement=args.model_placement)
+                    model_placement=args.model_placement, force_lease=args.force_lease)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gq_pipeline.lease import LeaseHeldError
+
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, LeaseHeldError) as e:
         print(f"gq tokenize: error: {e}", file=sys.stderr)
         return 1
 

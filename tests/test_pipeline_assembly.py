@@ -81,7 +81,7 @@ def test_commit_is_byte_stable_and_counts_add_up(tmp_path):
         assert isinstance(done, CompleteUnit)
         store = OutputStore(str(tmp_path / f"out{run}"))
         store.prepare()
-        record, hist = commit_unit(store, CTX, ("parquet", "webdataset"), done)
+        record, hist, _ = commit_unit(store, CTX, ("parquet", "webdataset"), done)
         assert (record["inputs"], record["tokenized"], record["errors"]) == (6, 4, 2)
         assert record["errors_by_kind"] == {"decode": 2} and int(hist.sum()) == 4 * 16
         outs.append({p.name: p.read_bytes() for p in (tmp_path / f"out{run}").rglob("*") if p.is_file()})
@@ -124,5 +124,5 @@ def test_empty_unit_commits_without_shards(tmp_path):
     (done,) = UnitAssembler(dict(units)).add(end_row)
     store = OutputStore(str(tmp_path / "out"))
     store.prepare()
-    record, hist = commit_unit(store, CTX, ("parquet",), done)
+    record, hist, _ = commit_unit(store, CTX, ("parquet",), done)
     assert record["inputs"] == 0 and record["shards"] == [] and hist is None
