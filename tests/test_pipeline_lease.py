@@ -160,7 +160,7 @@ _RACER = textwrap.dedent("""
     import json, sys, time
     from gq_model.storage import url_to_fs
     from gq_pipeline.lease import LeaseHeldError, OutputLease
-    url, options, start, hold = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+    url, options, start = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
     fs, root = url_to_fs(url, options)
     while time.time() < start:
         pass
@@ -170,18 +170,17 @@ _RACER = textwrap.dedent("""
         print("refused", flush=True)
         sys.exit(0)
     print("won " + lease.run_id, flush=True)
-    time.sleep(hold)
-    if hold >= 0:
-        lease.release()
+    sys.stdin.read()  # hold the lease until the test closes our stdin
+    lease.release()
 """)
 
 
-def _racers(url: str, options, n: int, hold: float) -> list[subprocess.Popen]:
+def _racers(url: str, options, n: int) -> list[subprocess.Popen]:
     env = dict(os.environ, PYTHONPATH=REPO)
-    start = time.time() + 4.0  # every process is imported and spinning by then
-    return [subprocess.Popen([sys.executable, "-c", _RACER, url, json.dumps(options), str(start), str(hold)],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(n)]
+    start = time.time() + 6.0  # every process is imported and spinning by then (2 slow cores)
+    return [subprocess.Popen([sys.executable, "-c", _RACER, url, json.dumps(options), str(start)], cwd=REPO,
+                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(n)]
 
 
 @pytest.mark.parametrize("store", ["local", "s3"])
@@ -193,24 +192,30 @@ def test_processes_racing_for_one_lease_exactly_one_wins(store, tmp_path, reques
         bucket = f"gq-race-{uuid.uuid4().hex[:8]}"
         s3.mkdir(bucket)
         url = f"s3://{bucket}/out"
-    procs = _racers(url, options, 4, hold=1.5)
-    outs = []
+    procs = _racers(url, options, 4)
+    try:
+        outs = [p.stdout.readline().strip() for p in procs]  # the winner holds the lease until every line is in
+    finally:
+        for p in procs:
+            p.stdin.close()
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        p.wait(timeout=120)
+        err = p.stderr.read()
+        p.stdout.close()
+        p.stderr.close()
         assert p.returncode == 0, err[-2000:]
-        outs.append(out.strip())
-    assert sorted(o.split()[0] for o in outs) == ["refused", "refused", "refused", "won"], outs
+    assert sorted(o.split()[0] for o in outs if o) == ["refused", "refused", "refused", "won"], outs
 
 
 def test_the_lease_of_a_dead_process_on_this_machine_is_taken_at_once(tmp_path):
     url = str(tmp_path / "out")
-    (p,) = _racers(url, None, 1, hold=120)
+    (p,) = _racers(url, None, 1)
     line = p.stdout.readline().split()
     assert line[0] == "won"
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
-    p.stdout.close()
-    p.stderr.close()
+    for f in (p.stdin, p.stdout, p.stderr):
+        f.close()
     import fsspec
 
     fs = fsspec.filesystem("file")
