@@ -95,10 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from gq_pipeline.job import JobError, tokenize
-    from gq_pipeline.lease import LeaseLostError
+    from gq_pipeline.lease import LeaseHeldError, LeaseLostError
 
     try:
         summary = _tokenize(tokenize, args)
+    except LeaseHeldError as e:  # a refused output, like an incompatible one
+        print(f"gq tokenize: error: {e}", file=sys.stderr)
+        return 1
     except (JobError, LeaseLostError) as e:
         print(f"gq tokenize: {e}", file=sys.stderr)
         return EXIT_UNITS_FAILED
@@ -123,12 +126,10 @@ def _tokenize(tokenize, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gq_pipeline.lease import LeaseHeldError
-
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, LeaseHeldError) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"gq tokenize: error: {e}", file=sys.stderr)
         return 1
 
