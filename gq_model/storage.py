@@ -77,7 +77,8 @@ def url_to_fs(url: str | os.PathLike, storage_options: Mapping[str, Any] | None 
 #   since 2024-25; an S3-compatible store that ignores the headers silently degrades to last-writer-wins, which the
 #   lease's heartbeat then notices as a lost lease).
 # - GCS (gcsfs): ``ifGenerationMatch=0`` on create, ``ifGenerationMatch=<generation>`` on replace and delete.
-# - anything else: best effort (an existence check before the write, a comparison before the delete), with a warning.
+# - anything else, and an S3-compatible store that answers NotImplemented to these headers: best effort (an existence
+#   check before the write, a comparison before the replace or delete), with a warning.
 
 
 def _kind(fs) -> str:
@@ -98,6 +99,8 @@ def conditional_support(fs) -> str:
 
 
 _warned: set[str] = set()
+# What an S3-compatible store answers to a conditional header it does not implement.
+_S3_UNSUPPORTED = ("NotImplemented",)
 
 
 def _best_effort(fs) -> None:
@@ -230,7 +233,10 @@ def create_exclusive(fs, path: str, data: bytes) -> bool:
                 return False
             except OSError as e:
                 # 409: another conditional write of this key is in flight; once it lands, ours gets a 412.
-                if _client_error_code(e) != "ConditionalRequestConflict":
+                code = _client_error_code(e)
+                if code in _S3_UNSUPPORTED:
+                    break  # an S3-compatible store without conditional writes: best effort below
+                if code != "ConditionalRequestConflict":
                     raise
     if kind == "gcs":
         try:
@@ -239,6 +245,7 @@ def create_exclusive(fs, path: str, data: bytes) -> bool:
         except FileExistsError:
             return False
     _best_effort(fs)
+    fs.invalidate_cache(path)
     if fs.exists(path):
         return False
     fs.pipe_file(path, data)
@@ -303,13 +310,21 @@ def replace_if_match(fs, path: str, data: bytes, version: str) -> str | None:
     if kind == "s3":
         try:
             out = fs.pipe_file(path, data, IfMatch=version)
+            fs.invalidate_cache(path)
+            return out["ETag"]
         except (OSError, FileNotFoundError) as e:
             if isinstance(e, FileNotFoundError) or _client_error_code(e) in (
                     "PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
                 return None
-            raise
-        fs.invalidate_cache(path)
-        return out["ETag"]
+            if _client_error_code(e) not in _S3_UNSUPPORTED:
+                raise
+            # S3-compatible store without If-Match: best effort below (its versions are still ETags)
+            _best_effort(fs)
+            fs.invalidate_cache(path)
+            now = fs.info(path) if fs.exists(path) else None
+            if now is None or now.get("ETag") != version:
+                return None
+            return fs.pipe_file(path, data)["ETag"]
     if kind == "gcs":
         try:
             return str(_gcs_upload(fs, path, data, ifGenerationMatch=version)["generation"])
@@ -345,7 +360,13 @@ def delete_if_match(fs, path: str, version: str) -> bool:
             if isinstance(e, FileNotFoundError) or _client_error_code(e) in (
                     "PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
                 return False
-            raise
+            if _client_error_code(e) not in _S3_UNSUPPORTED:
+                raise
+            _best_effort(fs)  # S3-compatible store without conditional deletes: compare, then delete
+            now = read_versioned(fs, path)
+            if now is None or now[1] != version:
+                return False
+            fs.rm_file(path)
         fs.invalidate_cache(path)
         return True
     if kind == "gcs":
