@@ -168,12 +168,8 @@ def _client_error_code(e: BaseException) -> str | None:
     return None
 
 
-def _s3_split(fs, path: str) -> tuple[str, str]:
-    bucket, key, _ = fs.split_path(path)
-    return bucket, key
-
-
-def _gcs_split(fs, path: str) -> tuple[str, str]:
+def _bucket_key(fs, path: str) -> tuple[str, str]:
+    """(bucket, key) of an s3fs or gcsfs path."""
     bucket, key, _ = fs.split_path(path)
     return bucket, key
 
@@ -182,7 +178,7 @@ def _gcs_upload(fs, path: str, data: bytes, **conditions) -> dict:
     """One multipart upload with GCS preconditions (gcsfs's own pipe only knows ``ifGenerationMatch=0``)."""
     import json as _json
 
-    bucket, key = _gcs_split(fs, path)
+    bucket, key = _bucket_key(fs, path)
     boundary = "==gq-" + uuid.uuid4().hex + "=="
     meta = _json.dumps({"name": key})
     body = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{meta}\r\n--{boundary}\r\n"
@@ -267,7 +263,7 @@ def read_versioned(fs, path: str) -> tuple[bytes, str] | None:
     if kind == "s3":
         from fsspec.asyn import sync
 
-        bucket, key = _s3_split(fs, path)
+        bucket, key = _bucket_key(fs, path)
 
         async def get():
             resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
@@ -279,7 +275,7 @@ def read_versioned(fs, path: str) -> tuple[bytes, str] | None:
         except FileNotFoundError:
             return None
     if kind == "gcs":
-        bucket, key = _gcs_split(fs, path)
+        bucket, key = _bucket_key(fs, path)
         try:
             headers, data = fs.call("GET", "b/{}/o/{}", bucket, key, alt="media")
         except FileNotFoundError:
@@ -353,7 +349,7 @@ def delete_if_match(fs, path: str, version: str) -> bool:
                 return False
         return True
     if kind == "s3":
-        bucket, key = _s3_split(fs, path)
+        bucket, key = _bucket_key(fs, path)
         try:
             fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
         except (OSError, FileNotFoundError) as e:
@@ -370,7 +366,7 @@ def delete_if_match(fs, path: str, version: str) -> bool:
         fs.invalidate_cache(path)
         return True
     if kind == "gcs":
-        bucket, key = _gcs_split(fs, path)
+        bucket, key = _bucket_key(fs, path)
         try:
             fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(version))
         except (FileExistsError, FileNotFoundError):

@@ -115,12 +115,13 @@ def _owner_is_dead_here(lease: dict[str, Any]) -> bool:
 class OutputLease:
     """The lease on one output directory. Use as ``with OutputLease(fs, root): ...`` or acquire()/release().
 
-    ``ttl_s`` is how long the lease stays valid without a renewal; the heartbeat renews it every ``heartbeat_s``
-    (default ``ttl_s / 10``). ``log`` receives one-line notes (take-overs, a lost lease)."""
+    ``ttl_s`` (default :data:`DEFAULT_TTL_S`) is how long the lease stays valid without a renewal; the heartbeat
+    renews it every ``heartbeat_s`` (default ``ttl_s / 10``). ``log`` receives one-line notes (take-overs, a lost lease)."""
 
-    def __init__(self, fs, root: str, *, force: bool = False, ttl_s: float = DEFAULT_TTL_S,
+    def __init__(self, fs, root: str, *, force: bool = False, ttl_s: float | None = None,
                  heartbeat_s: float | None = None, run_id: str | None = None, url: str | None = None,
                  log: Callable[[str], None] | None = None):
+        ttl_s = DEFAULT_TTL_S if ttl_s is None else ttl_s
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
         self.fs = fs

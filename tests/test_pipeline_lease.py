@@ -16,7 +16,8 @@ import uuid
 import pyarrow.parquet as pq
 import pytest
 
-from gq_model.storage import create_exclusive, delete_if_match, read_versioned, replace_if_match
+from gq_model.storage import (conditional_support, create_exclusive, delete_if_match, read_versioned,
+                              replace_if_match)
 from gq_pipeline.lease import LEASE_NAME, LeaseHeldError, LeaseLostError, OutputLease, read_lease
 from gq_pipeline.manifest import OutputStore
 from tests.conftest import rgb_bytes
@@ -55,6 +56,7 @@ def _kind(fs) -> str:
 def test_create_exclusive_creates_once_and_never_overwrites(where):
     fs, root, _ = where
     path = f"{root}/obj.json"
+    assert conditional_support(fs) == "atomic"
     assert create_exclusive(fs, path, b"first") is True
     assert create_exclusive(fs, path, b"second") is False
     data, version = read_versioned(fs, path)
@@ -341,3 +343,44 @@ def test_two_tokenize_runs_on_one_output_one_refuses_and_every_input_is_there_on
     manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
     assert manifest["inputs"] == manifest["tokenized"] == 30
     assert sum(u["inputs"] for u in manifest["units"]) == 30
+
+
+def test_a_run_whose_lease_is_forced_away_stops_and_writes_no_manifest(ray_cluster, tiny_model_dir, tmp_path,
+                                                                       monkeypatch):
+    """The holder notices the take-over at its next renewal (every 0.2 s here) and stops before committing more;
+    the run that forced the lease then owns the output, and a rerun has every input exactly once."""
+    import threading
+
+    import fsspec
+
+    import gq_pipeline
+    import gq_pipeline.lease
+
+    monkeypatch.setattr(gq_pipeline.lease, "DEFAULT_TTL_S", 2.0)
+    folder, out = str(tmp_path / "in"), str(tmp_path / "out")
+    _images(folder, 0, 24)
+    fs = fsspec.filesystem("file")
+    taken = {}
+
+    def force_when_leased():
+        deadline = time.monotonic() + 120
+        while read_lease(fs, out) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        taken["lease"] = OutputLease(fs, out, ttl_s=60, force=True).acquire()
+
+    thief = threading.Thread(target=force_when_leased)
+    thief.start()
+    try:
+        with pytest.raises(LeaseLostError, match="lost the output's lease"):
+            gq_pipeline.tokenize(tiny_model_dir, [folder], out, image_size=SIZE, unit_size=3, batch_size=4,
+                                 progress=False)
+    finally:
+        thief.join()
+    assert not os.path.exists(os.path.join(out, "manifest.json"))  # the loser never writes the holder's manifest
+    assert read_lease(fs, out)["owner"]["run_id"] == taken["lease"].run_id  # and leaves the holder's lease alone
+    taken["lease"].release()
+    s = gq_pipeline.tokenize(tiny_model_dir, [folder], out, image_size=SIZE, unit_size=3, batch_size=4,
+                             progress=False)
+    assert s["inputs"] == 24 and s["units_skipped"] + s["units_committed"] == 8
+    keys = pq.read_table(sorted(glob.glob(os.path.join(out, "parquet", "*.parquet"))), columns=["key"])
+    assert len(keys) == len(set(keys.column("key").to_pylist())) == 24
