@@ -184,7 +184,10 @@ def ablation_section(args, results: dict, peak: float) -> list[str]:
         "plain matmul + argmax (2048-row chunks)": lambda: plain_search(mu, lv, features, beta, 2048),
     }
     ref_idx = search_blocked(w, features)
-    assert torch.equal(original_blocked(w, features), ref_idx)
+    diff = (original_blocked(w, features) != ref_idx).nonzero().squeeze(1)
+    if diff.numel():  # different tile shapes may round differently: only float32 ties may disagree
+        res = oracle_search(mu[diff], lv[diff], gaussian_codebook(k_total, m), beta)
+        assert (res.ambiguous | res.copies_open).all(), "the ablation variants disagree outside float32 ties"
     t = _interleaved(variants, args.repeats + 2)
     results["cpu"]["ablation"] = {"rows": rows, **{k: {"best_s": b, "median_s": md} for k, (b, md) in t.items()}}
     lines = [f"Ablation, {rows} rows (best / median of {args.repeats + 2} interleaved runs):", "",
@@ -287,8 +290,8 @@ def gpu_section(args, results: dict) -> list[str]:
         diff = (idx_tr != idx_mat).nonzero().squeeze(1).cpu()
         unexplained = 0
         if diff.numel():
-            _, amb, _ = oracle_search(mu[diff].cpu(), lv[diff].cpu(), codebook, beta)
-            unexplained = int((~amb).sum())
+            res = oracle_search(mu[diff].cpu(), lv[diff].cpu(), codebook, beta)
+            unexplained = int((~(res.ambiguous | res.copies_open)).sum())
         cpu_rows = min(rows, args.gpu_cpu_rows)
         mu_c, lv_c = mu[:cpu_rows].cpu(), lv[:cpu_rows].cpu()
         t_cpu = _best_time(lambda: gq_search(mu_c, lv_c, features_cpu, beta, backend="torch"), 1) * rows / cpu_rows

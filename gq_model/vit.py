@@ -8,14 +8,16 @@ and the decoder maps ``[B, L, z_channels]`` back to ``[B, 3, H, W]``.
 Facts the key list fixes: ``conv1`` is a bias-free Linear over flattened patches (bias is redundant
 before ``ln_pre``), a learned ``positional_embedding [L, width]`` without a class token, ``ln_pre``,
 pre-LN blocks (``ln_1``/``attn`` as ``nn.MultiheadAttention``/``ln_2``/``mlp.c_fc``/``mlp.c_proj``),
-``ln_post``, ``quant_embed``; the decoder has ``post_quant_embed``, ``ffn.0`` (width -> 4*width) and
-``conv_out`` (4*width -> 3*p*p).
+``ln_post``, ``quant_embed``; the decoder has ``post_quant_embed``, ``ffn.0`` (width -> 3072) and
+``conv_out`` (3072 -> 3*p*p).
 
 Assumptions where the key list leaves forward details open (gq-reference.md §3.3 where it says so):
 * MLP activation is exact ``nn.GELU`` (not QuickGELU / tanh approximation); LayerNorm eps is torch's
   default 1e-5.
-* Decoder head: ``ln_post -> ffn = Linear(width, 4*width) + Tanh -> conv_out Linear -> unpatchify``
-  (§3.3).  The hidden width of ``ffn`` is ``4*width`` (equal to ``mlp_ratio*width`` in every config).
+* Decoder head: ``ln_post -> ffn = Linear(width, 3072) + Tanh -> conv_out Linear -> unpatchify``
+  (§3.3).  The reference fixes the head's hidden width at 3072 whatever the model width: it is no config key, and
+  it equals ``4*width`` only at width 768, so a reference ViT of any other width has ``decoder.ffn.0`` of shape
+  ``[3072, width]`` (``FFN_HIDDEN``; ``ffn_hidden`` overrides it only for models of our own).
 * ``drop_rate`` is applied as dropout on the token embeddings after the positional embedding is
   added.  All reference configs use 0.0, so this choice does not affect loading or inference.
 """
@@ -27,7 +29,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["TransformerEncoder", "TransformerDecoder", "patchify", "unpatchify"]
+__all__ = ["TransformerEncoder", "TransformerDecoder", "patchify", "unpatchify", "FFN_HIDDEN"]
+
+FFN_HIDDEN = 3072  # the reference decoder head's hidden width, fixed (not 4*width)
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -152,12 +156,13 @@ class TransformerDecoder(_ViTBase):
         mlp_ratio: float = 4.0,
         z_channels: int,
         drop_rate: float = 0.0,
+        ffn_hidden: int = FFN_HIDDEN,
         **ignore_kwargs,  # double_z etc. arrive through the shared config interpolation
     ):
         super().__init__(image_size, patch_size, width)
         self.z_channels = z_channels
-        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.Tanh())
-        self.conv_out = nn.Linear(4 * width, 3 * patch_size**2)
+        self.ffn = nn.Sequential(nn.Linear(width, int(ffn_hidden)), nn.Tanh())
+        self.conv_out = nn.Linear(int(ffn_hidden), 3 * patch_size**2)
         self.ln_pre = nn.LayerNorm(width)
         self.dropout = nn.Dropout(drop_rate)
         self.transformer = Transformer(width, layers, heads, mlp_ratio)

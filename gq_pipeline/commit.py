@@ -31,10 +31,10 @@ class CompleteUnit:
 
 
 def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], done: CompleteUnit
-                ) -> tuple[dict[str, Any], np.ndarray | None, bool]:
-    """Write a complete unit's files, then its commit record. Returns (record, token histogram of this unit,
-    created). ``created`` is False when the unit was already committed (the record is created conditionally): the
-    record returned is then the one the store holds, and the caller must not count the unit as this run's again."""
+                ) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    """Write a complete unit's files, then its commit record. Returns (record, token histogram of this unit), or
+    (None, None) when the unit was already committed: records are created conditionally (``OutputStore.commit``),
+    the first one stands and the caller must not count the unit as this run's."""
     unit = done.unit
     fp = ctx.model_fingerprint
     if done.rows is not None:
@@ -81,5 +81,5 @@ def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...],
     if done.info.get("image_column"):
         record["image_column"] = done.info["image_column"]
     if not store.commit(record):
-        return store.read_record(unit.unit_id) or record, None, False
-    return record, hist, True
+        return None, None
+    return record, hist

@@ -1,17 +1,16 @@
-"""``gq_pipeline.tokenize``: the whole tokenization job (plan -> Ray Data pipeline -> per-unit commits -> manifest).
+"""``gq_pipeline.tokenize``: the whole tokenization job (plan -> units on workers -> manifest).
 
 Data flow::
 
     driver: list inputs -> units; skip committed units (units/*.json)
-    ray.data.from_items(units)                                   one row per unit
-      .map_batches(read_units, batch_size=1)                     CPU tasks: read + decode + preprocess, streamed
-      .map_batches(TokenizerActor, ActorPoolStrategy, batch_size=B)   model once per actor; GPU or CPU
-    driver: iter_batches [-> TokenizerActor in-process, driver placement] -> UnitAssembler
-            -> commit tasks: shards, error file, commit record (last)
+    for each unit, on a worker (a Ray actor per GPU / CPU node, or this process on a single CPU machine):
+        read the unit's inputs -> decode threads -> model mini-batches -> shards -> commit record (last)
+        -> one small outcome row back to the driver
+    driver: retries, failure budget, manifest (a cache of units/)
 
-The driver assembles units from the streamed results rather than writing from the actors: Ray Data's writers name
-files by UUID and do not keep a unit together, and per-unit tasks with ``batch_size=None`` would make the model
-stage's batch size equal to a unit. Measurements and the trade-off are in docs/architecture.md ("Pipeline").
+The unit is the task: a worker owns one unit from its bytes to its commit record, so decoded pixels and token rows
+never cross the object store or the driver, and a retry redoes exactly one unit. Design and measurements:
+docs/architecture.md ("Pipeline") and docs/scaling.md.
 """
 from __future__ import annotations
 
@@ -24,14 +23,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gq_pipeline.assembly import FailedUnit, UnitAssembler
 from gq_pipeline.lease import OutputLease
 from gq_pipeline.manifest import OutputStore, manifest_unit_entry
 from gq_pipeline.model_loader import load_model
+from gq_pipeline.plan_store import PLAN_DIR
 from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
 from gq_pipeline.sources import plan_units
+from gq_pipeline.scheduler import (ActorPool, FailureBudget, FailureBudgetExceeded, LocalPool, NoWorkersError,
+                                   run_units)
+from gq_pipeline.stages import ModelRunner, model_payload
+from gq_pipeline.worker import UnitProcessor, UnitWorkerActor, WorkSpec
 from gq_pipeline.writers import ShardContext
 
 __all__ = ["tokenize", "JobError", "FORMATS", "PRECISIONS", "PLACEMENTS"]
@@ -39,8 +42,7 @@ __all__ = ["tokenize", "JobError", "FORMATS", "PRECISIONS", "PLACEMENTS"]
 FORMATS = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": ("parquet", "webdataset")}
 PRECISIONS = ("fp32", "bf16")
 PLACEMENTS = ("auto", "driver", "actors")
-MAX_INPUT_BLOCKS = 2000
-DRIVER_READ_TASKS = 2  # concurrent read/decode tasks feeding a model in the driver
+DRIVER_DECODE_THREADS = 2  # decode threads beside a model in the driver (2 cores: measured in docs/benchmarks.md)
 
 
 class JobError(RuntimeError):
@@ -64,32 +66,68 @@ def _ensure_ray(ray_address: str | None, num_cpus: int | None, object_store_memo
     return init_ray(ray_address, **kwargs)
 
 
-def _resources(gpus_per_worker, workers, cpus_per_worker, read_cpus, writers, model_placement) -> dict[str, Any]:
-    """Where the model runs, actors, CPUs/GPUs per actor and per read task, and concurrent commits for the
-    connected cluster."""
+def _resources(gpus_per_worker, workers, cpus_per_worker, decode_threads, model_placement) -> dict[str, Any]:
+    """Where the model runs, how many workers, and CPUs/GPUs/decode threads per worker, for the connected cluster.
+
+    GPU intent comes from the flags: ``--gpus-per-worker 1`` on a cluster that has no GPU node *yet* (an autoscaler
+    adds them for the pending actors) is honoured; only the default (no flag) looks at what the cluster has now."""
     import ray
 
     cluster = ray.cluster_resources()
     n_gpu, n_cpu = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
     gpw = (1.0 if n_gpu > 0 else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
-    if gpw > 0 and n_gpu == 0:
-        raise ValueError(f"--gpus-per-worker {gpw} but the Ray cluster has no GPUs")
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
     # A driver outside the cluster (Ray Client) would pull every decoded image over the network: it counts as a
     # second node, so auto keeps the model on the cluster.
-    on_cluster = ray.get_runtime_context().get_node_id() in nodes
+    on_cluster = ray.get_runtime_context().get_node_id() in [n["NodeID"] for n in nodes]
     placement = _model_placement(model_placement, gpw, len(nodes) + (0 if on_cluster else 1), workers,
                                  cpus_per_worker)
+    per_node = min((n["Resources"]["CPU"] for n in nodes), default=1.0)
     if placement == "driver":
-        workers, cpus_per_worker, read_cpus = 1, cpus_per_worker or n_cpu, read_cpus or 0.25
-    else:
-        workers, cpus_per_worker, read_cpus = _placement(gpw, n_gpu, workers, cpus_per_worker, read_cpus)
-    # Commit tasks take no CPU reservation; each new one may start a worker process (~1 s of CPU), so small clusters
-    # get few, large ones enough for ~40 ms of CPU per 1000 images at 100k+ images/s.
-    writers = writers or int(min(32, max(2, n_cpu // 4)))
-    return {"cluster_cpus": n_cpu, "cluster_gpus": n_gpu, "model_placement": placement, "workers": workers,
-            "gpus_per_worker": gpw, "cpus_per_worker": float(cpus_per_worker), "read_cpus": read_cpus,
-            "writers": writers}
+        workers, cpus_per_worker = 1, cpus_per_worker or n_cpu
+        decode_threads = decode_threads or DRIVER_DECODE_THREADS
+    elif gpw > 0:
+        workers = workers or max(1, int(n_gpu // gpw))
+        # CPUs to decode for one GPU: what the cluster has per GPU, within [2, 8]; 4 when no GPU node has joined yet.
+        per_gpu = n_cpu / n_gpu if n_gpu else 4.0
+        cpus_per_worker = cpus_per_worker or float(min(8, max(2, int(per_gpu * gpw))))
+        decode_threads = decode_threads or max(1, int(cpus_per_worker))
+    else:  # CPU-only cluster: one actor per node holding the node's cores; its decode threads run niced beside torch
+        workers = workers or max(1, len(nodes))
+        cpus_per_worker = cpus_per_worker or max(1.0, per_node)
+        decode_threads = decode_threads or 2
+    return {"cluster_cpus": n_cpu, "cluster_gpus": n_gpu, "nodes": len(nodes), "model_placement": placement,
+            "workers": int(workers), "gpus_per_worker": gpw, "cpus_per_worker": float(cpus_per_worker),
+            "decode_threads": int(decode_threads), "ray": True}
+
+
+def _local_resources(decode_threads) -> dict[str, Any]:
+    """The driver placement on this machine without starting Ray: nothing in it needs Ray."""
+    import os
+
+    n_cpu = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    return {"cluster_cpus": n_cpu, "cluster_gpus": 0.0, "nodes": 1, "model_placement": "driver", "workers": 1,
+            "gpus_per_worker": 0.0, "cpus_per_worker": n_cpu,
+            "decode_threads": int(decode_threads or DRIVER_DECODE_THREADS), "ray": False}
+
+
+def _needs_ray(ray_address, model_placement, gpus_per_worker, workers, cpus_per_worker) -> bool:
+    """False when the run can only be the driver placement on this machine: no cluster named or joined, no GPU, no
+    actor settings. Then no Ray instance is started at all (3-8 s and ~1 GB saved on a laptop)."""
+    import os
+
+    if model_placement == "actors" or ray_address or os.environ.get("RAY_ADDRESS"):
+        return True
+    if gpus_per_worker not in (None, 0, 0.0) or workers not in (None, 1) or cpus_per_worker is not None:
+        return True
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return True
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
 
 
 def _model_placement(requested: str, gpw: float, n_nodes: int, workers: int | None,
@@ -114,72 +152,6 @@ def _model_placement(requested: str, gpw: float, n_nodes: int, workers: int | No
     if requested != "auto":
         return requested
     return "driver" if gpw == 0 and n_nodes <= 1 and workers in (None, 1) and cpus_per_worker is None else "actors"
-
-
-def _build_dataset(gq, todo, cfg: dict[str, Any], res: dict[str, Any], *, batch_size: int, precision: str,
-                   latents: bool):
-    """units -> read/decode tasks [-> model actor pool] (lazy Ray Dataset; the driver placement stops after the
-    read tasks and runs the model in :func:`_drive`)."""
-    import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
-
-    from gq_pipeline.stages import TokenizerActor, model_payload, read_units
-
-    read_task_memory = int(min(2 << 30, max(256 << 20, 4 * cfg["max_pixels"] + (64 << 20))))
-    items = [{"unit": json.dumps(u.to_dict())} for u in todo]
-    # One block per unit up to 2000 blocks (then several units per read task): from_items puts every block in the
-    # object store from the driver, ~1.3 ms each, which would take minutes for millions of units.
-    n_blocks = min(len(items), MAX_INPUT_BLOCKS)
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
-    # The memory reservation (a decode of up to --max-pixels) also makes the read's remote args differ from the
-    # actor's, which stops Ray fusing the read into the actor: fused, decoding would run serially with the model.
-    read_kwargs: dict[str, Any] = {}
-    if res["model_placement"] == "driver":
-        # The driver's torch threads hold every core without a Ray reservation, so Ray would start CPUs / read_cpus
-        # decode tasks at once (8 on 2 cores). Niced, they still take CPU from the model's threads while runnable
-        # (measured: model time +15-20 %, 0.82 of the DataLoader loop instead of 0.92-0.94). Two, as beside a CPU
-        # actor, keep ahead of any encoder: a decode costs a few percent of an encode on CPU.
-        read_kwargs["compute"] = TaskPoolStrategy(size=min(DRIVER_READ_TASKS, n_blocks))
-    ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": cfg},
-                        num_cpus=res["read_cpus"], memory=read_task_memory, **read_kwargs)
-    if res["model_placement"] == "driver":
-        return ds
-    payload_ref = ray.put(model_payload(gq))
-    actor_kwargs = {"num_cpus": res["cpus_per_worker"]}
-    if res["gpus_per_worker"] > 0:
-        actor_kwargs["num_gpus"] = res["gpus_per_worker"]
-    return ds.map_batches(TokenizerActor, batch_size=batch_size, batch_format="pyarrow",
-                          compute=ActorPoolStrategy(size=res["workers"]),
-                          fn_constructor_kwargs={"payload_ref": [payload_ref], "batch_size": batch_size,
-                                                 "precision": precision, "latents": latents,
-                                                 "use_gpu": res["gpus_per_worker"] > 0,
-                                                 "cpu_threads": max(1, int(math.ceil(res["cpus_per_worker"] - 1e-9))),
-                                                 "warmup_size": cfg["image_size"]},
-                          **actor_kwargs)
-
-
-def _placement(gpw: float, n_gpu: float, workers: int | None, cpus_per_worker: float | None,
-               read_cpus: float | None) -> tuple[int, float, float]:
-    """(actors, CPUs per actor, logical CPUs per read task).
-
-    GPU clusters: one actor per ``gpw`` GPUs with 1 CPU to feed it; read tasks take 1 CPU each (decode is the
-    bottleneck there). CPU-only clusters: the encoder costs 20-100x a JPEG decode + resize, so each node gets one
-    actor holding all but half a CPU (its torch threads use every core) and read tasks are logical quarter-CPUs
-    that share the cores while the model waits for input (a fixed 1-CPU read + 1-CPU model split measured 35% slower
-    than a plain 2-thread loop on a 2-core machine; docs/benchmarks.md).
-    """
-    import ray
-
-    if gpw > 0:
-        return (workers or max(1, int(n_gpu // gpw)), cpus_per_worker or 1.0, read_cpus or 1.0)
-    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
-    per_node = min(nodes) if nodes else 1.0
-    read_cpus = read_cpus or 0.25
-    if cpus_per_worker is None:
-        count = workers or len(nodes) or 1
-        cpus_per_worker = max(1.0, per_node * len(nodes or [1]) / count - 2 * read_cpus)
-        cpus_per_worker = min(cpus_per_worker, max(1.0, per_node - 2 * read_cpus))
-    return (workers or max(1, len(nodes)), float(cpus_per_worker), float(read_cpus))
 
 
 def _check_first_parquet(units, image_column: str | None, storage_options: dict | None) -> None:
@@ -220,12 +192,14 @@ def _usage(hist: np.ndarray | None) -> dict[str, Any]:
 def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: str = "parquet",
              image_size: int = 256, crop: str = "center", batch_size: int = 64, workers: int | None = None,
              gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
-             read_cpus: float | None = None, latents: bool = False,
+             decode_threads: int | None = None, latents: bool = False,
              precision: str = "fp32", config: str | None = None, preset: str | None = None,
              unit_size: int = 1000, max_pixels: int = DEFAULT_MAX_PIXELS, image_column: str | None = None,
-             storage_options: dict | None = None, writers: int | None = None, progress: bool = True,
+             storage_options: dict | None = None, progress: bool = True,
              ray_address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None,
-             trust_checkpoint: bool = False, read_chunk_rows: int = 32, model_placement: str = "auto",
+             trust_checkpoint: bool = False, model_placement: str = "auto",
+             max_failed_units: str | int | float | None = None, max_attempts: int = 3,
+             input_list: str | None = None, input_list_column: str | None = None, relist: bool = False,
              force_lease: bool = False) -> dict[str, Any]:
     """Tokenize image inputs into token shards under ``output``; returns the run summary (also in manifest.json).
 
@@ -235,6 +209,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     t_start = time.perf_counter()
     if isinstance(inputs, str):
         inputs = [inputs]
+    inputs = list(inputs or [])
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     if crop not in CROP_MODES:
@@ -267,7 +242,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
 
     # ---------------------------------------------------------------- plan, guard, resume
     t0 = time.perf_counter()
-    plan = plan_units(list(inputs), unit_size, storage_options)
+    plan = plan_units(inputs, unit_size, storage_options, input_list=input_list, input_list_column=input_list_column,
+                      plan_dir=f"{store.url}/{PLAN_DIR}", relist=relist)
     _log(progress, f"listed {plan.listed} files into {len(plan.units)} units in {plan.list_s:.2f}s"
                    + (f" ({plan.ignored} non-image files ignored, e.g. {plan.ignored_examples[0]})"
                       if plan.ignored else ""))
@@ -287,67 +263,87 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
             r = records.get(uid)
             return r is not None and set(formats) <= set(r.get("formats", ())) and (not latents or r.get("latents"))
 
-        todo = [u for u in replanned.units if not is_done(u.unit_id)]
-        skipped = len(replanned.units) - len(todo)
+        # List units need no reconciling (content-hashed fixed ranges). Iterating them plans the list (persisted under
+        # _plan/, after the compatibility check above); a streaming driver would consume plan.list_units lazily.
+        planned = replanned.units + list(plan.list_units)
+        if input_list:
+            how = "read from the persisted plan" if plan.list_units.reused else "planned into _plan/"
+            _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
+        todo = [u for u in planned if not is_done(u.unit_id)]
+        skipped = len(planned) - len(todo)
         plan_s = time.perf_counter() - t0
         _log(progress, f"{skipped} units already committed, {len(todo)} to do")
 
         # ---------------------------------------------------------------- run
         failed: list[dict[str, str]] = []
         new_records: list[dict[str, Any]] = []
-        known_records: list[dict[str, Any]] = []  # units found committed already at commit time: not this run's
-        hist_total: np.ndarray | None = None
-        stage = {"read_decode_s": 0.0, "model_s": 0.0, "write_s": 0.0, "driver_wait_s": 0.0, "driver_assemble_s": 0.0}
+        hist_total = np.zeros(c.codebook_size, dtype=np.int64)
+        stage = {"read_decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
         pipeline_s = 0.0
         pipeline_error: Exception | None = None
         resources: dict[str, Any] = {}
+        run_stats = None
         if todo:
-            import ray
-            from ray.data import DataContext
-
-            started = _ensure_ray(ray_address, num_cpus, object_store_memory)
-            dctx = DataContext.get_current()
-            saved_ctx = (dctx.enable_progress_bars, dctx.target_max_block_size)
+            started = False
+            if _needs_ray(ray_address, model_placement, gpus_per_worker, workers, cpus_per_worker):
+                started = _ensure_ray(ray_address, num_cpus, object_store_memory)
+                resources = _resources(gpus_per_worker, workers, cpus_per_worker, decode_threads, model_placement)
+            else:
+                resources = _local_resources(decode_threads)
             try:
-                resources = _resources(gpus_per_worker, workers, cpus_per_worker, read_cpus, writers, model_placement)
                 if precision == "bf16" and resources["gpus_per_worker"] == 0:
                     raise ValueError("--precision bf16 runs the encoder in bf16 on GPU actors, but this run has none "
                                      "(no GPUs in the cluster, or --gpus-per-worker 0); use --precision fp32")
                 if resources["model_placement"] == "driver":
-                    _log(progress, f"model in this process ({resources['cpus_per_worker']:g} CPU threads); cluster "
-                                   f"{resources['cluster_cpus']:g} CPU for reading and committing")
+                    _log(progress, f"model in this process ({resources['cpus_per_worker']:g} CPU threads, "
+                                   f"{resources['decode_threads']} decode threads)")
                 else:
-                    _log(progress, f"{resources['workers']} model actor(s), {resources['gpus_per_worker']:g} GPU / "
-                                   f"{resources['cpus_per_worker']:g} CPU each; cluster {resources['cluster_cpus']:g} "
-                                   f"CPU {resources['cluster_gpus']:g} GPU")
-                dctx.enable_progress_bars = False
-                # Ray Data merges a task's outputs into blocks of up to 128 MiB, so a whole unit reached the actor pool
-                # as one block, became one actor task, and its tokens reached the driver only when the unit was done
-                # (measured: first output after 31 s of a 33 s run). Blocks of about one model batch of decoded images
-                # keep actor tasks at a batch or two and results streaming. (A streaming repartition would do the same
-                # but runs as its own 1-CPU operator, which deadlocked next to a CPU actor on a 2-CPU node.)
-                dctx.target_max_block_size = max(1 << 20, batch_size * 3 * image_size * image_size
-                                                 * (2 if crop == "none" else 1))
-                niceness = 10 if resources["gpus_per_worker"] == 0 else 0  # CPU-only: the model's threads come first
-                cfg = {"image_size": image_size, "crop": crop, "max_pixels": max_pixels, "multiple_of": factor,
-                       "storage_options": storage_options, "image_column": image_column, "chunk_rows": read_chunk_rows,
-                       "niceness": niceness}
-                ds = _build_dataset(gq, todo, cfg, resources, batch_size=batch_size, precision=precision,
-                                    latents=latents)
-                try:
-                    with _driver_model(gq, resources, batch_size, latents) as local_model:
-                        pipeline_s, hist_total = _drive(ds, todo, store, storage_options, ctx, formats,
-                                                        resources["writers"], niceness, progress, stage, new_records,
-                                                        failed, local_model, lease, known_records)
-                except Exception as e:  # the job stopped: keep what was committed, account for it, then re-raise
-                    pipeline_error = e
+                    _log(progress, f"{resources['workers']} model worker(s), {resources['gpus_per_worker']:g} GPU / "
+                                   f"{resources['cpus_per_worker']:g} CPU / {resources['decode_threads']} decode "
+                                   f"threads each; cluster {resources['cluster_cpus']:g} CPU "
+                                   f"{resources['cluster_gpus']:g} GPU")
+                    if resources["gpus_per_worker"] > 0 and resources["cluster_gpus"] == 0:
+                        _log(progress, "no GPU node has joined the cluster yet: the workers wait for one (autoscaling)")
+                spec = WorkSpec(output=store.url, storage_options=storage_options, ctx=ctx, formats=formats,
+                                image_size=image_size, crop=crop, max_pixels=max_pixels, multiple_of=factor,
+                                image_column=image_column, batch_size=batch_size,
+                                decode_threads=resources["decode_threads"],
+                                niceness=10 if resources["gpus_per_worker"] == 0 else 0)
+                budget = FailureBudget(max_failed_units, len(todo))
+                t_run = time.perf_counter()
+                with _worker_pool(gq, spec, resources, precision, latents) as pool:
+                    try:
+                        run_stats = run_units(pool, (u.to_dict() for u in todo), budget=budget,
+                                              max_attempts=max_attempts,
+                                              on_progress=_progress_logger(progress, len(todo), t_run, lease))
+                    except FailureBudgetExceeded as e:
+                        run_stats, pipeline_error = e.stats, e
+                    except NoWorkersError as e:
+                        pipeline_error = e
+                    pipeline_s = time.perf_counter() - t_run
+                    for st in pool.stats():
+                        hist_total += st["hist"]
+                        stage["oom_halvings"] = stage.get("oom_halvings", 0) + st.get("oom_halvings", 0)
             finally:
-                dctx.enable_progress_bars, dctx.target_max_block_size = saved_ctx
                 if started:
+                    import ray
+
                     ray.shutdown()
+            if run_stats is not None:
+                failed = run_stats.failed
+                for o in run_stats.committed:
+                    new_records.append(o["record"])
+                    stage["read_decode_s"] += o.get("read_s", 0.0)
+                    stage["model_s"] += o.get("model_s", 0.0)
+                    stage["write_s"] += o.get("write_s", 0.0)
+                stage["retries"], stage["workers_lost"] = run_stats.retries, run_stats.workers_lost
+                stage["already_committed_by_another_run"] = run_stats.already
+            if new_records == [] and failed and len(failed) == len(todo) and pipeline_error is None:
+                # nothing committed and every unit failed: systematic (a broken model or store), not bad inputs
+                pipeline_error = RuntimeError(failed[0]["reason"])
 
         # ---------------------------------------------------------------- manifest and summary
-        for r in known_records + new_records:
+        for r in new_records:
             records[r["unit_id"]] = r
         all_records = [records[k] for k in sorted(records)]
         tot_in = sum(r["inputs"] for r in all_records)
@@ -365,13 +361,13 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
             "wall_s": round(wall, 3), "list_s": round(plan.list_s, 3), "plan_s": round(plan_s, 3),
             "pipeline_s": round(pipeline_s, 3), "images": run_in,
             "images_per_s": round(run_in / pipeline_s, 2) if pipeline_s > 0 else None,
-            "first_output_s": round(stage.get("first_output_s", 0.0), 3),
             "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
             "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
             "model_utilization": (round(stage["model_s"] / (pipeline_s * resources["workers"]), 3)
                                   if pipeline_s > 0 and resources else None),
-            "driver_wait_s": round(stage["driver_wait_s"], 3),
-            "driver_assemble_s": round(stage["driver_assemble_s"], 3), "resources": resources,
+            "resources": resources,
+            "faults": {k: stage.get(k, 0) for k in ("retries", "workers_lost", "oom_halvings",
+                                                    "already_committed_by_another_run")},
         }
         wids = store.write_wids_index(all_records)
         manifest = {"format_version": FORMAT_VERSION, "model_fingerprint": ctx.model_fingerprint,
@@ -392,7 +388,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         raise JobError(f"the pipeline stopped after committing {len(new_records)} of {len(todo)} units; committed work "
                        f"is kept and a rerun continues from there. Cause: {type(pipeline_error).__name__}: "
                        f"{str(pipeline_error)[-3000:]}") from pipeline_error
-    summary = {"output": store.url, "units_planned": len(replanned.units), "units_skipped": skipped,
+    summary = {"output": store.url, "units_planned": len(planned), "units_skipped": skipped,
                "units_committed": len(new_records), "units_failed": failed, "inputs": tot_in, "tokenized": tot_ok,
                "errors": tot_err, "errors_by_kind": manifest["errors_by_kind"],
                "this_run": {"inputs": run_in, "tokenized": sum(r["tokenized"] for r in new_records),
@@ -400,94 +396,66 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                "ignored_files": plan.ignored, "listing_changes": manifest["listing_changes"],
                "throughput": throughput, "codebook_usage": manifest["codebook_usage"],
                "model_fingerprint": ctx.model_fingerprint, "codebook_fingerprint": ctx.codebook_fingerprint}
+    if failed:
+        _log(progress, f"{len(failed)} unit(s) failed after retries (listed in manifest.json failed_units; a rerun "
+                       f"retries them): " + "; ".join(f"{f['source']}: {f['reason'][:200]}" for f in failed[:3]))
     _log(progress, f"done: {tot_ok} tokenized + {tot_err} errors = {tot_in} inputs "
                    f"({len(new_records)} units committed, {skipped} skipped, {len(failed)} failed) in {wall:.1f}s")
     return summary
 
 
 @contextlib.contextmanager
-def _driver_model(gq, resources: dict[str, Any], batch_size: int, latents: bool):
-    """The model stage for the driver placement (None for actors), with torch's threads set for the run and then
-    put back: the caller's process is ours only while tokenize() runs."""
-    if resources["model_placement"] != "driver":
-        yield None
-        return
-    import torch
+def _worker_pool(gq, spec: WorkSpec, resources: dict[str, Any], precision: str, latents: bool):
+    """The pool the scheduler feeds: threads of this process around the loaded model (driver placement, with
+    torch's thread count set for the run and put back), or an elastic pool of Ray actors."""
+    if resources["model_placement"] == "driver":
+        import torch
 
-    from gq_pipeline.stages import TokenizerActor
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(math.ceil(resources["cpus_per_worker"] - 1e-9))))
-    try:
-        yield TokenizerActor.in_process(gq, batch_size=batch_size, latents=latents)
-    finally:
-        torch.set_num_threads(saved)
-
-
-def _drive(ds, todo, store, storage_options, ctx, formats, writers, niceness, progress, stage, new_records,
-           failed, local_model=None, lease=None, known_records=None):
-    """Consume the pipeline on the driver: (run the model on each decoded batch, for the driver placement,)
-    assemble units, hand complete ones to commit tasks.
-
-    Returns (pipeline seconds, token histogram of this run)."""
-    from gq_pipeline.committer import Committer
-
-    assembler = UnitAssembler({u.unit_id: u for u in todo})
-    committer = Committer(store, storage_options, ctx, formats, parallel=writers, niceness=niceness)
-    hist_total = np.zeros(ctx.codebook_size, dtype=np.int64)
-    t0 = time.perf_counter()
-    last_log = t0
-    n_rows = 0
-
-    def harvest(results) -> None:
-        for r in results:
-            if r.error:
-                failed.append({"unit_id": r.unit.unit_id, "source": r.unit.source, "reason": r.error})
-                _log(progress, f"unit {r.unit.unit_id} ({r.unit.source}) failed: {r.error}")
-                continue
-            if not r.created:  # committed already (another run, or an earlier attempt): counted once, not here
-                known_records.append(r.record)
-                _log(progress, f"unit {r.unit.unit_id} was already committed; not counted as this run's")
-                continue
-            new_records.append(r.record)
-            stage["write_s"] += r.write_s
-            stage["read_decode_s"] += r.read_s
-            stage["model_s"] += r.model_s
-            if r.hist is not None:
-                hist_total[:] += r.hist
-
-    # No prefetch: with prefetch_batches=2 each block reached the driver seconds after the actor produced it
-    # (measured), which delays commits; assembly is cheap enough not to need the overlap.
-    it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
-    while True:
-        tw = time.perf_counter()
+        saved = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(math.ceil(resources["cpus_per_worker"] - 1e-9))))
+        proc = UnitProcessor(spec, ModelRunner(gq.eval(), batch_size=spec.batch_size, precision="fp32",
+                                               latents=latents))
+        pool = LocalPool(proc.process, concurrency=2)
+        pool.stats = lambda: [proc.stats()]  # type: ignore[attr-defined]
         try:
-            table = next(it)
-        except StopIteration:
-            break
-        stage["driver_wait_s"] += time.perf_counter() - tw
-        if local_model is not None:
-            table = local_model(table)
-        ta = time.perf_counter()
-        if "first_output_s" not in stage:  # start-up: actor launch, model load and warm-up, first batch
-            stage["first_output_s"] = ta - t0
-        n_rows += table.num_rows
-        for result in assembler.add(table):
-            if isinstance(result, FailedUnit):
-                failed.append({"unit_id": result.unit.unit_id, "source": result.unit.source, "reason": result.reason})
-                _log(progress, f"unit {result.unit.unit_id} ({result.unit.source}) failed: {result.reason}")
-            else:
-                harvest(committer.submit(result))
-        harvest(committer.poll())
+            yield pool
+        finally:
+            pool.close()
+            proc.close()
+            torch.set_num_threads(saved)
+        return
+    import ray
+
+    payload_ref = ray.put(model_payload(gq))
+    options: dict[str, Any] = {"num_cpus": resources["cpus_per_worker"], "max_restarts": 0,
+                               "max_concurrency": 2}
+    if resources["gpus_per_worker"] > 0:
+        options["num_gpus"] = resources["gpus_per_worker"]
+    actor_cls = ray.remote(UnitWorkerActor).options(**options)
+    cpu_threads = max(1, int(math.ceil(resources["cpus_per_worker"] - 1e-9)))
+
+    def make_actor():
+        return actor_cls.remote([payload_ref], spec, use_gpu=resources["gpus_per_worker"] > 0,
+                                cpu_threads=cpu_threads, precision=precision, latents=latents)
+
+    pool = ActorPool(make_actor, resources["workers"], per_actor=2)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def _progress_logger(progress: bool, total: int, t0: float, lease: OutputLease | None = None):
+    def log(stats) -> None:
         if lease is not None:
-            lease.check()  # stop committing once another run holds the output
-        stage["driver_assemble_s"] += time.perf_counter() - ta
-        now = time.perf_counter()
-        if progress and now - last_log > 10:
-            last_log = now
-            _log(progress, f"{len(new_records)}/{len(todo)} units committed, {n_rows} rows, "
-                           f"{len(assembler.buffers)} units buffered ({assembler.buffered_bytes / 1e6:.1f} MB)")
-    harvest(committer.drain())
-    for f in assembler.leftovers():
-        failed.append({"unit_id": f.unit.unit_id, "source": f.unit.source, "reason": f.reason})
-    return time.perf_counter() - t0, hist_total
+            lease.check()  # every progress tick: a run that lost the output's lease stops handing out units
+        if not progress:
+            return
+        dt = max(1e-9, time.perf_counter() - t0)
+        done = len(stats.committed) + stats.already
+        rate = stats.images / dt
+        eta = (dt / done * (total - done - len(stats.failed))) if done else float("nan")
+        _log(progress, f"{done}/{total} units committed, {stats.images} images ({rate:.1f} img/s), "
+                       f"{len(stats.failed)} failed, {stats.retries} retried, {stats.workers_lost} workers lost"
+                       + (f", ETA {eta:.0f}s" if eta == eta else ""))
+    return log

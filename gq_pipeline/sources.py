@@ -4,19 +4,23 @@ A *unit* is the smallest thing that is committed or redone: one WebDataset tar, 
 ``unit_size`` image files of one directory (the directory's sorted listing cut into consecutive runs). Units never
 span directories, so adding files to one directory leaves the unit ids (and committed work) of the others intact.
 
-Listing walks each input once with ``fs.walk``/``fs.glob`` (one listing request per page of names on object stores,
-never a ``stat`` per file); file sizes are never fetched. Hidden names (leading ``.``, e.g. macOS ``._x.jpg``
-resource forks) are skipped.
+A ``list`` unit is a run of ``unit_size`` rows of an ``--input-list`` (:mod:`gq_pipeline.input_list`), generated
+lazily and read back from the plan persisted under the output (:mod:`gq_pipeline.plan_store`).
+
+Listing never stats a file and never fetches sizes: directories are listed breadth-first, ``LIST_THREADS`` at a
+time (one request per page of names on object stores); a brace pattern costs one listing per parent prefix, not a
+request per URL. A listing that fails anywhere stops the plan (:class:`ListingError`): nothing is skipped. Hidden
+names (leading ``.``, e.g. macOS ``._x.jpg`` resource forks) are skipped.
 """
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import posixpath
 import re
 import tarfile
 import time
 import zlib
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -26,8 +30,8 @@ from gq_model.storage import url_to_fs
 from gq_pipeline.records import (IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, RESERVED_COLUMNS, TAR_EXTENSIONS, SampleError,
                                  make_key, make_unit_id)
 
-__all__ = ["Unit", "Plan", "RawSample", "UnitReadError", "plan_units", "iter_samples", "get_fs", "to_url",
-           "find_image_column"]
+__all__ = ["Unit", "Plan", "ListingError", "RawSample", "UnitReadError", "plan_units", "iter_samples", "get_fs",
+           "to_url", "find_image_column"]
 
 _MAGIC = re.compile(r"[*?\[]")
 _IMAGE_COLUMN_NAMES = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
@@ -63,45 +67,83 @@ def _ext(name: str) -> str:
 @dataclass(frozen=True)
 class Unit:
     """One work unit. ``source`` is the tar/parquet URL, or the directory URL of a ``files`` unit whose ``files``
-    are names inside it; ``prefix`` is that directory relative to the input root (only makes keys readable)."""
+    are names inside it; ``prefix`` is that directory relative to the input root (only makes keys readable).
+
+    A ``list`` unit is ``count`` image rows of an input list from row ``start`` (``source`` is the list's URL): its
+    URLs are row group ``group`` of the persisted plan file ``part`` and hash to ``digest``
+    (:mod:`gq_pipeline.plan_store`)."""
 
     kind: str
     source: str
     files: tuple[str, ...] = ()
     prefix: str = ""
     unit_id: str = field(default="", compare=False)
+    start: int = 0
+    count: int = 0
+    digest: str = ""
+    part: str = ""
+    group: int = 0
 
     def __post_init__(self):
         if not self.unit_id:
             object.__setattr__(self, "unit_id", make_unit_id(self.description()))
 
     def description(self) -> dict[str, Any]:
+        if self.kind == "list":  # the rows' content, not where the list lives: ids survive a moved or copied list
+            return {"v": 1, "kind": "list", "start": self.start, "count": self.count, "sha256": self.digest}
         d: dict[str, Any] = {"v": 1, "kind": self.kind, "source": self.source}
         if self.kind == "files":
             d["files"] = list(self.files)
         return d
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"files": list(self.files)}
+        d = {"kind": self.kind, "source": self.source, "files": list(self.files), "prefix": self.prefix,
+             "unit_id": self.unit_id}
+        if self.kind == "list":
+            d |= {"start": self.start, "count": self.count, "digest": self.digest, "part": self.part,
+                  "group": self.group}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Unit":
         return cls(kind=d["kind"], source=d["source"], files=tuple(d.get("files", ())), prefix=d.get("prefix", ""),
-                   unit_id=d.get("unit_id", ""))
+                   unit_id=d.get("unit_id", ""), start=d.get("start", 0), count=d.get("count", 0),
+                   digest=d.get("digest", ""), part=d.get("part", ""), group=d.get("group", 0))
 
     @property
     def expected_inputs(self) -> int | None:
-        """Known before reading only for file units; tars and parquet files report their count when read."""
-        return len(self.files) if self.kind == "files" else None
+        """Known before reading for file and list units; tars and parquet files report their count when read."""
+        if self.kind == "files":
+            return len(self.files)
+        return self.count if self.kind == "list" else None
+
+
+class ListingError(RuntimeError):
+    """A listing request failed while planning: the plan would miss inputs, so the run stops and names the prefix."""
 
 
 @dataclass
 class Plan:
+    """The units of a run's inputs.
+
+    ``units`` (a list) holds what was listed: folders, globs, tars, Parquet files, brace patterns; it is what
+    :func:`gq_pipeline.replan.reconcile_with_committed` takes. ``list_units`` holds the units of ``--input-list``,
+    generated lazily as it is iterated (:class:`gq_pipeline.plan_store.ListUnits`; empty without a list); their ids
+    are content hashes of fixed row ranges, so they never need reconciling. :meth:`iter_units` chains both.
+    ``listed`` and ``ignored`` count names listed; a list's rows are in ``list_units.rows`` once it was iterated.
+    """
+
     units: list[Unit]
     ignored: int = 0
     ignored_examples: list[str] = field(default_factory=list)
     listed: int = 0
     list_s: float = 0.0
+    list_units: Any = ()
+    reused: list[str] = field(default_factory=list)  # inputs planned from a persisted plan, not listed
+
+    def iter_units(self) -> Iterator[Unit]:
+        yield from self.units
+        yield from self.list_units
 
 
 def _expand_braces(url: str) -> list[str]:
@@ -124,53 +166,194 @@ def _non_magic_prefix(path: str) -> str:
     return "/".join(keep)
 
 
-def plan_units(inputs: list[str], unit_size: int = 1000, storage_options: dict | None = None) -> Plan:
-    """List every input and cut it into units (sorted, de-duplicated by file URL)."""
+def plan_units(inputs: list[str], unit_size: int = 1000, storage_options: dict | None = None, *,
+               input_list: str | None = None, input_list_column: str | None = None, plan_dir: str | None = None,
+               relist: bool = False) -> Plan:
+    """List every input and cut it into units (sorted, de-duplicated by file URL); add ``input_list``'s units.
+
+    ``plan_dir`` (the output's ``_plan`` directory) is where plans are persisted (:mod:`gq_pipeline.plan_store`);
+    an input list needs one. ``relist`` ignores persisted plans. A listing that fails anywhere raises
+    :class:`ListingError` naming the prefix; a brace pattern naming a file that does not exist raises
+    ``FileNotFoundError`` naming it (found from one listing of its parent, not a request per file).
+    """
     if unit_size < 1:
         raise ValueError(f"unit_size must be >= 1, got {unit_size}")
-    if not inputs:
-        raise ValueError("no --input given")
+    if not inputs and not input_list:
+        raise ValueError("no --input or --input-list given")
     t0 = time.perf_counter()
     plan = Plan(units=[])
-    by_dir: dict[str, tuple[str, set[str]]] = {}  # dir URL -> (prefix, names)
-    shard_urls: dict[str, str] = {}  # url -> kind
-    for raw in inputs:
-        for url in _expand_braces(str(raw)):
-            fs, path = get_fs(url, storage_options)
-            fs.invalidate_cache()  # fsspec instances are shared per process: never plan from a stale listing
-            root_path = path.rstrip("/") or path
-            if _MAGIC.search(path):
-                root_path = _non_magic_prefix(path).rstrip("/")
-                matches = sorted(fs.glob(path, detail=True).items())
-                if not matches:
-                    raise FileNotFoundError(f"{url}: the pattern matched nothing")
-                groups: dict[str, list[str]] = {}
-                walks = []
-                for p, info in matches:
-                    if info.get("type") == "directory":
-                        walks.append(_walk_dirs(fs, p))
-                    else:
-                        d, name = posixpath.split(p)
-                        groups.setdefault(d, []).append(name)
-                listing = [iter(groups.items())] + walks
-            elif fs.isdir(path):
-                listing = [_walk_dirs(fs, root_path)]
-            elif fs.exists(path):
-                root_path = posixpath.dirname(root_path)
-                listing = [iter([(posixpath.dirname(path), [posixpath.basename(path)])])]
+    ctx = _PlanContext(plan, storage_options, plan_dir, relist)
+    with ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="gq-list") as pool:
+        ctx.pool = pool
+        for raw in inputs:
+            raw = str(raw)
+            urls = _expand_braces(raw)
+            if "{" in raw and urls != [raw]:
+                _plan_brace(ctx, raw, urls)
             else:
-                raise FileNotFoundError(f"{url}: no such file or directory")
-            for dirs in listing:
-                for d, names in dirs:
-                    _classify(plan, fs, root_path, d, names, by_dir, shard_urls)
-    for d, (prefix, names) in by_dir.items():
+                _plan_one(ctx, raw)
+    for d, (prefix, names) in ctx.by_dir.items():
         ordered = sorted(names)
         for i in range(0, len(ordered), unit_size):
             plan.units.append(Unit("files", d, tuple(ordered[i:i + unit_size]), prefix))
-    plan.units.extend(Unit(kind, url, prefix="") for url, kind in shard_urls.items())
+    plan.units.extend(Unit(kind, url, prefix="") for url, kind in ctx.shard_urls.items())
     plan.units.sort(key=lambda u: (u.source, u.files[:1]))
+    if input_list:
+        from gq_pipeline.input_list import open_input_list
+        from gq_pipeline.plan_store import ListUnits
+
+        if not plan_dir:
+            raise ValueError("an --input-list is planned into the output (its _plan/ directory): pass plan_dir")
+        plan.list_units = ListUnits(open_input_list(input_list, storage_options, input_list_column), unit_size,
+                                    plan_dir, storage_options, relist)
     plan.list_s = time.perf_counter() - t0
     return plan
+
+
+LIST_THREADS = 16  # listing requests in flight at once (one per directory / prefix)
+
+
+@dataclass
+class _PlanContext:
+    plan: Plan
+    storage_options: dict | None
+    plan_dir: str | None
+    relist: bool
+    pool: Any = None
+    by_dir: dict[str, tuple[str, set[str]]] = field(default_factory=dict)  # dir URL -> (prefix, names)
+    shard_urls: dict[str, str] = field(default_factory=dict)  # url -> kind
+    fresh: set[int] = field(default_factory=set)
+
+    def fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """``get_fs`` with the listing cache cleared once per filesystem per plan (fsspec instances are shared per
+        process: never plan from a stale listing, never pay for clearing it per URL)."""
+        fs, path = get_fs(url, self.storage_options)
+        if id(fs) not in self.fresh:
+            fs.invalidate_cache()
+            self.fresh.add(id(fs))
+        return fs, path
+
+    def classify(self, fs, root_path: str, d: str, names: list[str]) -> None:
+        _classify(self.plan, fs, root_path, d, names, self.by_dir, self.shard_urls)
+
+    def walk(self, fs, root: str, root_path: str) -> None:
+        for d, names in _walk_dirs(fs, root, self.pool):
+            self.classify(fs, root_path, d, names)
+
+
+def _plan_one(ctx: _PlanContext, url: str) -> None:
+    """One input that is not a brace pattern: a glob, a directory or a file."""
+    fs, path = ctx.fs(url)
+    root_path = path.rstrip("/") or path
+    if _MAGIC.search(path):
+        root_path = _non_magic_prefix(path).rstrip("/")
+        matches = sorted(fs.glob(path, detail=True).items())
+        if not matches:
+            raise FileNotFoundError(f"{url}: the pattern matched nothing")
+        groups: dict[str, list[str]] = {}
+        for p, info in matches:
+            if info.get("type") == "directory":
+                ctx.walk(fs, p, root_path)
+            else:
+                d, name = posixpath.split(p)
+                groups.setdefault(d, []).append(name)
+        for d, names in groups.items():
+            ctx.classify(fs, root_path, d, names)
+    elif fs.isdir(path):
+        ctx.walk(fs, root_path, root_path)
+    elif fs.exists(path):
+        ctx.classify(fs, posixpath.dirname(root_path), posixpath.dirname(path), [posixpath.basename(path)])
+    else:
+        raise FileNotFoundError(f"{url}: no such file or directory")
+
+
+def _plan_brace(ctx: _PlanContext, raw: str, urls: list[str]) -> None:
+    """A brace pattern: one listing per parent prefix (in parallel) instead of a stat per URL.
+
+    Every URL it names must exist: a missing one is an error here, at plan time, naming it (a pattern is a promise
+    that those files exist; a typo in a range must not pass as a smaller dataset). A pattern that named files only
+    is persisted (``_plan/inputs/``), so a rerun classifies the same files without listing.
+    """
+    files = None if ctx.relist else _load_brace_plan(ctx, raw)
+    if files is not None:
+        ctx.plan.reused.append(raw)
+        _classify_urls(ctx, files)
+        return
+    by_parent: dict[tuple[int, str], tuple[Any, list[tuple[str, str]]]] = {}
+    for url in urls:
+        if _MAGIC.search(url):
+            _plan_one(ctx, url)
+            continue
+        fs, path = _fs_like(ctx, url)
+        parent, name = posixpath.split(path.rstrip("/"))
+        by_parent.setdefault((id(fs), parent), (fs, []))[1].append((url, name))
+    keys = list(by_parent)
+    listings = ctx.pool.map(lambda k: _list_parent(by_parent[k][0], k[1]), keys)
+    missing: list[str] = []
+    found: list[str] = []
+    walks = []
+    for key, (files_here, dirs_here) in zip(keys, listings):
+        fs, entries = by_parent[key]
+        names, subdirs = set(files_here), {posixpath.basename(d.rstrip("/")): d for d in dirs_here}
+        parent = key[1]
+        hits = []
+        for url, name in entries:
+            if name in names:
+                hits.append(name)
+                found.append(url)
+            elif name in subdirs:
+                walks.append((fs, subdirs[name]))
+            else:
+                missing.append(url)
+        if hits:
+            ctx.classify(fs, parent, parent, hits)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FileNotFoundError(f"{raw}: {len(missing)} of the {len(urls)} paths it names do not exist: "
+                                f"{', '.join(missing[:5])}{more}")
+    for fs, d in walks:
+        ctx.walk(fs, d.rstrip("/") or d, d.rstrip("/") or d)
+    if not walks and not any(_MAGIC.search(u) for u in urls):
+        from gq_pipeline.plan_store import save_brace_plan
+
+        save_brace_plan(ctx.plan_dir, raw, found, ctx.storage_options)
+
+
+def _fs_like(ctx: _PlanContext, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``ctx.fs`` without parsing options again for every URL of a large pattern (one filesystem per protocol)."""
+    proto = url.split("://", 1)[0] if "://" in url else "file"
+    cache = ctx.__dict__.setdefault("_by_proto", {})
+    if proto not in cache:
+        cache[proto] = ctx.fs(url)[0]
+    fs = cache[proto]
+    return fs, fs._strip_protocol(url)
+
+
+def _load_brace_plan(ctx: _PlanContext, raw: str) -> list[str] | None:
+    from gq_pipeline.plan_store import load_brace_plan
+
+    return load_brace_plan(ctx.plan_dir, raw, ctx.storage_options)
+
+
+def _classify_urls(ctx: _PlanContext, urls: list[str]) -> None:
+    groups: dict[tuple[int, str], tuple[Any, list[str]]] = {}
+    for url in urls:
+        fs, path = _fs_like(ctx, url)
+        d, name = posixpath.split(path)
+        groups.setdefault((id(fs), d), (fs, []))[1].append(name)
+    for (_, d), (fs, names) in groups.items():
+        ctx.classify(fs, d, d, names)
+
+
+def _list_parent(fs: fsspec.AbstractFileSystem, parent: str) -> tuple[list[str], list[str]]:
+    """A brace pattern's parent prefix: (file names, sub-directory paths); a parent that does not exist holds
+    nothing (its URLs are then reported missing)."""
+    try:
+        return _list_dir(fs, parent)
+    except ListingError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return [], []
+        raise
 
 
 def _classify(plan: Plan, fs, root_path: str, d: str, names: list[str], by_dir: dict, shard_urls: dict) -> None:
@@ -197,24 +380,63 @@ def _classify(plan: Plan, fs, root_path: str, d: str, names: list[str], by_dir: 
                 plan.ignored_examples.append(f"{dir_url}/{name}")
 
 
-def _walk_dirs(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, list[str]]]:
+def _list_dir(fs: fsspec.AbstractFileSystem, d: str) -> tuple[list[str], list[str]]:
+    """One directory: (file names, sub-directory paths). Local: ``os.scandir`` (d_type, no stat per file; symlinked
+    directories are not followed, as ``os.walk`` does not). Elsewhere: one ``fs.ls`` (paginated listings of 1000
+    names per request on S3/GCS, the index page over HTTP). Any failure is a :class:`ListingError` naming ``d``."""
+    try:
+        if is_local_fs(fs):
+            import os
+
+            files, dirs = [], []
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        dirs.append(e.path)
+                    elif e.is_file():
+                        files.append(e.name)
+            return files, dirs
+        files, dirs = [], []
+        for e in fs.ls(d, detail=True):
+            name = e["name"]
+            if e.get("type") == "directory":
+                if name.rstrip("/") != d.rstrip("/"):
+                    dirs.append(name)
+            else:
+                files.append(posixpath.basename(name))
+        return files, dirs
+    except Exception as e:
+        raise ListingError(f"listing {to_url(fs, d)} failed ({type(e).__name__}: {e}); planning stops rather than "
+                           f"leave out what it holds: fix its access, or leave it out of --input") from e
+
+
+def _walk_dirs(fs: fsspec.AbstractFileSystem, root: str, pool=None) -> Iterator[tuple[str, list[str]]]:
     """(directory path, file names) for every directory under ``root``, hidden directories skipped.
 
-    Local: ``os.walk`` (d_type from ``scandir``: no stat per file; fsspec's local ``walk`` stats every entry).
-    Elsewhere: ``fs.walk``, which object stores serve from paginated listings (1000 names per request on S3).
+    Directories are listed in parallel (``LIST_THREADS`` at once, one request per directory or page): a bucket's
+    prefixes are walked breadth-first instead of one after another. A failed listing anywhere raises
+    :class:`ListingError` (never skipped: a skipped prefix would silently shrink the dataset).
     """
-    if is_local_fs(fs):
-        import os
-
-        for dirpath, dirs, files in os.walk(root):
-            dirs[:] = [x for x in dirs if not x.startswith(".")]
-            if files:
-                yield dirpath, files
-        return
-    for dirpath, dirs, files in fs.walk(root, detail=False):
-        dirs[:] = [x for x in dirs if not x.startswith(".")]
-        if files:
-            yield dirpath, list(files)
+    own = pool is None
+    if own:
+        pool = ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="gq-list")
+    pending = {pool.submit(_list_dir, fs, root): root}
+    try:
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in done:
+                d = pending.pop(fut)
+                files, dirs = fut.result()
+                for sub in sorted(dirs):
+                    if not posixpath.basename(sub.rstrip("/")).startswith("."):
+                        pending[pool.submit(_list_dir, fs, sub)] = sub
+                if files:
+                    yield d, files
+    finally:
+        for fut in pending:
+            fut.cancel()
+        if own:
+            pool.shutdown(wait=True)
 
 
 def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
@@ -258,6 +480,8 @@ def iter_samples(unit: Unit, info: UnitInfo, storage_options: dict | None = None
         yield from _iter_tar(unit, storage_options)
     elif unit.kind == "parquet":
         yield from _iter_parquet(unit, info, storage_options, image_column)
+    elif unit.kind == "list":
+        yield from _iter_list(unit, storage_options)
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
@@ -289,6 +513,58 @@ def _iter_files(unit: Unit, storage_options: dict | None) -> Iterator[RawSample]
                 raise UnitReadError(f"reading {unit.source}/{name}: {type(data).__name__}: {data}")
             else:
                 s.data = data
+            yield s
+
+
+def _list_unit_urls(unit: Unit, storage_options: dict | None) -> list[str]:
+    """A list unit's URLs: its row group of the persisted plan, checked against the unit's count and digest (a plan
+    file that changed since planning must not pass another set of files under this unit's id)."""
+    import pyarrow.parquet as pq
+
+    from gq_pipeline.plan_store import unit_digest
+
+    fs, path = get_fs(unit.part, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            urls = pq.ParquetFile(f).read_row_group(unit.group, columns=["url"]).column(0).to_pylist()
+    except Exception as e:
+        raise UnitReadError(f"reading the plan of {unit.source} rows {unit.start}+{unit.count} ({unit.part} row "
+                            f"group {unit.group}): {type(e).__name__}: {e}") from e
+    if len(urls) != unit.count or unit_digest(urls) != unit.digest:
+        raise UnitReadError(f"{unit.part} row group {unit.group} no longer holds the {unit.count} URLs planned for "
+                            f"rows {unit.start}+ of {unit.source}; rerun with --relist to plan the list again")
+    return urls
+
+
+def _iter_list(unit: Unit, storage_options: dict | None) -> Iterator[RawSample]:
+    """Every row of a list unit, in list order: the file's bytes, or a ``read`` error record when it does not exist
+    (as a folder's file that disappeared). Other failures (network, permissions) fail the unit, to be retried."""
+    urls = _list_unit_urls(unit, storage_options)
+    here = unit.source.rsplit("/", 1)[0] + "/"  # keys read as the path relative to the list where they can
+    by_proto: dict[str, fsspec.AbstractFileSystem] = {}
+    for start in range(0, len(urls), _FILE_CHUNK):
+        chunk = urls[start:start + _FILE_CHUNK]
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for i, url in enumerate(chunk):
+            proto = url.split("://", 1)[0]
+            if proto not in by_proto:
+                by_proto[proto] = get_fs(url, storage_options)[0]
+            groups.setdefault(proto, []).append((i, by_proto[proto]._strip_protocol(url)))
+        got: list[Any] = [None] * len(chunk)
+        for proto, items in groups.items():
+            answers = _cat_each(by_proto[proto], [p for _, p in items], f"reading rows of {unit.source}")
+            for i, p in items:
+                got[i] = answers[p]
+        for i, (url, data) in enumerate(zip(chunk, got)):
+            readable = url[len(here):] if url.startswith(here) else url.split("://", 1)[-1]
+            s = RawSample(start + i, make_key(url, readable), None, url)
+            if isinstance(data, FileNotFoundError) or data is None:
+                s.error = SampleError("read", f"{url}: the listed file does not exist")
+            elif isinstance(data, BaseException):
+                raise UnitReadError(f"reading {url} (row {unit.start + start + i} of {unit.source}): "
+                                    f"{type(data).__name__}: {data}")
+            else:
+                s.data = bytes(data)
             yield s
 
 

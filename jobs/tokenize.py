@@ -11,6 +11,7 @@ stopped or the lease was lost (rerun to retry them).
 
 Example: gq tokenize --model demo --input s3://bucket/shards/{00000..00999}.tar --output s3://bucket/tokens
          --format both --image-size 256 --batch-size 128
+         gq tokenize --model demo --input-list s3://bucket/inventory/.../manifest.json --output s3://bucket/tokens
 """
 from __future__ import annotations
 
@@ -27,9 +28,19 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="GQ bundle dir/URL, built-in name (demo), reference .ckpt (+ --config/--preset) or DeepSpeed "
                         "checkpoint dir")
-    p.add_argument("--input", required=True, nargs="+", metavar="URL",
+    p.add_argument("--input", nargs="+", metavar="URL", default=[],
                    help="image folders, globs, WebDataset tars (brace patterns ok) or Parquet files; any fsspec URL "
                         "(local, file://, s3://, gs://, http(s)://)")
+    p.add_argument("--input-list", metavar="FILE",
+                   help="a list of inputs instead of (or besides) listing folders: .txt (one URL or path per line), "
+                        ".csv/.tsv or .parquet with a url/path column (compressed text ok, e.g. .txt.gz), or an S3 "
+                        "Inventory manifest.json. Paths resolve against the list's directory; rows are cut into "
+                        "units of --unit-size rows, planned once into OUTPUT/_plan/")
+    p.add_argument("--input-list-column", metavar="NAME", help="the URL column of a CSV/Parquet --input-list "
+                   "(default: url, path, uri, file, filename or key)")
+    p.add_argument("--relist", action="store_true",
+                   help="plan the --input-list and brace patterns again instead of reading the plan persisted under "
+                        "OUTPUT/_plan/ (folders and globs are listed on every run anyway)")
     p.add_argument("--output", required=True, metavar="URL", help="output directory or URL (see docs/token-format.md)")
     p.add_argument("--format", default="parquet", choices=["parquet", "webdataset", "both"])
     p.add_argument("--image-size", type=int, default=256, help="shorter side after resizing (default 256)")
@@ -38,18 +49,26 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "model's downsampling factor)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
     p.add_argument("--model-placement", default="auto", choices=["auto", "driver", "actors"],
-                   help="where the model runs: in this process on the batches that Ray tasks decode (driver), or in "
-                        "a Ray actor pool (actors). auto: driver on a single CPU-only node when no actor option is "
-                        "given, actors otherwise (GPUs, several nodes)")
+                   help="where units are processed: in this process, without Ray, on a single CPU-only machine "
+                        "(driver), or in Ray actors, one per GPU or per CPU node (actors). auto: driver when no "
+                        "cluster, GPU or actor option is given, actors otherwise")
     p.add_argument("--workers", type=int, default=None,
-                   help="model actors (default: #GPUs / --gpus-per-worker, or one per node on CPU-only clusters)")
+                   help="model workers, the most kept alive (default: #GPUs / --gpus-per-worker, or one per node "
+                        "on CPU-only clusters); dead ones are replaced")
     p.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPUs per model actor (default 1 on GPU clusters, 0 otherwise; fractions share a GPU)")
+                   help="GPUs per model worker (default 1 if the cluster has GPUs now, 0 otherwise). Given "
+                        "explicitly, workers wait for GPU nodes an autoscaler adds")
     p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPUs per model actor; also its torch threads on CPU (default: 1 with GPUs; on CPU-only "
-                        "clusters one actor per node with all but half a CPU)")
-    p.add_argument("--read-cpus", type=float, default=None,
-                   help="logical CPUs per read/decode task (default 1 with GPUs, 0.25 on CPU-only clusters)")
+                   help="CPUs reserved per model worker for decoding (and torch threads on CPU); default 2-8 per GPU "
+                        "from the cluster's CPU/GPU ratio, or a whole node on CPU-only clusters")
+    p.add_argument("--decode-threads", type=int, default=None,
+                   help="decode threads per worker (default: its CPUs with GPUs, 2 on CPU)")
+    p.add_argument("--max-failed-units", default=None, metavar="N|FRACTION",
+                   help="stop the job when more units than this have failed after retries: a count (20) or a "
+                        "fraction of the planned units (0.05 or 5%%); default 5%% of the units, at least 10")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="tries of a unit that fails (read error, model failing on a whole batch, write error) "
+                        "before it is recorded as failed (default 3); units whose worker died are redone anyway")
     p.add_argument("--latents", action="store_true", help="also write the Gaussian mean mu as float16")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16 autocast for the encoder on GPU actors (the codebook search stays fp32); needs GPU "
@@ -58,15 +77,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="built-in preset for a .ckpt --model (e.g. sd3unet_gq_0.25)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in a .ckpt you trust")
     p.add_argument("--unit-size", type=int, default=1000,
-                   help="image files per work unit for folders (tars and Parquet files are one unit each)")
+                   help="image files per work unit for folders and rows per unit for --input-list (tars and Parquet "
+                        "files are one unit each)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger images as too_large errors (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--image-column", help="image column of Parquet inputs (default: auto-detect)")
     p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
                    help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:9000"}\', or per '
                         'protocol when a run mixes stores: \'{"s3": {...}, "gs": {...}}\'')
-    p.add_argument("--writers", type=int, default=None,
-                   help="units committed (encoded + uploaded) at once, as Ray tasks (default: CPUs / 4, 2 to 32)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (no RAY_ADDRESS)")
     p.add_argument("--object-store-memory", type=int, default=None, help="bytes, local Ray instance only")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
@@ -95,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from gq_pipeline.job import JobError, tokenize
+    from gq_pipeline.sources import ListingError
+
+    if not args.input and not args.input_list:
+        print("gq tokenize: error: give --input URL..., --input-list FILE, or both", file=sys.stderr)
+        return 1
+    try:
+        return _run(tokenize, JobError, args)
+    except ListingError as e:
+        print(f"gq tokenize: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(tokenize, JobError, args: argparse.Namespace) -> int:
     from gq_pipeline.lease import LeaseHeldError, LeaseLostError
 
     try:
@@ -117,12 +148,14 @@ def _tokenize(tokenize, args: argparse.Namespace) -> dict:
     return tokenize(args.model, args.input, args.output, format=args.format, image_size=args.image_size,
                     crop=args.crop, batch_size=args.batch_size, workers=args.workers,
                     gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                    read_cpus=args.read_cpus, latents=args.latents, precision=args.precision, config=args.config,
+                    decode_threads=args.decode_threads, latents=args.latents, precision=args.precision, config=args.config,
                     preset=args.preset, unit_size=args.unit_size, max_pixels=args.max_pixels,
-                    image_column=args.image_column, storage_options=args.storage_options, writers=args.writers,
+                    image_column=args.image_column, storage_options=args.storage_options,
                     progress=not args.quiet, ray_address=args.ray_address, num_cpus=args.num_cpus,
                     object_store_memory=args.object_store_memory, trust_checkpoint=args.trust_checkpoint,
-                    model_placement=args.model_placement, force_lease=args.force_lease)
+                    model_placement=args.model_placement, max_failed_units=args.max_failed_units,
+                    max_attempts=args.max_attempts, input_list=args.input_list,
+                    input_list_column=args.input_list_column, relist=args.relist, force_lease=args.force_lease)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,11 +9,12 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["reference_search", "direct_scores_f64", "term_magnitudes_f64", "float32_error_bound", "oracle_search",
-           "profile_peak_bytes"]
+__all__ = ["reference_search", "direct_scores_f64", "term_magnitudes_f64", "float32_error_bound", "float32_exact_dot",
+           "OracleResult", "oracle_search", "profile_peak_bytes"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -74,6 +75,44 @@ def float32_error_bound(m: int) -> float:
     return (2 * m + 8) * 2.0 ** -24
 
 
+def float32_exact_dot(weights: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """True where the float32 dot product ``weights[r] . features[r]`` is exact in *every* evaluation order.
+
+    ``weights`` and ``features`` are float32 ``[..., n]`` (broadcastable). Sufficient condition, checked in float64
+    (which holds the product of two float32 values exactly): every product ``w_j f_j`` is a float32 value, and
+    ``sum_j |w_j f_j| <= 2^24 g`` where ``g`` is the largest power of two dividing every nonzero product. Then every
+    partial sum, in any order, with or without FMA, is a multiple of ``g`` no larger than ``2^24 g`` in magnitude,
+    i.e. exactly representable, so no step rounds. Only then do two bitwise-equal codewords get bitwise-equal scores
+    wherever they sit in a GEMM: BLAS kernels sum columns in position-dependent orders (OpenBLAS's AVX2 sgemm, and the
+    numpy matmul behind ``tl.dot`` under ``TRITON_INTERPRET=1``, measurably do).
+    """
+    w, f = torch.broadcast_tensors(weights.float(), features.float())
+    p = w.double() * f.double()
+    representable = (p.float().double() == p) & torch.isfinite(p)
+    nonzero = p != 0
+    mant, expo = torch.frexp(p)  # p = mant * 2^expo, 0.5 <= |mant| < 1
+    ints = (mant.abs() * 2.0 ** 53).to(torch.int64)  # exact: a float64 mantissa is 53 bits
+    low_bit = torch.log2((ints & -ints).clamp(min=1).double()).round().to(torch.int64)
+    lowest = torch.where(nonzero, expo.to(torch.int64) - 53 + low_bit, torch.full_like(expo, 10 ** 6,
+                                                                                     dtype=torch.int64))
+    g = lowest.amin(dim=-1)
+    total = p.abs().sum(dim=-1)
+    # float64 rounding of the total is far below the margin kept here (2^-30 relative)
+    limit = torch.ldexp(torch.ones_like(total), (g + 24).clamp(max=1000).to(torch.int32))
+    fits = total * (1.0 + 2.0 ** -30) <= limit
+    return representable.all(dim=-1) & (fits | ~nonzero.any(dim=-1))
+
+
+class OracleResult(NamedTuple):
+    """What a correct float32 search may return for each row (see :func:`oracle_search`)."""
+
+    index: torch.Tensor  # int64 [rows]: float64 argmax; the lowest index among bitwise copies of the winner
+    ambiguous: torch.Tensor  # bool [rows]: a *different* codeword is within the float32 bound (a genuine tie)
+    gap: torch.Tensor  # float64 [rows]: best-to-runner-up gap, log-ratio units
+    copies_open: torch.Tensor  # bool [rows]: the winner has copies and its float32 score is not provably exact, so
+    #                            a GEMM may rank the copies in any order: any copy is a correct answer
+
+
 def _direct_scores_at(mu: torch.Tensor, logvar: torch.Tensor, cand: torch.Tensor, beta: float) -> torch.Tensor:
     """Direct float64 score (as :func:`direct_scores_f64`) of candidate codewords ``cand`` ``[rows, C, m]``."""
     mu, logvar = mu.double()[:, None, :], logvar.double()[:, None, :]
@@ -85,25 +124,30 @@ def _direct_scores_at(mu: torch.Tensor, logvar: torch.Tensor, cand: torch.Tensor
 
 @torch.no_grad()
 def oracle_search(mu: torch.Tensor, logvar: torch.Tensor, codebook: torch.Tensor, beta: float, *,
-                  row_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float64 argmax of the direct score, lowest index among exactly equal codewords, and a tie mask.
+                  row_chunk: int = 256) -> OracleResult:
+    """Float64 argmax of the direct score, lowest index among exactly equal codewords, and what float32 leaves open.
 
-    Returns ``(index [rows] int64, ambiguous [rows] bool, gap [rows] float64)``: ``ambiguous[r]`` is True when some
-    codeword that differs from the winner scores within the float32 error bound of it,
-    ``2 (s_best - s_k) <= tau (T_best + T_k)`` (the factor 2 converts log-ratio units to GEMM units), so a correct
-    float32 implementation may return either; ``gap`` is the best-to-runner-up score gap in log-ratio units.
-    Exact duplicates of the winner are not ties: they must lose to the lowest index.
+    Returns an :class:`OracleResult`. ``ambiguous[r]`` is True when some codeword that differs from the winner scores
+    within the float32 error bound of it, ``2 (s_best - s_k) <= tau (T_best + T_k)`` (the factor 2 converts
+    log-ratio units to GEMM units), so a correct float32 implementation may return either; ``gap`` is the
+    best-to-runner-up score gap in log-ratio units. Bitwise copies of the winner must lose to the lowest index only
+    where their float32 score is exact (:func:`float32_exact_dot` on the float32 weights every backend computes,
+    ``kernels.search_cpu.row_weights``); elsewhere ``copies_open[r]`` says that any copy is correct.
 
     For speed with K = 65536 the direct formula is evaluated only on candidates: every codeword whose float64 GEMM-form
     score is within ``2 tau max_k T + 1e-9 max_k T`` of the row's float64 GEMM maximum. The float64 GEMM form is off by
     at most ~(2m + 8) 2^-53 T ~ 1e-14 T, so that set contains the direct-formula winner and every codeword that could be
     a float32 tie with it, by a margin of five orders of magnitude.
     """
+    from kernels.search import prepare_features  # noqa: PLC0415 (the float32 inputs every path uses)
+    from kernels.search_cpu import row_weights  # noqa: PLC0415
+
     cb = codebook.float().cpu()
+    feats32 = prepare_features(cb)
     cb64 = cb.double()
     feats = torch.cat([cb64, cb64 * cb64], dim=1)
     tau = float32_error_bound(cb.shape[1])
-    idx, amb, gap = [], [], []
+    idx, amb, gap, open_ = [], [], [], []
     for r0 in range(0, mu.shape[0], row_chunk):
         m_, l_ = mu[r0:r0 + row_chunk].cpu().double(), logvar[r0:r0 + row_chunk].cpu().double()
         inv_var = torch.exp(-l_)
@@ -130,10 +174,13 @@ def oracle_search(mu: torch.Tensor, logvar: torch.Tensor, codebook: torch.Tensor
         gap_r = torch.where(torch.isfinite(runner), s_best[:, 0] - runner, 0.5 * (g_max[:, 0] - outside))
         gap.append(gap_r)
         idx.append(best)
+        has_copies = (cb[None, :, :] == cb[best][:, None, :]).all(dim=2).sum(dim=1) > 1
+        w32 = row_weights(mu[r0:r0 + row_chunk].cpu(), logvar[r0:r0 + row_chunk].cpu(), beta)
+        open_.append(has_copies & ~float32_exact_dot(w32, feats32[best]))
     if not idx:
         empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty.bool(), empty.double()
-    return torch.cat(idx), torch.cat(amb), torch.cat(gap)
+        return OracleResult(empty, empty.bool(), empty.double(), empty.bool())
+    return OracleResult(torch.cat(idx), torch.cat(amb), torch.cat(gap), torch.cat(open_))
 
 
 def profile_peak_bytes(fn, *args, **kwargs):

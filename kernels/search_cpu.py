@@ -170,8 +170,9 @@ def _tile_scores(w: torch.Tensor, features: torch.Tensor, tile: torch.Tensor, k0
 
     Every GEMM call has the same shape ``[n, 2m] x [2m, bk]``: a short last tile is computed as the ``bk`` codewords
     ending at ``k1`` (overlapping earlier columns) and only its new columns are returned. BLAS libraries pick different
-    kernels for different shapes (MKL's narrow-N path rounds differently), and a fixed shape is what makes bitwise
-    equal codewords get bitwise equal scores in every tile, so duplicates resolve to the lowest index.
+    kernels for different shapes (MKL's narrow-N path rounds differently); one shape keeps copies of a codeword on the
+    same kernel in every tile, so they score alike in practice. Only exact scores are guaranteed equal, though
+    (docs/kernels.md section 4).
     """
     start = k1 - bk if (k1 - k0 < bk and k1 >= bk) else k0
     full = tile[:, : k1 - start]

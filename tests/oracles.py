@@ -9,8 +9,8 @@ from kernels.reference import oracle_search
 
 def oracle_indices(mu, logvar, codebook, beta):
     """(float64 argmax indices, is_clear): is_clear is False for rows that are genuine float32 ties."""
-    best, ambiguous, _ = oracle_search(mu, logvar, codebook, beta)
-    return best, ~ambiguous
+    res = oracle_search(mu, logvar, codebook, beta)
+    return res.index, ~(res.ambiguous | res.copies_open)
 
 
 def tdc_reference_step(bits: torch.Tensor, lam: float, lam_min: float, lam_max: float, target: float,

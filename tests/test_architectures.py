@@ -268,3 +268,39 @@ def test_vit_encoder_and_decoder_heads_explicit():
     h = dec.ln_post(dec.ln_pre(dec.post_quant_embed(z) + dec.positional_embedding))
     pix = dec.conv_out(torch.tanh(dec.ffn[0](h)))
     torch.testing.assert_close(dec(z), vit.unpatchify(pix, 8, (4, 4)))
+
+
+def test_vit_decoder_head_is_3072_wide_at_every_width(tmp_path):
+    """The reference's decoder head is Linear(width, 3072) + Tanh -> Linear(3072, 3*p*p) at any width (4*width only
+    coincides at 768): a reference-layout ViT checkpoint of width 64 loads strictly from its .ckpt and YAML."""
+    import yaml
+
+    from gq_model import GQModel
+
+    text = (Path(__file__).resolve().parents[1] / "gq_model/presets/bsqvit_gq_0.25.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    params = cfg["model"]["params"]
+    params["encoder_config"]["params"].update(image_size=32, width=64, layers=1, heads=4)
+    params["regularizer_config"]["params"]["n_samples"] = 1024
+    yaml_path = tmp_path / "bsqvit_w64.yaml"
+    yaml_path.write_text(yaml.safe_dump(cfg))
+    # The state dict a reference model of width 64 has: every shape follows from width 64 and the fixed head.
+    torch.manual_seed(0)
+    enc = vit.TransformerEncoder(image_size=32, patch_size=8, width=64, layers=1, heads=4, mlp_ratio=4,
+                                 z_channels=16, double_z=True)
+    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    dec_shapes = {"post_quant_embed.weight": (64, 16), "post_quant_embed.bias": (64,), "ffn.0.weight": (3072, 64),
+                  "ffn.0.bias": (3072,), "conv_out.weight": (192, 3072), "conv_out.bias": (192,)}
+    dec = vit.TransformerDecoder(image_size=32, patch_size=8, width=64, layers=1, heads=4, mlp_ratio=4,
+                                 z_channels=16)
+    for k, v in dec.state_dict().items():
+        shape = dec_shapes.get(k, tuple(v.shape))
+        assert tuple(v.shape) == shape, (k, tuple(v.shape), shape)
+        state[f"decoder.{k}"] = 0.02 * torch.randn(shape)
+    state["loss.logvar"] = torch.zeros(())
+    torch.save({"state_dict": state, "global_step": 1}, tmp_path / "w64.ckpt")
+    model = GQModel.from_reference_checkpoint(str(tmp_path / "w64.ckpt"), str(yaml_path))
+    assert tuple(model.decoder.ffn[0].weight.shape) == (3072, 64)
+    assert torch.equal(model.decoder.conv_out.weight, state["decoder.conv_out.weight"])
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert model.detokenize(model.tokenize(x)).shape == (1, 3, 32, 32)

@@ -5,8 +5,9 @@ Every index check compares against the float64 *direct* formula (``kernels.refer
 within the float32 error bound of another, different codeword (``kernels.reference.float32_error_bound``:
 ``2 (s_best - s_k) <= (2m + 8) 2^-24 (T_best + T_k)`` with T the sum of the absolute values of the score's terms)
 are genuine float32 ties; they are excluded from the exact-equality check and their share is asserted to be small.
-Bitwise-duplicated codewords are not ties: the lowest index must win. The Triton kernel is tested under the
-interpreter in ``test_kernels_triton.py``.
+Bitwise copies of a codeword are not ties: the lowest index must win where their float32 scores are exact, and any
+copy is correct where they are not (``OracleResult.copies_open``; docs/kernels.md section 4). The Triton kernel is
+tested under the interpreter in ``test_kernels_triton.py``.
 """
 from __future__ import annotations
 
@@ -18,21 +19,30 @@ import torch
 
 from gq_model.codebook import gaussian_codebook
 from kernels import gemm_to_log_ratio, gq_search, gq_search_topk, prepare_features
-from kernels.reference import (direct_scores_f64, float32_error_bound, oracle_search, profile_peak_bytes,
-                               reference_search, term_magnitudes_f64)
+from kernels.reference import (direct_scores_f64, float32_error_bound, float32_exact_dot, oracle_search,
+                               profile_peak_bytes, reference_search, term_magnitudes_f64)
 from kernels.search_cpu import TILE_BUDGET_BYTES, row_weights, search_blocked, search_topk_blocked
 
 DUP = 3  # codeword copied to other positions in the synthetic codebooks
 
 
-def make_case(m: int, k_total: int, rows: int, seed: int = 0):
-    """Synthetic codebook with duplicates of codeword DUP (same tile, other tiles, the last, partial tile) and
-    posteriors with extreme log-variances (the clamp limits -30 and +20, mixed within a row) and rows sitting on
-    the duplicated codeword."""
+def make_case(m: int, k_total: int, rows: int, seed: int = 0, beta: float = 1.0):
+    """Synthetic codebook with copies of codeword DUP (same tile, other tiles, the last, partial tile) and posteriors
+    with extreme log-variances (the clamp limits -30 and +20, mixed within a row) and rows sitting on the copied
+    codeword.
+
+    The rows on the copies (10-16) are built so that their float32 scores are *exact* (``float32_exact_dot``):
+    logvar 0 (``exp(0) = 1`` on every libm), a dyadic codeword (entries +-2.5, or 5 for m = 1) and dyadic mu. Only
+    then must every backend give the copies bitwise-equal scores and return the lowest index, whatever order its GEMM
+    sums in (OpenBLAS's AVX2 sgemm under the Triton interpreter does not sum every column in the same order). With
+    logvar 0 the score is ``2 mu.c + (beta - 1) c.c``: for beta < 1 its maximum is at ``c = mu / (1 - beta)``, so
+    ``mu = (1 - beta) c_DUP``; for beta = 1 it is linear and the long codeword DUP has the largest projection on
+    itself.
+    """
     g = torch.Generator().manual_seed(seed)
     cb = torch.randn(k_total, m, generator=g)
-    if m == 1:  # in 1-D the random codewords are dense; put the duplicated one in the sparse tail
-        cb[DUP] = 3.5
+    signs = torch.where(torch.rand(m, generator=g) < 0.5, -1.0, 1.0)
+    cb[DUP] = signs * (5.0 if m == 1 else 2.5)  # in 1-D the random codewords are dense: DUP in the sparse tail
     for pos in (DUP + 2, k_total // 2, k_total - 1):
         cb[pos] = cb[DUP]
     mu = 0.8 * torch.randn(rows, m, generator=g)
@@ -41,18 +51,31 @@ def make_case(m: int, k_total: int, rows: int, seed: int = 0):
     lv[2, : m // 2 + 1] = -30.0
     lv[3] = torch.linspace(-30.0, 20.0, m)
     lv[4, ::2] = 20.0
-    mu[10:16] = cb[DUP] + 1e-3 * torch.randn(6, m, generator=g)
-    lv[10:16] = -6.0
-    mu[16], lv[16] = cb[DUP], -12.0
+    on_dup = (1.0 - beta) * cb[DUP] if beta < 1 else cb[DUP]
+    mu[10:16] = on_dup + torch.randint(-2, 3, (6, m), generator=g).float() / 64  # near DUP, still exact
+    lv[10:17] = 0.0
+    mu[16] = on_dup
     return cb, mu, lv
 
 
 def check_against_oracle(got, mu, lv, cb, beta, max_tie_frac=0.02):
-    ref, amb, _ = oracle_search(mu, lv, cb, beta)
-    bad = ((got != ref) & ~amb).nonzero().squeeze(1)
+    """Every row equals the oracle's index, except genuine float32 ties between different codewords (their share
+    bounded) and rows whose winner has copies with inexact float32 scores, where any copy of it is correct."""
+    res = oracle_search(mu, lv, cb, beta)
+    same_codeword = (cb[got] == cb[res.index]).all(dim=1)
+    ok = (got == res.index) | res.ambiguous | (res.copies_open & same_codeword)
+    bad = (~ok).nonzero().squeeze(1)
     assert bad.numel() == 0, f"{bad.numel()} mismatches outside float32 ties, rows {bad[:10].tolist()}"
-    assert amb.float().mean().item() <= max_tie_frac, f"too many genuine ties: {amb.float().mean().item():.3f}"
-    return ref, amb
+    assert res.ambiguous.float().mean().item() <= max_tie_frac, \
+        f"too many genuine ties: {res.ambiguous.float().mean().item():.3f}"
+    return res.index, res.ambiguous
+
+
+def check_exact_copies_resolve_low(got, mu, lv, cb, beta):
+    """The rows make_case put on the copied codeword have exact float32 scores, so the lowest copy must win."""
+    res = oracle_search(mu[10:17], lv[10:17], cb, beta)
+    assert not res.copies_open.any() and not res.ambiguous.any(), "make_case's copy rows must be exact"
+    assert (res.index == DUP).all() and (got[10:17] == DUP).all(), got[10:17].tolist()
 
 
 CASES = [  # (m, K, rows, beta): K and rows not multiples of any tile size
@@ -64,23 +87,25 @@ CASES = [  # (m, K, rows, beta): K and rows not multiples of any tile size
 
 @pytest.mark.parametrize("m,k_total,rows,beta", CASES)
 def test_torch_path_matches_float64_oracle(m, k_total, rows, beta):
-    cb, mu, lv = make_case(m, k_total, rows, seed=m * 7 + k_total)
+    cb, mu, lv = make_case(m, k_total, rows, seed=m * 7 + k_total, beta=beta)
     f = prepare_features(cb)
     got = gq_search(mu, lv, f, beta, backend="torch")
     assert got.dtype == torch.int64 and got.shape == (rows,)
-    ref, amb = check_against_oracle(got, mu, lv, cb, beta)
-    assert got[16] == DUP and ref[16] == DUP, "duplicates must resolve to the lowest index"
+    check_against_oracle(got, mu, lv, cb, beta)
+    check_exact_copies_resolve_low(got, mu, lv, cb, beta)
     # Small tiles: many codebook tiles (running merge, the gathered-rows argmax branch) and partial row blocks.
     w = row_weights(mu, lv, beta)
     for br, bk in ((64, 256), (37, 100), (rows, 64)):
-        assert torch.equal(search_blocked(w, f, block_rows=br, block_k=bk)[~amb], ref[~amb]), (br, bk)
+        small = search_blocked(w, f, block_rows=br, block_k=bk)
+        check_against_oracle(small, mu, lv, cb, beta)
+        check_exact_copies_resolve_low(small, mu, lv, cb, beta)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_all_extreme_logvar_rows(beta):
     """Every row at a clamp limit, or half and half: 1/var up to e^30 ~ 1e13 stresses the expanded GEMM form."""
     m, k_total = 8, 1200
-    cb, mu, _ = make_case(m, k_total, 96, seed=11)
+    cb, mu, _ = make_case(m, k_total, 96, seed=11, beta=beta)
     lv = torch.empty(96, m)
     lv[:32] = -30.0
     lv[32:64] = 20.0
@@ -105,15 +130,23 @@ def test_reference_algorithm_baseline_agrees():
     """The benchmark's baseline (the reference's chunked log-prob algorithm) picks the oracle's codewords too."""
     cb, mu, lv = make_case(16, 800, 64, seed=3)
     got = reference_search(mu, lv, cb, 1.0)
-    ref, amb, _ = oracle_search(mu, lv, cb, 1.0)
-    assert torch.equal(got[~amb], ref[~amb])
+    check_against_oracle(got, mu, lv, cb, 1.0)
     assert torch.equal(reference_search(mu[:5], lv[:5], cb, 1.0), gq_search(mu[:5], lv[:5], prepare_features(cb)))
+
+
+def all_copies_case():
+    """A codebook of 777 copies of one dyadic codeword and dyadic posteriors with logvar 0: every score is exact in
+    float32 (asserted), so every row ties bitwise across all tiles and splits, in any summation order."""
+    cb = torch.tensor([[0.5, -1.25, 2.0, 0.75]]).repeat(777, 1)
+    g = torch.Generator().manual_seed(0)
+    mu, lv = torch.randint(-16, 17, (50, 4), generator=g).float() / 8, torch.zeros(50, 4)
+    assert float32_exact_dot(row_weights(mu, lv, 1.0), prepare_features(cb)[:1]).all()
+    return cb, mu, lv
 
 
 def test_ties_exact_and_lowest_index():
     """A codebook of copies: every row ties across all tiles; the answer is index 0 (torch.argmax semantics)."""
-    cb = torch.randn(1, 4).repeat(777, 1)
-    mu, lv = torch.randn(50, 4), torch.zeros(50, 4)
+    cb, mu, lv = all_copies_case()
     f = prepare_features(cb)
     assert (gq_search(mu, lv, f, 1.0, backend="torch") == 0).all()
     w = row_weights(mu, lv, 1.0)
@@ -184,8 +217,8 @@ def check_topk(idx, val, mu, lv, cb, beta, k):
     assert (val[:, :-1] >= val[:, 1:]).all()
     eq = val[:, :-1] == val[:, 1:]
     assert (idx[:, :-1][eq] < idx[:, 1:][eq]).all()
-    # column 0 is gq_search's answer
-    assert torch.equal(idx[:, 0], gq_search(mu, lv, prepare_features(cb), beta, backend="torch"))
+    # column 0 is a correct argmax (the oracle's, up to ties and inexact copies)
+    check_against_oracle(idx[:, 0], mu, lv, cb, beta, max_tie_frac=1.0)
     # GEMM scores = 2 * (float64 direct log-ratio score) + row constant, within the float32 bound
     s = direct_scores_f64(mu, lv, cb, beta)
     t = term_magnitudes_f64(mu, lv, cb, beta)
@@ -204,6 +237,9 @@ def check_topk(idx, val, mu, lv, cb, beta, k):
     s_o, t_o, c_o = s.gather(1, order), t.gather(1, order), cb[order]
     dup = (c_o[:, 1:] == c_o[:, :-1]).all(dim=2)
     tie = (2 * (s_o[:, :-1] - s_o[:, 1:]) <= tau * (t_o[:, :-1] + t_o[:, 1:])) & ~dup
+    # copies rank in index order only where their float32 scores are exact; elsewhere a GEMM may swap them
+    exact = float32_exact_dot(row_weights(mu, lv, beta)[:, None, :], prepare_features(cb)[order])
+    tie |= dup & ~(exact[:, 1:] & exact[:, :-1])
     clear = ~tie.any(dim=1)
     assert clear.float().mean() > 0.9
     assert torch.equal(idx[clear], order[clear, :k])
@@ -212,7 +248,7 @@ def check_topk(idx, val, mu, lv, cb, beta, k):
 @pytest.mark.parametrize("m,k_total,rows,beta,k", [(4, 1000, 130, 0.5, 5), (16, 2000, 100, 1.0, 8),
                                                    (1, 150, 64, 0.0, 3), (8, 600, 70, 1.0, 1)])
 def test_topk_torch_path(m, k_total, rows, beta, k):
-    cb, mu, lv = make_case(m, k_total, rows, seed=k_total)
+    cb, mu, lv = make_case(m, k_total, rows, seed=k_total, beta=beta)
     f = prepare_features(cb)
     idx, val = gq_search_topk(mu, lv, f, beta, k, backend="torch")
     check_topk(idx, val, mu, lv, cb, beta, k)
@@ -227,11 +263,13 @@ def test_topk_torch_path(m, k_total, rows, beta, k):
 
 
 def test_topk_boundary_ties_pick_lowest_indices():
-    """More equal scores than k straddle the cut inside one tile: the lowest indices must be kept, in order."""
-    base = torch.randn(1, 4)
+    """More equal scores than k straddle the cut inside one tile: the lowest indices must be kept, in order.
+    (beta 0, logvar 0: the score is ``-|c - mu|^2 + |mu|^2``, exact in float32 for these dyadic values.)"""
+    base = torch.tensor([[0.5, -1.0, 1.5, 0.25]])
     cb = torch.cat([torch.randn(30, 4) * 0.1 + 5.0, base.repeat(10, 1), torch.randn(30, 4) * 0.1 + 5.0])
-    mu, lv = base.repeat(3, 1), torch.full((3, 4), -4.0)
-    idx, val = gq_search_topk(mu, lv, prepare_features(cb), 1.0, 4, backend="torch")
+    mu, lv = base.repeat(3, 1), torch.zeros(3, 4)
+    assert float32_exact_dot(row_weights(mu, lv, 0.0), prepare_features(base)).all()
+    idx, val = gq_search_topk(mu, lv, prepare_features(cb), 0.0, 4, backend="torch")
     assert idx.tolist() == [[30, 31, 32, 33]] * 3
 
 
@@ -274,21 +312,29 @@ def test_topk_memory_is_bounded(one_thread):
     assert peak <= 1.25 * TILE_BUDGET_BYTES + 64 * rows * k + (8 * m + 64) * rows + (256 << 10), peak
 
 
-def test_worker_threads_give_identical_results_and_leave_thread_settings_alone():
-    """Row blocks on the worker pool, the codebook split across workers for small batches, and the inline path agree
-    bit for bit; the caller's torch thread count, and that of threads created later, is unchanged."""
+def test_worker_threads_agree_and_leave_thread_settings_alone():
+    """Row blocks on the worker pool, the codebook split across workers for small batches, and the inline path all
+    return correct indices (the oracle's, up to float32 ties) and the same scores within the float32 bound. They use
+    different tile shapes, and BLAS does not promise bitwise-equal dot products across shapes, so bitwise agreement
+    is asserted only on rows whose scores are exact (make_case's copy rows). The caller's torch thread count, and
+    that of threads created later, is unchanged."""
     import threading
     cb, mu, lv = make_case(16, 3000, 1200, seed=4)
     f = prepare_features(cb)
     w = row_weights(mu, lv, 1.0)
+    tau = float32_error_bound(16)
     before = torch.get_num_threads()
     for rows in (1200, 40, 1):  # row blocks / codebook split / one row
         ref_i, ref_v = search_blocked(w[:rows], f, threads=1, return_scores=True)
         for threads in (2, 3):
             i, v = search_blocked(w[:rows], f, threads=threads, return_scores=True)
-            assert torch.equal(i, ref_i) and torch.equal(v, ref_v), (rows, threads)
+            check_against_oracle(i, mu[:rows], lv[:rows], cb, 1.0)
+            t = term_magnitudes_f64(mu[:rows], lv[:rows], cb, 1.0).gather(1, i[:, None])[:, 0]
+            assert ((v.double() - ref_v.double()).abs() <= 2 * tau * t).all(), (rows, threads)
+            if rows > 16:
+                assert torch.equal(i[10:17], ref_i[10:17]) and torch.equal(v[10:17], ref_v[10:17])
         ti, tv = search_topk_blocked(w[:rows], f, 4, threads=2)
-        assert torch.equal(ti, search_topk_blocked(w[:rows], f, 4, threads=1)[0])
+        check_against_oracle(ti[:, 0], mu[:rows], lv[:rows], cb, 1.0)
     assert torch.get_num_threads() == before
     seen = []
     t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))

@@ -22,7 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":  # worker mode: make `tests.` importable like under pytest
     sys.path.insert(0, REPO)
 
-from tests.test_kernels import DUP, check_against_oracle, check_topk, make_case  # noqa: E402
+from tests.test_kernels import (DUP, all_copies_case, check_against_oracle, check_exact_copies_resolve_low,  # noqa: E402
+                                check_topk, make_case)
 
 # Each case is one interpreter launch (~0.3 s of fixed cost each, plus ~5 ms per tile iteration), so the list is a
 # selection: every m in {1, 4, 8, 16, 32}, every beta, rows/K off the 256 x 1024 tile grid, and codebook splits
@@ -60,7 +61,7 @@ def _worker(out_path: str) -> None:
     assert st.INTERPRETED
     res = {}
     for m, k_total, rows, beta, splits in ARGMAX_CASES:
-        cb, mu, lv = make_case(m, k_total, rows, seed=m * 7 + k_total)
+        cb, mu, lv = make_case(m, k_total, rows, seed=m * 7 + k_total, beta=beta)
         f = prepare_features(cb)
         if splits is None:
             res[("argmax", m, k_total, rows, beta, splits)] = gq_search(mu, lv, f, beta, backend="triton")
@@ -76,7 +77,7 @@ def _worker(out_path: str) -> None:
     cb, mu, lv = real_case()
     res[("real",)] = gq_search(mu, lv, prepare_features(cb), 1.0, backend="triton")
     for m, k_total, rows, beta, k, splits in TOPK_CASES:
-        cb, mu, lv = make_case(m, k_total, rows, seed=k_total)
+        cb, mu, lv = make_case(m, k_total, rows, seed=k_total, beta=beta)
         f = prepare_features(cb)
         if splits is None:
             res[("topk", m, k_total, rows, beta, k, splits)] = gq_search_topk(mu, lv, f, beta, k, backend="triton")
@@ -84,8 +85,7 @@ def _worker(out_path: str) -> None:
             res[("topk", m, k_total, rows, beta, k, splits)] = st.triton_topk(row_weights(mu, lv, beta), f, k,
                                                                               splits=splits)
     # all-equal codebook (every score ties across tiles and splits), no rows, auto stays on torch for CPU tensors
-    cb = torch.randn(1, 4).repeat(777, 1)
-    mu, lv = torch.randn(50, 4), torch.zeros(50, 4)
+    cb, mu, lv = all_copies_case()
     res[("allties",)] = st.triton_argmax(row_weights(mu, lv, 1.0), prepare_features(cb), splits=2)
     res[("allties_topk",)] = st.triton_topk(row_weights(mu, lv, 1.0), prepare_features(cb), 5, splits=2)
     res[("empty",)] = gq_search(mu[:0], lv[:0], prepare_features(cb), 1.0, backend="triton")  # no launch
@@ -115,11 +115,11 @@ def tr(tmp_path_factory):
 
 @pytest.mark.parametrize("m,k_total,rows,beta,splits", ARGMAX_CASES)
 def test_triton_argmax_matches_float64_oracle(tr, m, k_total, rows, beta, splits):
-    cb, mu, lv = make_case(m, k_total, rows, seed=m * 7 + k_total)
+    cb, mu, lv = make_case(m, k_total, rows, seed=m * 7 + k_total, beta=beta)
     got = tr[("argmax", m, k_total, rows, beta, splits)]
     assert got.dtype == torch.int64 and got.shape == (rows,)
-    ref, _ = check_against_oracle(got, mu, lv, cb, beta)
-    assert got[16] == DUP and ref[16] == DUP, "duplicates (same tile, later tiles, last partial tile) -> lowest index"
+    check_against_oracle(got, mu, lv, cb, beta)
+    check_exact_copies_resolve_low(got, mu, lv, cb, beta)  # copies in the same tile, later tiles, the last tile
     if splits is not None:  # the packed atomic merge across codebook splits also returns the winning GEMM score
         from kernels import prepare_features
         from kernels.search_cpu import row_weights
@@ -148,7 +148,7 @@ def test_triton_real_codebook_realistic_posteriors(tr):
 
 @pytest.mark.parametrize("m,k_total,rows,beta,k,splits", TOPK_CASES)
 def test_triton_topk(tr, m, k_total, rows, beta, k, splits):
-    cb, mu, lv = make_case(m, k_total, rows, seed=k_total)
+    cb, mu, lv = make_case(m, k_total, rows, seed=k_total, beta=beta)
     idx, val = tr[("topk", m, k_total, rows, beta, k, splits)]
     check_topk(idx, val, mu, lv, cb, beta, k)
     if k >= 3:

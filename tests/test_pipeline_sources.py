@@ -174,14 +174,14 @@ def test_hf_rows_that_reference_files_by_path_are_read(tmp_path):
     assert [s.extra["n"] for s in samples] == list(range(7))
 
 
-def test_read_and_commit_workers_do_not_import_torch():
-    """Read tasks and commit tasks run in many short-lived Ray workers; importing torch there costs about a second of
-    CPU each (on 2 cores the pipeline fell from 0.85 to 0.66 of a DataLoader loop's images/s when a storage helper
-    pulled in ``gq_model``'s torch)."""
+def test_reading_and_committing_do_not_import_torch():
+    """Listing, reading and committing units need no model: the plugin sink, ``gq gc`` and planning import them in
+    processes that never run one, and importing torch costs about a second of CPU each (on 2 cores the first-wave
+    pipeline fell from 0.85 to 0.66 of a DataLoader loop's images/s when a storage helper pulled it in)."""
     import subprocess
     import sys
 
-    code = ("import sys, gq_pipeline.stages, gq_pipeline.committer, gq_pipeline.assembly, gq_model.storage; "
+    code = ("import sys, gq_pipeline.sources, gq_pipeline.commit, gq_pipeline.manifest, gq_model.storage; "
             "print(sorted(m for m in ('torch', 'gq_model.model') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
