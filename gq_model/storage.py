@@ -199,20 +199,24 @@ def create_exclusive(fs, path: str, data: bytes) -> bool:
     if kind == "local":
         path = _local(path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = _write_tmp(path, data)
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
-                raise
-        finally:
+        for _ in range(10):
+            tmp = _write_tmp(path, data)
             try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            except FileNotFoundError:  # a clean-up of temporaries removed ours before the link: write it again
+                continue
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+                    raise
+                break
+            finally:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
         try:  # no hard links here: exclusive create, then write in place
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:

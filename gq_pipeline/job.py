@@ -382,7 +382,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                                         "units_read_back": replanned.shards_read}}
         if failed:
             manifest["failed_units"] = failed
-        lease.check()  # a run that lost the lease must not overwrite the holder's manifest
+        lease.confirm()  # a run that lost the lease must not overwrite the holder's manifest
         store.write_manifest(manifest)
     if pipeline_error is not None:
         raise JobError(f"the pipeline stopped after committing {len(new_records)} of {len(todo)} units; committed work "

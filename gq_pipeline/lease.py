@@ -8,7 +8,8 @@ work yet, cut the inputs into different units and tokenize some twice. The lease
 - The holder renews it from a background thread (``heartbeat``, ``expires``), always with a compare-and-swap on the
   version it last wrote (S3 ``If-Match``, GCS ``ifGenerationMatch``, a directory lock locally). A renewal that finds
   the lease changed means another run took it over: the holder marks itself :attr:`OutputLease.lost` and must stop
-  before writing more (the job checks before every commit batch and before the manifest).
+  before writing more (the job checks at every progress tick, and renews once more, synchronously, before it
+  writes the manifest: :meth:`OutputLease.confirm`).
 - A lease whose ``expires`` has passed belongs to a run that stopped renewing (crashed, killed, cut off): a new run
   takes it over, again by compare-and-swap, so of two runs taking over one lease only one succeeds. Expiry compares
   the holder's clock with the taker's; the default TTL (10 minutes, renewed every minute) leaves room for skew and
@@ -177,6 +178,14 @@ class OutputLease:
             raise LeaseLostError(f"{self.url}: this run ({self.run_id}) lost the output's lease to another run "
                                  f"(it expired or was forced); stopping so that two runs do not write one output. "
                                  f"Committed units are kept; rerun once the other run is done.")
+
+    def confirm(self) -> None:
+        """Renew now, and raise :class:`LeaseLostError` if the lease is no longer ours: before a write only the holder
+        may make (the manifest), so that a take-over since the last heartbeat is not missed."""
+        self.check()
+        if not self.renew():
+            self._lost.set()
+            self.check()
 
     def _document(self, now: float) -> bytes:
         doc = {"lease_version": LEASE_VERSION, "owner": self.owner, "created": _iso(self._created or now),

@@ -94,7 +94,8 @@ class OutputStore:
         for sub in SUBDIRS:
             self.fs.makedirs(self.path(sub), exist_ok=True)
             stale += self.fs.glob(self.path(sub, "*.tmp-*"))
-        stale += self.fs.glob(self.path("*.tmp-*"))
+        # _lease.json's temporaries belong to runs contending for the lease right now (gq_pipeline.lease)
+        stale += [p for p in self.fs.glob(self.path("*.tmp-*")) if not posixpath.basename(p).startswith("_lease.")]
         for p in stale:
             try:
                 if temp_stale_s <= 0 or self.fs.modified(p).timestamp() < cutoff:

@@ -259,10 +259,12 @@ def test_prepare_removes_temporaries_but_spares_fresh_ones_of_a_possibly_live_ow
     old.write_bytes(b"x")
     fresh.write_bytes(b"y")
     os.utime(old, (time.time() - 3600, time.time() - 3600))
+    contender = tmp_path / "out" / "_lease.json.tmp-3-cc"  # another run trying to take the lease right now
+    contender.write_bytes(b"z")
     store.prepare(temp_stale_s=900)
     assert not old.exists() and fresh.exists()
     store.prepare()  # the lease holder with no live predecessor removes them all
-    assert not fresh.exists()
+    assert not fresh.exists() and contender.exists()
 
 
 # ------------------------------------------------------------------------------------------- two gq tokenize runs
@@ -347,8 +349,9 @@ def test_two_tokenize_runs_on_one_output_one_refuses_and_every_input_is_there_on
 
 def test_a_run_whose_lease_is_forced_away_stops_and_writes_no_manifest(ray_cluster, tiny_model_dir, tmp_path,
                                                                        monkeypatch):
-    """The holder notices the take-over at its next renewal (every 0.2 s here) and stops before committing more;
-    the run that forced the lease then owns the output, and a rerun has every input exactly once."""
+    """The holder notices the take-over (at a renewal, at the latest the one just before the manifest) and stops
+    without writing the manifest; the run that forced the lease then owns the output, and a rerun has every input
+    exactly once. (The thief's lease temporary also survives the holder's clean-up of temporaries.)"""
     import threading
 
     import fsspec
