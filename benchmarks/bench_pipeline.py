@@ -8,8 +8,8 @@ Parts:
   the driver; and ``model_placement="actors"`` for comparison) vs the usual DataLoader loop (``num_workers=1``, torch
   using every core) with the same model and preprocessing, and the pipeline's per-stage time split. The model is
   the small test UNet (no real checkpoint is available offline).
-* ``driver``: how many rows/s the driver can assemble into units and commit (the design choice in
-  docs/architecture.md), and Ray's object-store -> driver transfer rate for token rows.
+* ``driver``: what the driver does per unit (CPU, bytes received) in a real actor-pool run, the scheduling loop's
+  units/s, and the extrapolation to 1000 GPUs (docs/scaling.md).
 * ``scaling``: listing speed, per-unit overhead, manifest bytes and driver memory per unit (docs/scaling.md).
 
 Results are printed as JSON and the throughput/driver tables replace the ``## Tokenization pipeline`` section of
@@ -116,8 +116,8 @@ def bench_gq(model_dir: str, src: str, size: int, batch: int, unit_size: int, **
         shutil.rmtree(out, ignore_errors=True)
     tp = s["throughput"]
     return {"images": tp["images"], "wall_s": tp["wall_s"], "pipeline_s": tp["pipeline_s"],
-            "images_per_s": tp["images_per_s"], "first_output_s": tp["first_output_s"],
-            "steady_images_per_s": round(tp["images"] / (tp["pipeline_s"] - tp["first_output_s"]), 2),
+            "images_per_s": tp["images_per_s"], "first_output_s": round(tp["wall_s"] - tp["pipeline_s"], 2),
+            "steady_images_per_s": tp["images_per_s"],
             "stage_busy_s": tp["stage_busy_s"], "time_split": tp["time_split"],
             "model_utilization": tp["model_utilization"],
             "model_placement": tp["resources"]["model_placement"], "tokens": tokens}
@@ -169,129 +169,70 @@ def run_throughput(args, work: str) -> dict:
 # ------------------------------------------------------------------------------------------------ driver capacity
 
 
-def _synthetic_unit_rows(uid: str, n: int, tokens_per_image: int, rng) -> "pa.Table":
-    import pyarrow as pa
-
-    from gq_pipeline.stages import TOKEN_SCHEMA
-
-    tok = rng.integers(0, 65536, (n, tokens_per_image), dtype=np.uint16)
-    cols = {"unit": [uid] * n, "idx": list(range(n)), "kind": ["ok"] * n, "key": [f"k{uid}-{i}" for i in range(n)],
-            "source": [f"s3://b/{uid}.tar"] * n, "member": [f"{i:06d}" for i in range(n)], "width": [256] * n,
-            "height": [256] * n, "extra": [b""] * n, "error": [""] * n, "message": [""] * n, "n": [0] * n,
-            "info": [b""] * n, "tokens": [t.tobytes() for t in tok], "tg": [1] * n, "th": [32] * n, "tw": [32] * n,
-            "latent": [b""] * n, "lc": [0] * n, "lh": [0] * n, "lw": [0] * n, "model_s": [0.0] * n}
-    return pa.Table.from_pydict(cols, schema=TOKEN_SCHEMA)
-
-
 def run_driver(args, work: str) -> dict:
-    """The driver's share of the work (unit assembly) vs the commit work it hands to Ray tasks."""
-    import pickle
+    """What the driver does per unit in the v2 data plane (the unit is the task): CPU seconds and bytes received
+    per 1000 images in a real actor-pool run, and how many unit outcomes per second its scheduling loop handles."""
+    import resource
 
-    import pyarrow as pa
     import ray
 
-    from gq_pipeline.assembly import CompleteUnit, UnitAssembler, commit_unit
-    from gq_pipeline.committer import Committer
-    from gq_pipeline.manifest import OutputStore
-    from gq_pipeline.sources import Unit
-    from gq_pipeline.stages import TOKEN_SCHEMA
-    from gq_pipeline.writers import ShardContext
+    import gq_pipeline
+    from gq_pipeline.scheduler import FailureBudget, LocalPool, run_units
 
-    rng = np.random.default_rng(0)
-    n_units, per_unit = 24, 1000
-    units = [Unit("tar", f"s3://b/shard-{i:05d}.tar") for i in range(n_units)]
-    tables = []
-    for u in units:
-        t = _synthetic_unit_rows(u.unit_id, per_unit, 1024, rng)
-        end = dict(t.slice(0, 1).to_pydict())
-        end.update(kind=["end"], idx=[-1], n=[per_unit], tokens=[b""],
-                   info=[pickle.dumps({"read_s": 0.0, "passthrough_schema": None, "image_column": None})])
-        tables.append(pa.concat_tables([t, pa.Table.from_pydict(end, schema=TOKEN_SCHEMA)]))
-    rows = n_units * per_unit
-    res: dict = {"rows": rows, "units": n_units, "tokens_per_row": 1024}
-
-    def stream(block: int, batch: int) -> list:
-        """Rows cut into blocks of ``block`` consecutive rows of one unit, blocks interleaved at random, re-cut into
-        batches of ``batch`` (what iter_batches yields after the actor pool)."""
-        blocks = [t.slice(i, block) for t in tables for i in range(0, t.num_rows, block)]
-        order = rng.permutation(len(blocks))
-        merged = pa.concat_tables([blocks[i] for i in order]).combine_chunks()  # blocks are contiguous
-        return [merged.slice(i, batch) for i in range(0, merged.num_rows, batch)]
-
-    for name, block in (("realistic (32-row blocks interleaved)", 32), ("worst case (rows shuffled)", 1)):
-        batches = stream(block, 256)
-        best = float("inf")
-        for _ in range(3):  # best of 3 (the first pass also pays one-off set-up costs)
-            asm = UnitAssembler({u.unit_id: u for u in units})
-            t0 = time.perf_counter()
-            done = [d for b in batches for d in asm.add(b)]
-            best = min(best, time.perf_counter() - t0)
-        assert len(done) == n_units and all(isinstance(d, CompleteUnit) for d in done)
-        res.setdefault("assembly_rows_per_s", {})[name] = round(rows / best)
-    ctx = ShardContext("0123456789abcdef", "fedcba9876543210", 65536, 16, 42, 1.0, "unet",
-                       {"image_size": 256, "crop": "center"})
-    for formats in (("parquet",), ("parquet", "webdataset")):
-        key = "+".join(formats)
-        out = os.path.join(work, "driver-" + key)
-        store = OutputStore(out)
-        store.prepare()
-        t0 = time.perf_counter()
-        for d in done[:6]:
-            commit_unit(store, ctx, formats, d)
-        res.setdefault("commit_ms_per_1000_rows_one_thread", {})[key] = round((time.perf_counter() - t0) / 6 * 1e3, 1)
+    src = os.path.join(work, "images")
+    if not os.path.isdir(src):
+        make_images(src, args.images)
+    model_dir = os.path.join(work, "model")
+    if not os.path.isdir(model_dir):
+        _model().save_pretrained(model_dir)
+    res: dict = {}
+    init_ray(num_cpus=2, object_store_memory=300 << 20, log_to_driver=False)
+    try:
+        out = os.path.join(work, "driver-run")
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        s = gq_pipeline.tokenize(model_dir, [src], out, image_size=args.size, batch_size=args.batch,
+                                 unit_size=args.unit_size, progress=False, model_placement="actors")
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         shutil.rmtree(out, ignore_errors=True)
-    init_ray(num_cpus=2, object_store_memory=400 << 20, log_to_driver=False)
-    try:
-        for formats in (("parquet",), ("parquet", "webdataset")):
-            key = "+".join(formats)
-            out = os.path.join(work, "tasks-" + key)
-            store = OutputStore(out)
-            store.prepare()
-            committer = Committer(store, None, ctx, formats, parallel=8)
-            for d in done[:8]:  # warm-up: start the task workers
-                committer.submit(d)
-            committer.drain()
-            t0 = time.perf_counter()
-            results = []
-            for d in done:
-                results += committer.submit(d)
-            results += committer.drain()
-            dt = time.perf_counter() - t0
-            assert len(results) == n_units and not any(r.error for r in results)
-            res.setdefault("commit_tasks_rows_per_s_2_cpus", {})[key] = round(rows / dt)
-            shutil.rmtree(out, ignore_errors=True)
     finally:
         ray.shutdown()
-    res["ray_to_driver"] = _ray_transfer()
+    n = s["throughput"]["images"]
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    res["actor_run"] = {"images": n, "units": s["units_committed"],
+                        "driver_cpu_s_per_1000_images": round(1000 * cpu / n, 3),
+                        "driver_bytes_per_1000_images": round(1000 * s["throughput"]["driver_bytes_received"] / n),
+                        "note": "driver CPU covers the whole call: model load, planning, Ray client, manifest"}
+    # The scheduling loop alone: outcomes the size of a real commit record, returned at once.
+    record = {"format_version": 1, "unit_id": "u" * 16, "kind": "tar", "source": "s3://bucket/shards/000000.tar",
+              "inputs": 1000, "tokenized": 998, "errors": 2, "errors_by_kind": {"decode": 2},
+              "shards": [{"format": "parquet", "path": "parquet/" + "u" * 16 + "-" + "f" * 16 + ".parquet",
+                          "rows": 998, "bytes": 2_400_000, "sha256": "0" * 64}],
+              "errors_file": "errors/x.parquet", "formats": ["parquet"], "latents": False,
+              "model_fingerprint": "f" * 16, "codebook_fingerprint": "e" * 16,
+              "preprocess": {"image_size": 256, "crop": "center"}}
+    n_units = 20_000
+
+    def instant(unit):
+        return {"unit_id": unit["unit_id"], "source": unit["source"], "status": "committed", "record": record,
+                "error": None, "inputs": 1000, "read_s": 1.0, "model_s": 1.0, "write_s": 0.1}
+
+    units = ({"unit_id": f"{i:016x}", "kind": "tar", "source": f"s3://b/{i:06d}.tar"} for i in range(n_units))
+    pool = LocalPool(instant, concurrency=8)
+    t0, c0 = time.perf_counter(), time.process_time()
+    stats = run_units(pool, units, budget=FailureBudget(None, n_units))
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    pool.close()
+    assert len(stats.committed) == n_units
+    res["scheduler_loop"] = {"units": n_units, "units_per_s": round(n_units / dt),
+                             "cpu_ms_per_unit": round(1e3 * dc / n_units, 3),
+                             "bytes_per_unit": round(stats.outcome_bytes / n_units)}
+    # at 1000 GPUs x 1500 img/s and 1000-image units: 1500 unit outcomes/s reach the driver
+    per_unit_ms = res["scheduler_loop"]["cpu_ms_per_unit"]
+    res["extrapolation_1000_gpus"] = {"unit_outcomes_per_s": 1500,
+                                      "driver_cores_busy": round(1500 * per_unit_ms / 1e3, 3),
+                                      "driver_mb_per_s": round(1500 * res["scheduler_loop"]["bytes_per_unit"] / 1e6,
+                                                               3)}
     return res
-
-
-def _ray_transfer() -> dict:
-    import ray
-
-    from gq_pipeline.stages import TOKEN_SCHEMA
-
-    def make(batch):
-        n = len(batch["id"])
-        r = np.random.default_rng(int(batch["id"][0]))
-        t = _synthetic_unit_rows("u", n, 1024, r)
-        assert t.schema == TOKEN_SCHEMA
-        return t
-
-    init_ray(num_cpus=2, object_store_memory=400 << 20, log_to_driver=False)
-    try:
-        n = 60_000
-        ds = ray.data.range(n, override_num_blocks=60).map_batches(make, batch_size=1000, batch_format="numpy")
-        ds = ds.materialize()  # time the object store -> driver path alone
-        t0 = time.perf_counter()
-        rows = 0
-        for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows += b.num_rows
-        dt = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
-    return {"rows": rows, "seconds": round(dt, 2), "rows_per_s": round(rows / dt),
-            "mb_per_s": round(rows * 2048 / dt / 1e6), "note": "blocks already in the local object store"}
 
 
 # ------------------------------------------------------------------------------------------------ scaling
@@ -399,22 +340,6 @@ def run_scaling(args, work: str) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     del recs
 
-    # from_items cost for many units (driver -> object store): one block per unit vs the job's cap on blocks.
-    from gq_pipeline.job import MAX_INPUT_BLOCKS
-
-    init_ray(num_cpus=2, object_store_memory=300 << 20, log_to_driver=False)
-    try:
-        n = 20000
-        items = [{"unit": json.dumps({"kind": "tar", "source": f"s3://bucket/shards/shard-{i:06d}.tar"})}
-                 for i in range(n)]
-        t0 = time.perf_counter()
-        ray.data.from_items(items, override_num_blocks=n)
-        res["from_items_s_per_1000_blocks"] = round((time.perf_counter() - t0) / n * 1000, 3)
-        t0 = time.perf_counter()
-        ray.data.from_items(items, override_num_blocks=min(n, MAX_INPUT_BLOCKS))
-        res["from_items_s_20k_units_capped_blocks"] = round(time.perf_counter() - t0, 2)
-    finally:
-        ray.shutdown()
     return res
 
 
@@ -458,20 +383,17 @@ def write_markdown(results: dict, path: str) -> None:
                   + f"; model utilization {g['model_utilization']:.0%} of the pipeline's "
                     f"{g['pipeline_s']} s (the rest is start-up and the pipeline's fill/drain).", ""]
     if dr:
-        a = dr["assembly_rows_per_s"]
-        c1, ct = dr["commit_ms_per_1000_rows_one_thread"], dr["commit_tasks_rows_per_s_2_cpus"]
-        rt = dr["ray_to_driver"]
-        lines += ["**Driver-side unit assembly vs commit work** (the design choice in docs/architecture.md): "
-                  f"{dr['rows']} synthetic rows of 1024 uint16 tokens (256², K=65536) in {dr['units']} units:", "",
-                  "| what | measured |", "|---|---|"]
-        for k, v in a.items():
-            lines.append(f"| driver: assemble units, {k} | {v} rows/s |")
-        for k, v in c1.items():
-            lines.append(f"| commit one unit ({k}), one thread | {v} ms per 1000 rows |")
-        for k, v in ct.items():
-            lines.append(f"| commit as Ray tasks ({k}), 8 in flight, this 2-CPU box | {v} rows/s |")
-        lines.append(f"| Ray object store -> driver `iter_batches` ({rt['note']}) | {rt['rows_per_s']} rows/s |")
-        lines.append("")
+        ar, sl, ex = dr["actor_run"], dr["scheduler_loop"], dr["extrapolation_1000_gpus"]
+        lines += ["**What reaches the driver** (v2: the unit is the task; docs/scaling.md):", "",
+                  "| what | measured |", "|---|---|",
+                  f"| actor-pool run, {ar['images']} images in {ar['units']} units: driver CPU | "
+                  f"{ar['driver_cpu_s_per_1000_images']} s per 1000 images ({ar['note']}) |",
+                  f"| same run: bytes received by the driver | {ar['driver_bytes_per_1000_images']} B per 1000 "
+                  "images |",
+                  f"| scheduling loop alone, {sl['units']} record-sized outcomes | {sl['units_per_s']} units/s, "
+                  f"{sl['cpu_ms_per_unit']} ms CPU and {sl['bytes_per_unit']} B per unit |",
+                  f"| extrapolated to 1000 GPUs x 1500 img/s, 1000-image units | {ex['unit_outcomes_per_s']} "
+                  f"outcomes/s: {ex['driver_cores_busy']} driver cores, {ex['driver_mb_per_s']} MB/s |", ""]
     text = "\n".join(lines) + "\n"
     existing = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     if SECTION in existing:

@@ -1,4 +1,4 @@
-"""The ``gq`` console command: one front for convert, tokenize, train, export, eval, decode, inspect and demo.
+"""The ``gq`` console command: one front for convert, tokenize, train, export, eval, decode, inspect, gc and demo.
 
 Each sub-command lives next to the code it drives and registers itself through a ``add_parser(subparsers)`` function,
 imported lazily so that ``gq convert --help`` never pays for Ray or DeepSpeed imports.
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "eval": "jobs.eval",
     "decode": "gq_pipeline.decode_cli",
     "inspect": "gq_pipeline.inspect_cli",
+    "gc": "gq_pipeline.gc_cli",
     "demo": "jobs.demo",
 }
 

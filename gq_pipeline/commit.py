@@ -1,25 +1,39 @@
-"""Commit one finished unit: its shards, its error file and, last, its commit record (docs/token-format.md).
+"""Commit one finished unit: stage its shards and error file, create its commit record, publish (docs/token-format.md).
 
 This is the single place where a unit becomes "done"; whoever produced the unit's rows (a worker that tokenized
-it, or a plugin sink) calls :func:`commit_unit` with them.
+it, or a plugin sink) calls :func:`commit_unit` with them. The steps, and why in this order:
+
+1. every file is written under ``.staging/<attempt>/`` (:mod:`gq_pipeline.commitset`), where no plain reader of
+   the output looks, so a crash here leaves nothing visible;
+2. the record ``units/<unit_id>.json`` is created: the commit point (``OutputStore.commit``);
+3. the staged files are published to their final names. A crash here leaves a committed unit whose files a
+   roll-forward publishes (next run, ``gq gc``); gq's readers read the staged copy meanwhile.
+
+If the record already exists (another run committed this unit first), this try's staged files are discarded and
+the existing record is returned: the unit is counted once, with the other run's bytes.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import posixpath
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from gq_pipeline.commitset import new_attempt, publish, remove_tree, staged_relpath
 from gq_pipeline.manifest import OutputStore
 from gq_pipeline.records import ERROR_KINDS, FORMAT_VERSION
 from gq_pipeline.sources import Unit
 from gq_pipeline.writers import (ShardContext, build_error_table, build_token_table, parquet_bytes,
                                  split_rows, tar_bytes)
 
-__all__ = ["CompleteUnit", "commit_unit"]
+__all__ = ["CompleteUnit", "commit_unit", "stage_unit", "publish_unit", "StagedUnit"]
+
 
 
 @dataclass
@@ -30,13 +44,33 @@ class CompleteUnit:
     model_s: float
 
 
-def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], done: CompleteUnit
-                ) -> tuple[dict[str, Any] | None, np.ndarray | None]:
-    """Write a complete unit's files, then its commit record. Returns (record, token histogram of this unit), or
-    (None, None) when the unit was already committed: records are created conditionally (``OutputStore.commit``),
-    the first one stands and the caller must not count the unit as this run's."""
+@dataclass
+class StagedUnit:
+    """A unit whose files are staged and whose record is built but not yet created."""
+
+    attempt: str
+    files: list[str]  # final relpaths, each staged under .staging/<attempt>/
+    record: dict[str, Any]
+    hist: np.ndarray | None
+
+
+def _row_groups(data: bytes) -> list[int]:
+    """Rows per row group of Parquet bytes, from their own footer (recorded so that readers need not read it)."""
+    md = pq.read_metadata(pa.BufferReader(data))
+    return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
+
+def _token_shapes(ok: pa.Table) -> list[list[int]]:
+    """``[[G, h, w, count], ...]`` of a unit's token grids (one entry unless ``--crop none``), sorted."""
+    shapes = Counter(zip(*(ok.column(c).to_pylist() for c in ("tg", "th", "tw"))))
+    return [[int(g), int(h), int(w), int(n)] for (g, h, w), n in sorted(shapes.items())]
+
+
+def stage_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], done: CompleteUnit) -> StagedUnit:
+    """Steps 1 and the record's content: write the unit's files under a fresh staging folder."""
     unit = done.unit
     fp = ctx.model_fingerprint
+    attempt = new_attempt(unit.unit_id)
     if done.rows is not None:
         ok, err = split_rows(done.rows)
     else:
@@ -44,42 +78,80 @@ def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...],
     n_ok = ok.num_rows if ok is not None else 0
     n_err = err.num_rows if err is not None else 0
     shards = []
+    files: list[str] = []
     passthrough_schema = None
     if done.info.get("passthrough_schema"):
         passthrough_schema = pa.ipc.read_schema(pa.py_buffer(done.info["passthrough_schema"]))
+
+    def stage(rel: str, data: bytes) -> None:
+        if store.local:
+            store.fs.makedirs(posixpath.dirname(store.path(staged_relpath(attempt, rel))), exist_ok=True)
+        store.put(staged_relpath(attempt, rel), data)
+        files.append(rel)
+
     hist = None
     if n_ok:
+        shapes = _token_shapes(ok)
         if "parquet" in formats:
-            data = parquet_bytes(build_token_table(ok, ctx, unit.unit_id, passthrough_schema))
+            table = build_token_table(ok, ctx, unit.unit_id, passthrough_schema)
+            data = parquet_bytes(table)
             rel = store.shard_relpath("parquet", unit.unit_id, fp)
-            store.put(rel, data)
+            stage(rel, data)
             shards.append({"format": "parquet", "path": rel, "rows": n_ok, "bytes": len(data),
-                           "sha256": hashlib.sha256(data).hexdigest()})
+                           "sha256": hashlib.sha256(data).hexdigest(), "row_groups": _row_groups(data),
+                           "columns": table.column_names, "token_shapes": shapes})
         if "webdataset" in formats:
             data = tar_bytes(ok, ctx, parquet_input=unit.kind == "parquet")
             rel = store.shard_relpath("webdataset", unit.unit_id, fp)
-            store.put(rel, data)
+            stage(rel, data)
             shards.append({"format": "webdataset", "path": rel, "rows": n_ok, "bytes": len(data),
-                           "sha256": hashlib.sha256(data).hexdigest()})
+                           "sha256": hashlib.sha256(data).hexdigest(), "row_groups": [n_ok],
+                           "token_shapes": shapes})
         flat = np.frombuffer(b"".join(ok.column("tokens").to_pylist()), dtype=ctx.token_numpy)
         hist = np.bincount(flat.astype(np.int64), minlength=ctx.codebook_size)
-    errors_file = None
+    errors_file = errors_sha = None
     by_kind: dict[str, int] = {}
     if n_err:
         by_kind = dict(sorted(Counter(err.column("error").to_pylist()).items()))
         data = parquet_bytes(build_error_table(err, ctx, unit.unit_id))
         errors_file = store.shard_relpath("errors", unit.unit_id, fp)
-        store.put(errors_file, data)
+        errors_sha = hashlib.sha256(data).hexdigest()
+        stage(errors_file, data)
     assert set(by_kind) <= set(ERROR_KINDS), by_kind
     record = {"format_version": FORMAT_VERSION, "unit_id": unit.unit_id, "kind": unit.kind, "source": unit.source,
               "inputs": n_ok + n_err, "tokenized": n_ok, "errors": n_err, "errors_by_kind": by_kind,
-              "shards": shards, "errors_file": errors_file, "formats": sorted(formats), "latents": ctx.latents,
-              "model_fingerprint": fp, "codebook_fingerprint": ctx.codebook_fingerprint,
-              "preprocess": ctx.preprocess}
+              "shards": shards, "errors_file": errors_file, "errors_sha256": errors_sha, "formats": sorted(formats),
+              "latents": ctx.latents, "model_fingerprint": fp, "codebook_fingerprint": ctx.codebook_fingerprint,
+              "codebook_size": ctx.codebook_size, "preprocess": ctx.preprocess}
     if unit.kind == "files":
         record["files"] = {"count": len(unit.files), "first": unit.files[0], "last": unit.files[-1]}
     if done.info.get("image_column"):
         record["image_column"] = done.info["image_column"]
-    if not store.commit(record):
-        return None, None
-    return record, hist
+    return StagedUnit(attempt, files, record, hist)
+
+
+def publish_unit(store: OutputStore, staged: StagedUnit) -> None:
+    """Step 3: move the staged files to their final names, then drop the staging folder."""
+    for rel in staged.files:
+        publish(store.fs, store.path(staged_relpath(staged.attempt, rel)), store.path(rel))
+    remove_tree(store.fs, store.path(staged_relpath(staged.attempt, "")).rstrip("/"))
+
+
+def discard_unit(store: OutputStore, staged: StagedUnit) -> None:
+    remove_tree(store.fs, store.path(staged_relpath(staged.attempt, "")).rstrip("/"))
+
+
+def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], done: CompleteUnit
+                ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Stage a complete unit's files, create its commit record, publish the files.
+
+    Returns (record, token histogram of this unit). When another run had already created the record, this try's
+    files are discarded and (that record, None) is returned, so the other run's tokens are not counted twice."""
+    staged = stage_unit(store, ctx, formats, done)
+    created = store.commit(staged.record)
+    if created is False:  # OutputStore.commit as a conditional create: someone else committed this unit
+        discard_unit(store, staged)
+        existing = json.loads(store.fs.cat_file(store.path("units", f"{done.unit.unit_id}.json")))
+        return existing, None
+    publish_unit(store, staged)
+    return staged.record, staged.hist

@@ -135,8 +135,16 @@ def build_report(args: argparse.Namespace) -> dict:
     except FingerprintMismatchError as e:
         report["codebook_fingerprint"], mixed = None, True
         report["problems"].append(str(e))
+    if ss.committed:  # files a plain reader sees that no record covers (crash leftovers of old runs, copies)
+        from gq_pipeline.commitset import read_records, uncommitted_files
+
+        extra = uncommitted_files(ss.fsref.fs, ss.root, read_records(ss.fsref.fs, ss.root) or {})
+        report["uncommitted_files"] = extra
+        if extra:
+            report["problems"].append(f"{len(extra)} file(s) no commit record covers (e.g. {extra[0]}): gq's readers "
+                                      f"skip them, plain Parquet/WebDataset readers do not; `gq gc` removes them")
     manifest = read_manifest(ss.fsref, ss.root)
-    errors, bad_errors = read_error_tables(ss.fsref, ss.root)
+    errors, bad_errors = read_error_tables(ss.fsref, ss.root, ss.error_files)
     report["unreadable"] += [msg for _, msg in bad_errors]
     by_kind = dict(Counter(errors.column("error").to_pylist())) if errors is not None else {}
     report["errors"] = {"total": sum(by_kind.values()), "by_kind": by_kind}

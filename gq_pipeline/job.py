@@ -31,13 +31,13 @@ from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
 from gq_pipeline.sources import plan_units
-from gq_pipeline.scheduler import (ActorPool, FailureBudget, FailureBudgetExceeded, LocalPool, NoWorkersError,
-                                   run_units)
+from gq_pipeline.scheduler import (ActorPool, FailureBudget, FailureBudgetExceeded, Interrupted, LocalPool,
+                                   NoWorkersError, run_units)
 from gq_pipeline.stages import ModelRunner, model_payload
 from gq_pipeline.worker import UnitProcessor, UnitWorkerActor, WorkSpec
 from gq_pipeline.writers import ShardContext
 
-__all__ = ["tokenize", "JobError", "FORMATS", "PRECISIONS", "PLACEMENTS"]
+__all__ = ["tokenize", "JobError", "RunInterrupted", "FORMATS", "PRECISIONS", "PLACEMENTS"]
 
 FORMATS = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": ("parquet", "webdataset")}
 PRECISIONS = ("fp32", "bf16")
@@ -46,7 +46,41 @@ DRIVER_DECODE_THREADS = 2  # decode threads beside a model in the driver (2 core
 
 
 class JobError(RuntimeError):
-    """The Ray pipeline failed (e.g. the model raises on every image): committed units stay, the rest is redone."""
+    """The job stopped (every unit failed, the failure budget ran out, no worker could start): committed units stay,
+    the rest is redone by a rerun."""
+
+
+class RunInterrupted(JobError):
+    """Ctrl-C or SIGTERM: the run stopped at once; what was committed is kept and counted in manifest.json."""
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGINT and SIGTERM (what schedulers send) stop the run cleanly: the first raises ``KeyboardInterrupt`` in the
+    main thread, so the driver stops dispatching, stops its workers and writes the manifest of what was committed;
+    a second one exits at once. Installed only in the main thread (signal handlers can only be set there)."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def hard_exit(signum, frame):
+        os._exit(128 + signum)
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, hard_exit)
+        signal.signal(signal.SIGTERM, hard_exit)
+        raise KeyboardInterrupt
+
+    saved = signal.signal(signal.SIGINT, first), signal.signal(signal.SIGTERM, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -54,11 +88,18 @@ def _log(progress: bool, msg: str) -> None:
         print(f"[gq tokenize] {msg}", file=sys.stderr, flush=True)
 
 
-def _ensure_ray(ray_address: str | None, num_cpus: int | None, object_store_memory: int | None) -> bool:
-    """Connect to ``ray_address``/``RAY_ADDRESS`` if given, else start a local cluster. True if we started it."""
+def _ensure_ray(ray_address: str | None, num_cpus: int | None, object_store_memory: int | None,
+                verbose: bool = False) -> bool:
+    """Connect to ``ray_address``/``RAY_ADDRESS`` if given, else start a local cluster. True if we started it.
+    Unless ``verbose``, Ray's own start-up messages and its workers' log lines stay out of the user's terminal:
+    they are nothing a CLI user can act on (the workers' errors reach the summary as error records)."""
+    import logging
+
     from gq_pipeline.ray_init import init_ray
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"log_to_driver": bool(verbose)}
+    if not verbose and not ray_address:
+        kwargs["logging_level"] = logging.WARNING
     if num_cpus:
         kwargs["num_cpus"] = int(num_cpus)
     if object_store_memory:
@@ -154,6 +195,12 @@ def _model_placement(requested: str, gpw: float, n_nodes: int, workers: int | No
     return "driver" if gpw == 0 and n_nodes <= 1 and workers in (None, 1) and cpus_per_worker is None else "actors"
 
 
+def _under(url: str, root: str) -> bool:
+    """``url`` is ``root`` or inside it (both as ``sources.to_url`` spells them)."""
+    root = root.rstrip("/")
+    return url.rstrip("/") == root or url.startswith(root + "/")
+
+
 def _check_first_parquet(units, image_column: str | None, storage_options: dict | None) -> None:
     """Fail fast on a wrong or missing image column (one footer read) instead of failing every Parquet unit."""
     import pyarrow.parquet as pq
@@ -200,7 +247,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
              trust_checkpoint: bool = False, model_placement: str = "auto",
              max_failed_units: str | int | float | None = None, max_attempts: int = 3,
              input_list: str | None = None, input_list_column: str | None = None, relist: bool = False,
-             force_lease: bool = False) -> dict[str, Any]:
+             allow_empty: bool = False, verbose: bool = False, force_lease: bool = False) -> dict[str, Any]:
     """Tokenize image inputs into token shards under ``output``; returns the run summary (also in manifest.json).
 
     Safe to rerun after a crash: committed units are skipped, unfinished ones redone with identical output names
@@ -247,6 +294,11 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     _log(progress, f"listed {plan.listed} files into {len(plan.units)} units in {plan.list_s:.2f}s"
                    + (f" ({plan.ignored} non-image files ignored, e.g. {plan.ignored_examples[0]})"
                       if plan.ignored else ""))
+    inside = [u for u in plan.units if _under(u.source, store.url)]
+    if inside:  # --output inside --input: gq's own shards are never inputs
+        plan.units = [u for u in plan.units if not _under(u.source, store.url)]
+        _log(progress, f"note: {len(inside)} unit(s) under the output folder {store.url} are not inputs (the "
+                       f"output lies inside an input); they were left out")
     _check_first_parquet(plan.units, image_column, storage_options)
     # One writer per output (gq_pipeline.lease): taken before the state is read, so no other run commits between
     # the listing this run plans from and its own commits; a second run refuses here.
@@ -269,6 +321,10 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         if input_list:
             how = "read from the persisted plan" if plan.list_units.reused else "planned into _plan/"
             _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
+        if not planned and not allow_empty:
+            where = ", ".join(list(inputs)[:3] + ([input_list] if input_list else []))
+            raise ValueError(f"no inputs found in {where} ({plan.listed} files listed, {plan.ignored} not images): "
+                             f"check the path, or pass --allow-empty to accept an empty run")
         todo = [u for u in planned if not is_done(u.unit_id)]
         skipped = len(planned) - len(todo)
         plan_s = time.perf_counter() - t0
@@ -283,10 +339,11 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         pipeline_error: Exception | None = None
         resources: dict[str, Any] = {}
         run_stats = None
+        interrupted = False
         if todo:
             started = False
             if _needs_ray(ray_address, model_placement, gpus_per_worker, workers, cpus_per_worker):
-                started = _ensure_ray(ray_address, num_cpus, object_store_memory)
+                started = _ensure_ray(ray_address, num_cpus, object_store_memory, verbose)
                 resources = _resources(gpus_per_worker, workers, cpus_per_worker, decode_threads, model_placement)
             else:
                 resources = _local_resources(decode_threads)
@@ -311,7 +368,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                                 niceness=10 if resources["gpus_per_worker"] == 0 else 0)
                 budget = FailureBudget(max_failed_units, len(todo))
                 t_run = time.perf_counter()
-                with _worker_pool(gq, spec, resources, precision, latents) as pool:
+                with _stop_signals(), _worker_pool(gq, spec, resources, precision, latents) as pool:
                     try:
                         run_stats = run_units(pool, (u.to_dict() for u in todo), budget=budget,
                                               max_attempts=max_attempts,
@@ -320,6 +377,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                         run_stats, pipeline_error = e.stats, e
                     except NoWorkersError as e:
                         pipeline_error = e
+                    except Interrupted as e:
+                        run_stats, interrupted = e.stats, True
                     pipeline_s = time.perf_counter() - t_run
                     for st in pool.stats():
                         hist_total += st["hist"]
@@ -338,6 +397,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                     stage["write_s"] += o.get("write_s", 0.0)
                 stage["retries"], stage["workers_lost"] = run_stats.retries, run_stats.workers_lost
                 stage["already_committed_by_another_run"] = run_stats.already
+                stage["driver_bytes_received"] = run_stats.outcome_bytes
             if new_records == [] and failed and len(failed) == len(todo) and pipeline_error is None:
                 # nothing committed and every unit failed: systematic (a broken model or store), not bad inputs
                 pipeline_error = RuntimeError(failed[0]["reason"])
@@ -365,7 +425,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
             "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
             "model_utilization": (round(stage["model_s"] / (pipeline_s * resources["workers"]), 3)
                                   if pipeline_s > 0 and resources else None),
-            "resources": resources,
+            "resources": resources, "driver_bytes_received": stage.get("driver_bytes_received", 0),
             "faults": {k: stage.get(k, 0) for k in ("retries", "workers_lost", "oom_halvings",
                                                     "already_committed_by_another_run")},
         }
@@ -384,6 +444,9 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
             manifest["failed_units"] = failed
         lease.confirm()  # a run that lost the lease must not overwrite the holder's manifest
         store.write_manifest(manifest)
+    if interrupted:
+        raise RunInterrupted(f"interrupted: {len(new_records)} units committed in this run ({len(all_records)} of "
+                             f"{len(planned)} in the output, {tot_in} inputs); rerun the same command to resume")
     if pipeline_error is not None:
         raise JobError(f"the pipeline stopped after committing {len(new_records)} of {len(todo)} units; committed work "
                        f"is kept and a rerun continues from there. Cause: {type(pipeline_error).__name__}: "
@@ -415,7 +478,7 @@ def _worker_pool(gq, spec: WorkSpec, resources: dict[str, Any], precision: str, 
         torch.set_num_threads(max(1, int(math.ceil(resources["cpus_per_worker"] - 1e-9))))
         proc = UnitProcessor(spec, ModelRunner(gq.eval(), batch_size=spec.batch_size, precision="fp32",
                                                latents=latents))
-        pool = LocalPool(proc.process, concurrency=2)
+        pool = LocalPool(proc.process, concurrency=2, cancel=proc.cancel)
         pool.stats = lambda: [proc.stats()]  # type: ignore[attr-defined]
         try:
             yield pool

@@ -1,7 +1,9 @@
 """The output directory's bookkeeping: commit records, the compatibility guard, ``manifest.json`` and the wids index.
 
-A unit is done exactly when ``units/<unit_id>.json`` exists; it is written after the unit's shards, so a crash at any
-moment leaves either a committed unit or one that a rerun redoes (rewriting the same names with the same bytes).
+A unit is done exactly when ``units/<unit_id>.json`` exists; it is created after the unit's files are staged and
+before they are published (:mod:`gq_pipeline.commit`, :mod:`gq_pipeline.commitset`), so a crash at any moment leaves
+either an uncommitted unit that no plain reader sees and a rerun redoes (same names, same bytes), or a committed unit
+whose staged files the next run's :meth:`OutputStore.prepare` rolls forward.
 Resuming reads ``manifest.json`` plus only the commit records the manifest does not list yet, so a rerun costs one
 listing of ``units/`` and a few reads, never a scan of the shards or a re-read of finished inputs.
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gq_model.storage import create_exclusive, read_versioned, replace_if_match
+from gq_pipeline.commitset import WIDS_INDEX, RollForward, read_records, roll_forward, staged_files
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.sources import get_fs, is_local_fs, to_url
 from gq_pipeline.writers import ShardContext, put_atomic
@@ -21,9 +24,9 @@ __all__ = ["OutputStore", "OutputState", "IncompatibleOutputError", "manifest_un
 
 SUBDIRS = ("parquet", "webdataset", "errors", "units")
 # Commit-record fields that are the same for the whole output: stored once at the top of manifest.json.
-# A temporary younger than this may belong to a write in progress (prepare() leaves it).
+RUN_CONSTANTS = ("format_version", "model_fingerprint", "codebook_fingerprint", "preprocess", "codebook_size")
+# A temporary younger than this may belong to a write in progress (prepare() leaves it when told to).
 TEMP_STALE_S = 900.0
-RUN_CONSTANTS = ("format_version", "model_fingerprint", "codebook_fingerprint", "preprocess")
 
 
 def _supersedes(new: dict[str, Any], old: dict[str, Any]) -> bool:
@@ -72,12 +75,18 @@ class OutputStore:
 
     # ------------------------------------------------------------------ start of a run
     def prepare(self, temp_stale_s: float = 0.0) -> None:
-        """Create directories (local) and remove temporaries left by a killed run (local only: object stores have
-        none, since every object is one PUT).
+        """Create directories (local), remove temporaries left by a killed run (local only: object stores have
+        none, since every object is one PUT), and roll forward committed units whose files are still staged.
 
         Runs under the output's lease (gq_pipeline.lease), so no other live run writes here. When the lease was taken
         from a run that may still be alive (it expired, or was forced), the job passes ``temp_stale_s``
         (:data:`TEMP_STALE_S`): a temporary younger than that may be a write that run is finishing."""
+        self._prepare_dirs(temp_stale_s)
+        self.fs.invalidate_cache()
+        if staged_files(self.fs, self.root):  # one listing; usually empty
+            self.roll_forward(read_records(self.fs, self.root) or {})
+
+    def _prepare_dirs(self, temp_stale_s: float = 0.0) -> None:
         if not self.local:
             bucket = self.root.split("/", 1)[0]
             try:
@@ -119,28 +128,18 @@ class OutputStore:
         except ValueError as e:
             raise ValueError(f"{self.url}/manifest.json is not valid JSON ({e}); it is rewritten at the end of every "
                              f"run, so delete it and rerun to rebuild it from units/") from e
-        names = [n for n in self._ls_names("units") if n.endswith(".json") and ".tmp-" not in n]
-        m = state.manifest or {}
-        shared = {k: m[k] for k in RUN_CONSTANTS if k in m}
-        known = {u["unit_id"]: u for u in m.get("units", []) if "formats" in u}
-        missing = []
-        for n in names:
-            uid = n[:-5]
-            if uid in known:
-                state.records[uid] = {**known[uid], **shared}
-            else:
-                missing.append(self.path("units", n))
-        if missing:
-            for p, blob in self.fs.cat(missing, on_error="return").items():
-                if isinstance(blob, BaseException):
-                    raise OSError(f"cannot read commit record {p}: {blob}")
-                rec = json.loads(blob)
-                state.records[rec["unit_id"]] = rec
+        state.records = read_records(self.fs, self.root, state.manifest or {}) or {}
         for sub in ("parquet", "webdataset"):
             for n in self._ls_names(sub):
                 if n.endswith((".parquet", ".tar")):
                     state.foreign_shards.append(f"{sub}/{n}")
         return state
+
+    def roll_forward(self, records: dict[str, dict[str, Any]], dry_run: bool = False) -> RollForward:
+        """Publish the staged files of committed units (a run killed between a record and its publish); call at the
+        start of a run, after :meth:`load`. Staging folders of uncommitted units are left for ``gq gc``."""
+        self.fs.invalidate_cache()
+        return roll_forward(self.fs, self.root, records, dry_run=dry_run)
 
     def committed_sources(self, record: dict[str, Any]) -> list[str]:
         """The ``source`` of every sample a committed unit wrote (tokens and errors), read back from its shards.
@@ -236,14 +235,23 @@ class OutputStore:
         return json.loads(got[0]) if got is not None else None
 
     def write_wids_index(self, records: list[dict[str, Any]]) -> str | None:
+        """``webdataset-index.json`` at the output root (a wids index of the committed tars). It is not inside
+        ``webdataset/``: there ``ray.data.read_webdataset`` read it as a tar and HF ``datasets`` as the data. An index
+        an older gq left in ``webdataset/`` is removed for the same reason."""
+        old = self.path("webdataset", "index.json")
+        try:
+            if self.fs.exists(old):
+                self.fs.rm_file(old)
+        except FileNotFoundError:
+            pass
         shards = sorted((s["path"], s["rows"]) for r in records for s in r.get("shards", [])
                         if s["format"] == "webdataset" and s["rows"] > 0)
         if not shards:
             return None
         index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": posixpath.basename(self.root),
-                 "shardlist": [{"url": posixpath.basename(p), "nsamples": n} for p, n in shards]}
-        self.put("webdataset/index.json", json.dumps(index, indent=1).encode("utf-8"))
-        return "webdataset/index.json"
+                 "shardlist": [{"url": p, "nsamples": n} for p, n in shards]}
+        self.put(WIDS_INDEX, json.dumps(index, indent=1).encode("utf-8"))
+        return WIDS_INDEX
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.put("manifest.json", json.dumps(manifest, indent=1, sort_keys=False).encode("utf-8"))

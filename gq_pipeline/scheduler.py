@@ -16,6 +16,7 @@ Faults are budgeted, not fatal:
 """
 from __future__ import annotations
 
+import pickle
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 __all__ = ["FailureBudget", "LocalPool", "ActorPool", "run_units", "RunStats", "WorkerLost", "NoWorkersError",
-           "FailureBudgetExceeded"]
+           "FailureBudgetExceeded", "Interrupted"]
 
 
 class WorkerLost(Exception):
@@ -40,6 +41,14 @@ class FailureBudgetExceeded(RuntimeError):
 
     def __init__(self, message: str, stats: "RunStats"):
         super().__init__(message)
+        self.stats = stats
+
+
+class Interrupted(Exception):
+    """The run was stopped by Ctrl-C or SIGTERM; ``stats`` holds what was committed until then."""
+
+    def __init__(self, stats: "RunStats"):
+        super().__init__("interrupted")
         self.stats = stats
 
 
@@ -86,6 +95,7 @@ class RunStats:
     retries: int = 0
     workers_lost: int = 0
     images: int = 0
+    outcome_bytes: int = 0  # pickled size of every outcome the driver received: what crosses to the driver
 
 
 # ------------------------------------------------------------------------------------------------------- pools
@@ -94,8 +104,9 @@ class LocalPool:
     """Units processed by threads of this process (the driver placement): ``concurrency`` units in flight, so the
     next unit decodes while the current one is on the model."""
 
-    def __init__(self, process: Callable[[dict], dict], concurrency: int = 2):
+    def __init__(self, process: Callable[[dict], dict], concurrency: int = 2, cancel: Callable[[], None] = None):
         self._process = process
+        self._cancel = cancel
         self._ex = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="gq-unit")
         self._inflight: dict[Any, tuple[dict, int]] = {}
         self.concurrency = concurrency
@@ -123,6 +134,9 @@ class LocalPool:
         return out
 
     def close(self) -> None:
+        """Stop: queued units never start, running ones are cancelled at their next sample or batch."""
+        if self._inflight and self._cancel is not None:
+            self._cancel()
         self._ex.shutdown(wait=True, cancel_futures=True)
 
 
@@ -279,11 +293,22 @@ def _short_error(e: BaseException) -> str:
 def run_units(pool, units: Iterable[dict], *, budget: FailureBudget, max_attempts: int = 3, max_lost: int = 5,
               on_progress: Callable[[RunStats], None] | None = None, progress_every_s: float = 10.0) -> RunStats:
     """Drive ``units`` through ``pool`` until every unit is committed or failed. Raises
-    :class:`FailureBudgetExceeded` (after letting in-flight units finish) when too many fail."""
+    :class:`FailureBudgetExceeded` (after letting in-flight units finish) when too many fail, and
+    :class:`Interrupted` at once on Ctrl-C / SIGTERM (``KeyboardInterrupt`` in this thread)."""
     stats = RunStats()
     it: Iterator[dict] = iter(units)
     retry: deque[tuple[dict, int]] = deque()
     lost_counts: dict[str, int] = {}
+    try:
+        _loop(pool, it, retry, lost_counts, stats, budget, max_attempts, max_lost, on_progress, progress_every_s)
+    except KeyboardInterrupt:
+        # Do not wait for the units in flight (a unit can take minutes): they are not committed, and a rerun redoes
+        # them. The caller writes the manifest of what was committed.
+        raise Interrupted(stats) from None
+    return stats
+
+
+def _loop(pool, it, retry, lost_counts, stats, budget, max_attempts, max_lost, on_progress, progress_every_s):
     exhausted = False
     stop_reason: str | None = None
     last = time.monotonic()
@@ -304,6 +329,8 @@ def run_units(pool, units: Iterable[dict], *, budget: FailureBudget, max_attempt
             break
         for unit, attempt, outcome in pool.wait(timeout=1.0):
             uid = unit["unit_id"]
+            if isinstance(outcome, dict):
+                stats.outcome_bytes += len(pickle.dumps(outcome, protocol=5))
             if isinstance(outcome, WorkerLost):
                 stats.workers_lost += 1
                 lost_counts[uid] = lost_counts.get(uid, 0) + 1
@@ -335,4 +362,3 @@ def run_units(pool, units: Iterable[dict], *, budget: FailureBudget, max_attempt
             on_progress(stats)
     if stop_reason is not None:
         raise FailureBudgetExceeded(stop_reason, stats)
-    return stats

@@ -5,9 +5,15 @@ what a shard set is: which files belong to it (never temporaries), how many samp
 ``webdataset/index.json``), which codebook made them (refuse a mix: the same integer means a different codeword in
 another codebook), and how a run of rows becomes sample dicts (uint16 widened to int64, never sign-extended).
 
-Listing reads only metadata (footers, index, manifest), so a dataset can be split into exact sample ranges before any
-token is decoded. File systems are re-created from ``(protocol, storage_options)`` in each process, never pickled or
-inherited through ``fork``: an s3fs instance copied into a DataLoader worker keeps a dead event loop and hangs.
+An output written by ``gq tokenize`` is read through its *commit set*: the records ``units/*.json`` (with
+``manifest.json`` as a cache) name exactly the committed shards with their row counts, row groups, columns and token
+shapes, so listing costs one listing of ``units/`` and one read of the manifest, no footer per shard, and a file no
+record covers (a crash leftover, a planted copy) is never read. Folders without records (shards written by another
+tool, a glob, a list of files) are described from metadata instead (Parquet footers, ``index.json``). Either way a
+dataset can be split into exact sample ranges before any token is decoded.
+
+File systems are re-created from ``(protocol, storage_options)`` in each process, never pickled or inherited through
+``fork``: an s3fs instance copied into a DataLoader worker keeps a dead event loop and hangs.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gq_model.storage import options_for
+from gq_pipeline.commitset import WIDS_INDEX, read_records, staged_files, staged_relpath
 from gq_pipeline.records import FORMAT_VERSION as _WRITTEN_FORMAT_VERSION
 
 __all__ = ["ShardError", "FingerprintMismatchError", "FSRef", "Shard", "ShardSet", "list_shards", "read_manifest",
@@ -92,6 +99,7 @@ class Shard:
     codebook_size: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     columns: tuple[str, ...] = ()
+    token_shapes: tuple[tuple[int, int, int, int], ...] = ()  # (G, h, w, samples), when a commit record gives them
 
     @property
     def name(self) -> str:
@@ -107,6 +115,8 @@ class ShardSet:
     shards: list[Shard]
     root: str | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)  # (url, message) of unreadable shards (strict=False)
+    error_files: list[str] | None = None  # the committed errors/*.parquet (None: not read through a commit set)
+    committed: bool = False  # True when listed from commit records (units/*.json)
 
     @property
     def num_samples(self) -> int:
@@ -175,8 +185,12 @@ def list_shards(url: str | list[str], format: str = "auto", storage_options: dic
     urls = [url] if isinstance(url, (str, os.PathLike)) else list(url)
     if not urls:
         raise FileNotFoundError("no shard URL given")
-    fsref, _ = _fsref(urls[0], storage_options)
+    fsref, first = _fsref(urls[0], storage_options)
     fs = fsref.fs
+    if len(urls) == 1:
+        committed = _from_commit_set(fsref, first, format, strict)
+        if committed is not None:
+            return committed
     paths: list[str] = []
     root = None
     index_path = None
@@ -201,14 +215,107 @@ def list_shards(url: str | list[str], format: str = "auto", storage_options: dic
     return ShardSet(fsref, format, shards, root, problems)
 
 
+def _from_commit_set(fsref: FSRef, path: str, format: str, strict: bool) -> ShardSet | None:
+    """The committed shards of a gq output, when ``path`` is its root or its ``parquet/``/``webdataset/`` folder and
+    it has ``units/``; else None (the caller lists files). Footers are read only for Parquet shards whose record
+    predates row groups in records."""
+    fs = fsref.fs
+    path = path.rstrip("/")
+    if any(c in path for c in "*?[") or path.endswith((".parquet", ".tar", ".json")):
+        return None
+    folder = posixpath.basename(path)
+    root = _root_of(path)
+    if folder in ("parquet", "webdataset"):
+        if format not in ("auto", folder):
+            raise ValueError(f"{fsref.url(path)}: holds {folder} shards, expected {format}")
+        format = folder
+    try:
+        if not fs.isdir(path):
+            return None
+        manifest = read_manifest(fsref, root) or {}
+        records = read_records(fs, root, manifest)
+    except FileNotFoundError:
+        return None
+    if records is None:
+        return None
+    if format == "auto":
+        have = {s["format"] for r in records.values() for s in r.get("shards", ())}
+        format = "parquet" if "parquet" in have or not have else "webdataset"
+    # Files of committed units that a crash left staged (record written, not yet published): read the staged copy.
+    staged = {}
+    for attempt, rels in staged_files(fs, root).items():
+        for rel in rels:
+            staged.setdefault((attempt.split(".", 1)[0], rel), posixpath.join(root, staged_relpath(attempt, rel)))
+
+    def where(uid: str, rel: str) -> str:
+        final = posixpath.join(root, rel)
+        if (uid, rel) in staged and not fs.exists(final):
+            return staged[(uid, rel)]
+        return final
+
+    shards: list[Shard] = []
+    problems: list[tuple[str, str]] = []
+    footer_paths: list[str] = []
+    error_files: list[str] = []
+    for uid in sorted(records):
+        rec = records[uid]
+        if rec.get("errors_file"):
+            error_files.append(where(uid, rec["errors_file"]))
+        entry = next((e for e in rec.get("shards", ()) if e["format"] == format and e.get("rows")), None)
+        if entry is None:
+            continue
+        shard_path = where(uid, entry["path"])
+        version = str(rec.get("format_version", manifest.get("format_version", FORMAT_VERSION)))
+        if version != FORMAT_VERSION:
+            err = ShardError(f"{fsref.url(shard_path)}: token format version {version} is not supported by this "
+                             f"reader (version {FORMAT_VERSION}); upgrade gq")
+            if strict:
+                raise err
+            problems.append((fsref.url(shard_path), str(err)))
+            continue
+        if format == "parquet" and not (entry.get("row_groups") and entry.get("columns")):
+            footer_paths.append(shard_path)  # a record written before row groups were recorded
+            continue
+        model_fp = rec.get("model_fingerprint", manifest.get("model_fingerprint"))
+        cb_fp = rec.get("codebook_fingerprint", manifest.get("codebook_fingerprint"))
+        size = rec.get("codebook_size", manifest.get("codebook_size"))
+        meta = {"gq.format_version": version, "gq.unit_id": uid}
+        for k, v in (("gq.model_fingerprint", model_fp), ("gq.codebook_fingerprint", cb_fp),
+                     ("gq.codebook_size", size)):
+            if v is not None:
+                meta[k] = str(v)
+        if rec.get("preprocess") is not None:
+            meta["gq.preprocess"] = json.dumps(rec["preprocess"], sort_keys=True)
+        groups = tuple(int(n) for n in entry.get("row_groups") or (entry["rows"],))
+        if sum(groups) != int(entry["rows"]):
+            raise ShardError(f"{fsref.url(shard_path)}: commit record {uid} says {entry['rows']} rows but row groups "
+                             f"{list(groups)}; the record is damaged")
+        shards.append(Shard(shard_path, format, int(entry["rows"]), groups, cb_fp, model_fp,
+                            int(size) if size else None, meta, tuple(entry.get("columns") or ()),
+                            tuple(tuple(int(v) for v in t) for t in entry.get("token_shapes") or ())))
+    if footer_paths:
+        more, bad = _describe_parquet(fsref, footer_paths, strict)
+        shards += more
+        problems += bad
+    if not shards and not problems:
+        raise FileNotFoundError(f"no committed {format} shards under {fsref.url(root)} ({len(records)} commit "
+                                f"record(s) in units/)")
+    shards.sort(key=lambda s: s.name)
+    return ShardSet(fsref, format, shards, root, problems, error_files=sorted(error_files), committed=True)
+
+
 def _root_of(directory: str) -> str:
     """The output root for a folder of shards: the parent of ``parquet/`` or ``webdataset/``, else the folder."""
     return posixpath.dirname(directory) if posixpath.basename(directory) in ("parquet", "webdataset") else directory
 
 
 def _index_next_to(fs, directory: str) -> str | None:
-    idx = posixpath.join(directory, "index.json")
-    return idx if fs.exists(idx) else None
+    """The wids index for a folder of tars: ``<root>/webdataset-index.json`` (gq's layout) or an ``index.json``
+    inside the folder (older gq versions, other tools)."""
+    candidates = [posixpath.join(directory, "index.json")]
+    if posixpath.basename(directory) == "webdataset":
+        candidates.insert(0, posixpath.join(posixpath.dirname(directory), WIDS_INDEX))
+    return next((c for c in candidates if fs.exists(c)), None)
 
 
 def _discover(fs, path: str, format: str, url) -> tuple[list[str], str, str | None, str | None]:
@@ -365,16 +472,20 @@ def read_manifest(fsref: FSRef, root: str | None) -> dict | None:
         raise ShardError(f"{fsref.url(path)}: not valid JSON ({e})") from e
 
 
-def read_error_tables(fsref: FSRef, root: str | None) -> tuple[pa.Table | None, list[tuple[str, str]]]:
-    """All ``errors/*.parquet`` rows concatenated (None when there are none) and the files that could not be read."""
-    if not root:
-        return None, []
+def read_error_tables(fsref: FSRef, root: str | None, paths: list[str] | None = None
+                      ) -> tuple[pa.Table | None, list[tuple[str, str]]]:
+    """All error rows concatenated (None when there are none) and the files that could not be read: those of
+    ``paths`` (a commit set's ``error_files``), else every ``errors/*.parquet`` under ``root``."""
     fs = fsref.fs
-    path = posixpath.join(root, "errors")
-    if not fs.isdir(path):
-        return None, []
+    if paths is None:
+        if not root:
+            return None, []
+        path = posixpath.join(root, "errors")
+        if not fs.isdir(path):
+            return None, []
+        paths = _children(fs, path, ".parquet")
     tables, problems = [], []
-    for p in _children(fs, path, ".parquet"):
+    for p in paths:
         try:
             with fsref.open(p) as f:
                 tables.append(pq.read_table(f, columns=["key", "source", "member", "error", "message"]))

@@ -32,6 +32,10 @@ __all__ = ["WorkSpec", "UnitProcessor", "UnitWorkerActor", "UnitOutcome"]
 COMMITTED, FAILED, ALREADY = "committed", "failed", "already_committed"
 
 
+class UnitCancelled(Exception):
+    """The run is stopping; this unit is left uncommitted."""
+
+
 @dataclass(frozen=True)
 class WorkSpec:
     """Everything a worker needs besides the model; the same for every unit of a run."""
@@ -72,6 +76,11 @@ class UnitProcessor:
                                         initializer=lower_thread_priority, initargs=(spec.niceness,))
         self.hist = np.zeros(spec.ctx.codebook_size, dtype=np.int64)
         self.units_done = 0
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Make units in progress stop at their next sample or batch (uncommitted; a rerun redoes them)."""
+        self._cancelled.set()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -94,6 +103,8 @@ class UnitProcessor:
         cfg = self.spec.decode_cfg
         try:
             for s in iter_samples(unit, info, self.spec.storage_options, self.spec.image_column):
+                if self._cancelled.is_set():
+                    raise UnitCancelled("the run was interrupted")
                 inflight.append(self._pool.submit(decode_sample, unit.unit_id, s, cfg))
                 if len(inflight) >= prefetch:
                     model_s += self._take(inflight.popleft().result(), rows, waiting)
@@ -102,6 +113,8 @@ class UnitProcessor:
             for group in list(waiting.values()):
                 model_s += self._tokenize(group)
         except UnitReadError as e:
+            out["error"] = str(e)
+        except UnitCancelled as e:
             out["error"] = str(e)
         except RuntimeError as e:  # the model fails on every image of a batch: systematic, not one sample's fault
             out["error"] = f"{type(e).__name__}: {e}"[:3000]
@@ -143,6 +156,8 @@ class UnitProcessor:
         return self._tokenize(group)
 
     def _tokenize(self, group: list[dict[str, Any]]) -> float:
+        if self._cancelled.is_set():
+            raise UnitCancelled("the run was interrupted")
         with self._model_lock:
             return self.runner.tokenize(group)
 

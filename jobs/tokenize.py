@@ -1,13 +1,14 @@
-"""``gq tokenize`` / ``python -m jobs.tokenize``: tokenize an image dataset into GQ token shards with Ray Data.
+"""``gq tokenize`` / ``python -m jobs.tokenize``: tokenize an image dataset into GQ token shards.
 
-Runs on the cluster named by ``RAY_ADDRESS`` (e.g. under ``ray job submit --working-dir . -- python -m
-jobs.tokenize ...``; a driver started outside the cluster needs gq installed on its nodes), else on a local Ray
-instance it starts. Credentials for s3:// or gs:// are best set in the cluster's environment; --storage-options
+Runs on the Ray cluster named by --ray-address or RAY_ADDRESS (e.g. under ``ray job submit --working-dir . -- python
+-m jobs.tokenize ...``; a driver started outside the cluster needs gq installed on its nodes); with GPUs or actor
+options and no cluster named, on a local Ray instance it starts; otherwise in this process alone. Credentials for s3:// or gs:// are best set in the cluster's environment; --storage-options
 travels to every task. Rerunning the same command resumes: committed units are skipped, unfinished ones redone
 with the same file names and bytes. One run writes an output at a time: a second run on a leased output refuses
 (naming the owner and when its lease expires); --force-lease takes the lease of a crashed owner. Exit status: 0 done,
-1 bad arguments or refused output (incompatible, or leased by another run), 3 some units failed, the pipeline
-stopped or the lease was lost (rerun to retry them).
+1 bad arguments or refused output (incompatible, or leased by another run), 3 some units failed, the job stopped or
+its lease was lost (rerun to retry them), 130 interrupted by Ctrl-C or SIGTERM (rerun to resume; a second Ctrl-C exits
+at once).
 
 Example: gq tokenize --model demo --input s3://bucket/shards/{00000..00999}.tar --output s3://bucket/tokens
          --format both --image-size 256 --batch-size 128
@@ -20,6 +21,7 @@ import json
 import sys
 
 EXIT_UNITS_FAILED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,6 +95,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "crashed on another machine; a live owner would then write alongside this run")
     p.add_argument("--summary-json", metavar="PATH", help="also write the run summary to this local file")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own messages and its workers' logs")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="accept inputs that hold no image (default: an error, since it is usually a wrong path)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -112,27 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gq_pipeline.job import JobError, tokenize
+    from gq_pipeline.job import JobError, RunInterrupted, tokenize
+    from gq_pipeline.lease import LeaseHeldError, LeaseLostError
     from gq_pipeline.sources import ListingError
 
     if not args.input and not args.input_list:
         print("gq tokenize: error: give --input URL..., --input-list FILE, or both", file=sys.stderr)
         return 1
     try:
-        return _run(tokenize, JobError, args)
-    except ListingError as e:
-        print(f"gq tokenize: error: {e}", file=sys.stderr)
-        return 1
-
-
-def _run(tokenize, JobError, args: argparse.Namespace) -> int:
-    from gq_pipeline.lease import LeaseHeldError, LeaseLostError
-
-    try:
         summary = _tokenize(tokenize, args)
-    except LeaseHeldError as e:  # a refused output, like an incompatible one
+    except (ListingError, LeaseHeldError) as e:  # a leased output is refused, like an incompatible one
         print(f"gq tokenize: error: {e}", file=sys.stderr)
         return 1
+    except RunInterrupted as e:  # one line: what was committed, and that a rerun resumes
+        print(f"gq tokenize: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("gq tokenize: interrupted before any unit was committed; rerun the same command to start",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (JobError, LeaseLostError) as e:
         print(f"gq tokenize: {e}", file=sys.stderr)
         return EXIT_UNITS_FAILED
@@ -155,7 +158,8 @@ def _tokenize(tokenize, args: argparse.Namespace) -> dict:
                     object_store_memory=args.object_store_memory, trust_checkpoint=args.trust_checkpoint,
                     model_placement=args.model_placement, max_failed_units=args.max_failed_units,
                     max_attempts=args.max_attempts, input_list=args.input_list,
-                    input_list_column=args.input_list_column, relist=args.relist, force_lease=args.force_lease)
+                    input_list_column=args.input_list_column, relist=args.relist, allow_empty=args.allow_empty,
+                    verbose=args.verbose, force_lease=args.force_lease)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,7 @@ def write_token_output(url: str, samples_per_shard=(5, 3, 7), *, token_shape=(1,
             path = posixpath.join(root, "webdataset", name + ".tar")
             _write_tar(fs, path, rows, dtype, latents)
             shards.append(f"webdataset/{name}.tar")
-            shardlist.append({"url": name + ".tar", "nsamples": n})
+            shardlist.append({"url": f"webdataset/{name}.tar", "nsamples": n})
         units.append({"unit_id": uid, "source": f"s3://in/{uid}.tar", "inputs": n, "tokenized": n, "errors": 0,
                       "shards": shards})
     n_err = 0
@@ -85,7 +85,7 @@ def write_token_output(url: str, samples_per_shard=(5, 3, 7), *, token_shape=(1,
         units[0]["inputs"] += n_err
     if "webdataset" in formats and index:
         idx = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "tokens", "shardlist": shardlist}
-        with fs.open(posixpath.join(root, "webdataset", "index.json"), "w") as f:
+        with fs.open(posixpath.join(root, "webdataset-index.json"), "w") as f:
             json.dump(idx, f)
     if manifest:
         total = sum(samples_per_shard)

@@ -100,7 +100,7 @@ def test_webdataset_and_wids_read_back(folder_run):
         assert sample["tokens.npy"].dtype == np.uint16 and sample["json"]["source"] == r["source"]
         seen += 1
     assert seen == s["tokenized"]
-    ds = wids.ShardListDataset(os.path.join(out, "webdataset", "index.json"))
+    ds = wids.ShardListDataset(os.path.join(out, "webdataset-index.json"))
     assert len(ds) == s["tokenized"] and ds[0][".tokens.npy"] is not None
 
 
@@ -316,3 +316,28 @@ def test_model_placement_choice():
         _model_placement("driver", 0.0, 1, 2, None)
     with pytest.raises(ValueError, match="one of"):
         _model_placement("gpu", 0.0, 1, None, None)
+
+
+def test_an_empty_input_is_an_error_unless_allowed(tmp_path, tiny_model):
+    """An input folder without a single image is almost always a wrong path: refused, unless --allow-empty."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no inputs found.*--allow-empty"):
+        gq_pipeline.tokenize(tiny_model, [str(tmp_path / "in")], str(tmp_path / "out"), image_size=SIZE,
+                             progress=False)
+    s = gq_pipeline.tokenize(tiny_model, [str(tmp_path / "in")], str(tmp_path / "out"), image_size=SIZE,
+                             progress=False, allow_empty=True)
+    assert s["inputs"] == 0 and s["ignored_files"] == 1
+
+
+def test_an_output_inside_the_input_is_never_read_as_input(tmp_path, tiny_model):
+    """The first run writes shards under the input folder; every rerun must still see only the images (it used to
+    list gq's own shards and fail with "no image column found")."""
+    src = tmp_path / "data"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.png").write_bytes(rgb_bytes(40, 40, seed=i))
+    out = src / "tokens"
+    for _ in range(2):
+        s = gq_pipeline.tokenize(tiny_model, [str(src)], str(out), image_size=SIZE, format="both", progress=False)
+        assert s["inputs"] == s["tokenized"] == 3 and s["units_failed"] == []

@@ -1,0 +1,235 @@
+"""The commit set of an output: which files are committed, where staged files wait, and how they are published.
+
+One home for the layout rules that the writer (:mod:`gq_pipeline.commit`), the readers (:mod:`gq_pipeline.shards`)
+and ``gq gc`` share (docs/token-format.md, "Staging"):
+
+* a unit's files are first written under ``.staging/<attempt>/<final relpath>`` (``attempt`` =
+  ``<unit_id>.<random hex>``, unique per try, so two tries of one unit never touch each other's staged files);
+* its record ``units/<unit_id>.json`` is then created: the commit point;
+* then each staged file is *published* to its final name (local rename; object stores copy + delete).
+
+``.staging`` starts with a dot because that is the one prefix every plain reader skips when pointed at the output
+root: pyarrow.dataset and ``ray.data.read_*`` skip ``.`` and ``_``, HF ``datasets`` skips ``.`` (and ``__``) but not
+``_``. Readers of ``parquet/`` or ``webdataset/`` (DuckDB included, which skips nothing) never see it, since it is
+not under those folders. So every file a plain reader lists under ``parquet/`` or ``webdataset/`` is committed.
+
+A crash after the record and before publishing leaves a committed unit whose files are still staged: *roll-forward*
+(:func:`roll_forward`, at the start of the next run and in ``gq gc``) publishes them, after checking each staged
+file against the record's sha256. Until then gq's own readers read the staged copy (:func:`staged_files`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["STAGING", "UNITS", "WIDS_INDEX", "new_attempt", "staged_relpath", "read_records", "staged_files", "publish",
+           "remove_tree", "roll_forward", "RollForward", "committed_paths", "uncommitted_files"]
+
+STAGING = ".staging"
+UNITS = "units"
+# The wids index lives at the output root, not in webdataset/: a directory read of webdataset/ by
+# ray.data.read_webdataset took it for a tar ("truncated header"), and HF datasets could pick it as the data.
+WIDS_INDEX = "webdataset-index.json"
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def new_attempt(unit_id: str) -> str:
+    """A staging folder name for one try at committing ``unit_id`` (the unit id first, so gc can tell whose)."""
+    return f"{unit_id}.{uuid.uuid4().hex[:12]}"
+
+
+def attempt_unit(attempt: str) -> str:
+    return attempt.split(".", 1)[0]
+
+
+def staged_relpath(attempt: str, relpath: str) -> str:
+    return f"{STAGING}/{attempt}/{relpath}"
+
+
+def read_records(fs, root: str, manifest: dict | None = None) -> dict[str, dict[str, Any]] | None:
+    """Every commit record under ``root`` (``units/*.json``), or None when the output has no ``units/`` folder.
+
+    ``units/`` is the truth; ``manifest.json`` is only a cache: a record it lists is taken from it (with the
+    output-wide fields it stores once), any other record is read. Pass ``manifest`` when already loaded.
+    """
+    units = posixpath.join(root, UNITS)
+    try:
+        listed = fs.ls(units, detail=False)
+    except FileNotFoundError:
+        return None
+    names = [posixpath.basename(p.rstrip("/")) for p in listed]
+    names = [n for n in names if n.endswith(".json") and ".tmp" not in n]
+    if manifest is None:
+        try:
+            manifest = json.loads(fs.cat_file(posixpath.join(root, "manifest.json")))
+        except (FileNotFoundError, ValueError):
+            manifest = None
+    m = manifest or {}
+    shared = {k: m[k] for k in ("format_version", "model_fingerprint", "codebook_fingerprint", "preprocess",
+                                "codebook_size") if k in m}
+    known = {u["unit_id"]: u for u in m.get("units", []) if isinstance(u, dict) and "formats" in u}
+    records: dict[str, dict[str, Any]] = {}
+    missing = []
+    for n in names:
+        uid = n[:-5]
+        if uid in known:
+            records[uid] = {**shared, **known[uid]}
+        else:
+            missing.append(posixpath.join(units, n))
+    if missing:
+        for p, blob in fs.cat(missing, on_error="return").items():
+            if isinstance(blob, BaseException):
+                if isinstance(blob, FileNotFoundError):
+                    continue  # removed since the listing
+                raise OSError(f"cannot read commit record {p}: {blob}")
+            rec = json.loads(blob)
+            records[rec["unit_id"]] = rec
+    return records
+
+
+def committed_paths(records: dict[str, dict[str, Any]]) -> set[str]:
+    """Paths (relative to the output root) of every file a record covers: token shards and error files."""
+    out = set()
+    for r in records.values():
+        out.update(s["path"] for s in r.get("shards", ()))
+        if r.get("errors_file"):
+            out.add(r["errors_file"])
+    return out
+
+
+def uncommitted_files(fs, root: str, records: dict[str, dict[str, Any]]) -> list[str]:
+    """Shard and error files under ``parquet/``, ``webdataset/`` and ``errors/`` that no record covers (relpaths):
+    what a plain reader would see beyond the commit set. Temporaries and the wids index are not counted."""
+    keep = committed_paths(records)
+    out = []
+    for sub in ("parquet", "webdataset", "errors"):
+        try:
+            listed = fs.ls(posixpath.join(root, sub), detail=False)
+        except FileNotFoundError:
+            continue
+        for p in listed:
+            name = posixpath.basename(p.rstrip("/"))
+            rel = f"{sub}/{name}"
+            if ".tmp" not in name and name.endswith((".parquet", ".tar")) and rel not in keep:
+                out.append(rel)
+    return sorted(out)
+
+
+def staged_files(fs, root: str) -> dict[str, list[str]]:
+    """``{attempt: [final relpath, ...]}`` of everything under ``.staging/`` (one recursive listing; temporaries of
+    a staged write, ``*.tmp-*``, are listed too so that gc can remove them)."""
+    base = posixpath.join(root, STAGING)
+    try:
+        found = fs.find(base)
+    except FileNotFoundError:
+        return {}
+    out: dict[str, list[str]] = {}
+    for p in found:
+        rel = posixpath.relpath(p, base)
+        attempt, _, inner = rel.partition("/")
+        if inner:
+            out.setdefault(attempt, []).append(inner)
+    return out
+
+
+def publish(fs, src: str, dst: str) -> None:
+    """Move a staged file to its final name. Local: ``os.replace`` (atomic, same file system). Object stores: a
+    server-side copy then a delete of the staged object (the copy appears whole, like any PUT). A staged file that
+    is gone while its final name exists was published by a concurrent roll-forward: that is success."""
+    try:
+        if _is_local(fs):
+            os.makedirs(posixpath.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+        else:
+            fs.copy(src, dst)
+            fs.rm_file(src)
+    except FileNotFoundError:
+        # A roll-forward in another process (gq gc, a run starting) published this committed file first.
+        if not fs.exists(dst):
+            raise
+
+
+def remove_tree(fs, path: str) -> None:
+    """Remove a staged attempt folder (missing is fine: another process may have finished it)."""
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def sha256_of(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class RollForward:
+    """What :func:`roll_forward` did (or, with ``dry_run``, would do); paths relative to the output root."""
+
+    published: list[str] = field(default_factory=list)       # staged files of committed units, now at their names
+    cleaned: list[str] = field(default_factory=list)         # staging folders of committed units, removed
+    mismatched: list[str] = field(default_factory=list)      # staged files whose bytes the record does not vouch for
+    uncommitted: list[str] = field(default_factory=list)     # staging folders of units without a record (left)
+
+
+def roll_forward(fs, root: str, records: dict[str, dict[str, Any]], dry_run: bool = False) -> RollForward:
+    """Publish the staged files of committed units (a crash between record and publish), then drop their staging.
+
+    A staged file is published only if its sha256 is the one its record names, and only if the final file is
+    missing or differs; folders of units that have no record are left alone (a live run may be writing them:
+    ``gq gc`` removes them when the output is not leased).
+    """
+    report = RollForward()
+    expected = {}
+    for r in records.values():
+        for s in r.get("shards", ()):
+            expected[(r["unit_id"], s["path"])] = s.get("sha256")
+        if r.get("errors_file"):
+            expected[(r["unit_id"], r["errors_file"])] = r.get("errors_sha256")
+    for attempt, rels in sorted(staged_files(fs, root).items()):
+        uid = attempt_unit(attempt)
+        folder = posixpath.join(root, STAGING, attempt)
+        if uid not in records:
+            report.uncommitted.append(f"{STAGING}/{attempt}")
+            continue
+        suspect = False
+        for rel in sorted(rels):
+            if (uid, rel) not in expected:
+                continue  # a temporary, or a file this record does not cover: removed with the folder
+            src, dst = posixpath.join(folder, rel), posixpath.join(root, rel)
+            want = expected[(uid, rel)]
+            try:
+                have = sha256_of(fs, src)
+            except FileNotFoundError:
+                continue
+            if want is not None and have != want:
+                report.mismatched.append(f"{STAGING}/{attempt}/{rel}")
+                suspect = True
+                continue
+            try:
+                final_ok = fs.exists(dst) and (want is None or sha256_of(fs, dst) == want)
+            except FileNotFoundError:
+                final_ok = False
+            if final_ok:
+                continue
+            report.published.append(rel)
+            if not dry_run:
+                publish(fs, src, dst)
+        if suspect:  # kept for a person to look at: bytes the record does not vouch for
+            continue
+        report.cleaned.append(f"{STAGING}/{attempt}")
+        if not dry_run:
+            remove_tree(fs, folder)
+    return report
