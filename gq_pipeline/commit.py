@@ -142,16 +142,18 @@ def discard_unit(store: OutputStore, staged: StagedUnit) -> None:
 
 
 def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], done: CompleteUnit
-                ) -> tuple[dict[str, Any], np.ndarray | None]:
+                ) -> tuple[dict[str, Any] | None, np.ndarray | None]:
     """Stage a complete unit's files, create its commit record, publish the files.
 
-    Returns (record, token histogram of this unit). When another run had already created the record, this try's
-    files are discarded and (that record, None) is returned, so the other run's tokens are not counted twice."""
+    Returns (record, token histogram of this unit), or (None, None) when a different record of this unit was
+    created first (``OutputStore.commit`` creates records conditionally): that one stands, this try's files are
+    discarded, and the caller must not count the unit as this run's. A byte-identical record is an earlier attempt
+    of this same unit (a worker that died after its record, before publishing): names and bytes are deterministic,
+    so this try publishes its files and counts the unit, once, in place of the attempt whose outcome was lost."""
     staged = stage_unit(store, ctx, formats, done)
-    created = store.commit(staged.record)
-    if created is False:  # OutputStore.commit as a conditional create: someone else committed this unit
+    if not store.commit(staged.record) and (store.read_record(done.unit.unit_id)
+                                            != json.loads(json.dumps(staged.record))):
         discard_unit(store, staged)
-        existing = json.loads(store.fs.cat_file(store.path("units", f"{done.unit.unit_id}.json")))
-        return existing, None
+        return None, None
     publish_unit(store, staged)
     return staged.record, staged.hist
