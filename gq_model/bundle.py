@@ -3,7 +3,9 @@
 The bundle stores the encoder/decoder weights *and* the codebook tensor with its fingerprint. The codebook is always
 regenerated from (K, m, seed) on load and compared with the stored one, so a bundle made with a different codebook
 (seed, size, or a torch whose Sobol differs) is refused with a message saying what differs instead of silently
-producing other tokens. No pickle is involved anywhere.
+producing other tokens. ``config.json`` records the sha256 of the weights file, and a bundle without it is refused
+(:func:`load_bundle` says how to re-save it), so a swapped or damaged weights file never loads silently. No pickle is
+involved anywhere.
 """
 from __future__ import annotations
 
@@ -105,8 +107,13 @@ def read_bundle_config(url: str, storage_options: dict[str, Any] | None = None) 
     return meta
 
 
-def load_bundle(url: str, map_location: str | torch.device = "cpu", storage_options: dict[str, Any] | None = None):
-    """Load a GQModel from a bundle directory or URL, verifying weights and codebook."""
+def load_bundle(url: str, map_location: str | torch.device = "cpu", storage_options: dict[str, Any] | None = None,
+                *, trust_unhashed: bool = False):
+    """Load a GQModel from a bundle directory or URL, verifying weights and codebook.
+
+    ``config.json`` must record the sha256 of ``model.safetensors``; a bundle without it (saved before gq wrote the
+    hash) loads only with ``trust_unhashed=True``, meant for re-saving it once with the hash.
+    """
     from gq_model.model import GQModel
 
     url = resolve_model_url(url)
@@ -118,6 +125,12 @@ def load_bundle(url: str, map_location: str | torch.device = "cpu", storage_opti
     with fs.open(weights_path, "rb") as f:
         payload = f.read()
     expected_sha = meta.get("weights_sha256")
+    if not expected_sha and not trust_unhashed:
+        raise ValueError(
+            f"{url}: {CONFIG_NAME} records no weights_sha256 (the bundle was saved by a gq from before bundles carried "
+            f"the hash), so its weights cannot be checked against tampering or corruption. If you trust it, re-save it "
+            f"once: python -c \"from gq_model import GQModel; GQModel.from_pretrained({url!r}, "
+            f"trust_unhashed=True).save_pretrained('NEW_DIR')\" and use NEW_DIR")
     if expected_sha and hashlib.sha256(payload).hexdigest() != expected_sha:
         raise ValueError(f"{weights_path} does not match the sha256 recorded in {CONFIG_NAME}: the file is truncated "
                          f"or corrupt ({len(payload)} bytes read)")

@@ -170,11 +170,29 @@ class GQModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, url: str, map_location: str | torch.device = "cpu", *,
-                        storage_options: dict[str, Any] | None = None) -> "GQModel":
-        """Load a bundle from a local path or fsspec URL (or a built-in name such as ``"demo"``)."""
+                        storage_options: dict[str, Any] | None = None, preset: str | None = None,
+                        config: str | None = None, trust_unhashed: bool = False) -> "GQModel":
+        """Load a model by name: a bundle (local path or fsspec URL), a built-in name such as ``"demo"``, or a
+        reference checkpoint on the Hugging Face Hub, ``"official:sd3unet_gq_0.25"`` or ``"hf://owner/repo/file.ckpt"``.
+
+        For Hub checkpoints the architecture is the preset named like the file unless ``preset`` (or the reference
+        YAML ``config``) is given; the file is verified against the Hub's checksum, read ``weights_only`` and cached as
+        a bundle (see :mod:`gq_model.hub`). ``trust_unhashed`` loads a bundle saved before bundles recorded their
+        weights' sha256, to re-save it.
+        """
+        from gq_model.hub import is_hub_spec
+
+        if is_hub_spec(str(url)):
+            from gq_model.hub import load_hub_model
+
+            return load_hub_model(str(url), config=config, preset=preset).to(map_location).eval()
+        if preset is not None or config is not None:
+            raise ValueError(f"{url}: preset/config only apply to reference checkpoints (hf://, official:); a bundle "
+                             f"records its own architecture")
         from gq_model.bundle import load_bundle
 
-        return load_bundle(url, map_location=map_location, storage_options=storage_options)
+        return load_bundle(url, map_location=map_location, storage_options=storage_options,
+                           trust_unhashed=trust_unhashed)
 
     @classmethod
     def from_reference_checkpoint(cls, checkpoint: str, config: str | None = None, *, preset: str | None = None,

@@ -5,12 +5,9 @@ strictly, ignore what the trainer adds (``loss.*``: LPIPS, discriminator, logvar
 """
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 from dataclasses import dataclass, field
 
-import fsspec
 import torch
 
 from gq_model.config import GQConfig
@@ -30,29 +27,17 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
 
 
-def read_reference_state_dict(checkpoint: str, *, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+def read_reference_state_dict(checkpoint: str, *, trust_checkpoint: bool = False,
+                              storage_options: dict | None = None) -> dict[str, torch.Tensor]:
     """The weights of a reference checkpoint (``ckpt["state_dict"]`` for Lightning files, else the dict itself).
 
-    Read with ``torch.load(weights_only=True)``: no code in the file runs. Some Lightning files pickle extra objects
-    (hyper-parameters) that this refuses; pass ``trust_checkpoint=True`` only for files you trust.
+    Read through :func:`gq_model.safe_load.load_torch_file` (``weights_only``): no code in the file runs. Some
+    Lightning files pickle extra objects (hyper-parameters) that this refuses; pass ``trust_checkpoint=True`` only for
+    files you trust.
     """
-    try:
-        with fsspec.open(str(checkpoint), "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}") from None
-    if not data:
-        raise ValueError(f"checkpoint {checkpoint} is empty")
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not trust_checkpoint)
-    except pickle.UnpicklingError as e:
-        if not trust_checkpoint:
-            raise ValueError(f"{checkpoint} holds objects other than tensors, which weights_only loading refuses "
-                             f"({str(e).splitlines()[0]}). If you trust the file, pass trust_checkpoint=True "
-                             f"(CLI: --trust-checkpoint).") from e
-        raise ValueError(f"{checkpoint} could not be unpickled: {e}") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{checkpoint} is not a readable torch checkpoint (truncated or corrupt?): {e}") from e
+    from gq_model.safe_load import load_torch_file
+
+    obj = load_torch_file(checkpoint, trust_checkpoint=trust_checkpoint, storage_options=storage_options)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -76,7 +61,7 @@ def split_reference_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str
 
 
 def load_reference_checkpoint(checkpoint: str, config: str | None = None, *, preset: str | None = None,
-                              trust_checkpoint: bool = False):
+                              trust_checkpoint: bool = False, storage_options: dict | None = None):
     """Build a GQModel from the reference YAML (or a preset) and load the checkpoint's autoencoder strictly."""
     from gq_model.model import GQModel
     from gq_model.reference_config import load_reference_config, preset_config
@@ -85,8 +70,8 @@ def load_reference_checkpoint(checkpoint: str, config: str | None = None, *, pre
         raise ValueError("give exactly one of config (the reference YAML) or preset (e.g. 'sd3unet_gq_0.25')")
     ref = load_reference_config(config) if config is not None else preset_config(preset)
     model = GQModel(GQConfig.from_reference(ref))
-    weights, report = split_reference_state_dict(read_reference_state_dict(checkpoint,
-                                                                            trust_checkpoint=trust_checkpoint))
+    weights, report = split_reference_state_dict(read_reference_state_dict(
+        checkpoint, trust_checkpoint=trust_checkpoint, storage_options=storage_options))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))

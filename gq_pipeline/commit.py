@@ -32,7 +32,7 @@ from gq_pipeline.sources import Unit
 from gq_pipeline.writers import (ShardContext, build_error_table, build_token_table, parquet_bytes,
                                  split_rows, tar_bytes)
 
-__all__ = ["CompleteUnit", "commit_unit", "stage_unit", "publish_unit", "StagedUnit"]
+__all__ = ["CompleteUnit", "commit_unit", "stage_unit", "commit_staged", "publish_unit", "StagedUnit"]
 
 
 
@@ -141,19 +141,29 @@ def discard_unit(store: OutputStore, staged: StagedUnit) -> None:
     remove_tree(store.fs, store.path(staged_relpath(staged.attempt, "")).rstrip("/"))
 
 
-def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], done: CompleteUnit
-                ) -> tuple[dict[str, Any] | None, np.ndarray | None]:
-    """Stage a complete unit's files, create its commit record, publish the files.
+def commit_staged(store: OutputStore, staged: StagedUnit) -> bool:
+    """Steps 2 and 3: create the record (the commit point), then publish. False when another run had created a
+    different record of this unit first (``OutputStore.commit`` creates records conditionally): that one stands,
+    this try's staged files are discarded and nothing of it is visible, and the caller must not count the unit.
 
-    Returns (record, token histogram of this unit), or (None, None) when a different record of this unit was
-    created first (``OutputStore.commit`` creates records conditionally): that one stands, this try's files are
-    discarded, and the caller must not count the unit as this run's. A byte-identical record is an earlier attempt
-    of this same unit (a worker that died after its record, before publishing): names and bytes are deterministic,
-    so this try publishes its files and counts the unit, once, in place of the attempt whose outcome was lost."""
-    staged = stage_unit(store, ctx, formats, done)
-    if not store.commit(staged.record) and (store.read_record(done.unit.unit_id)
+    A byte-identical record is an earlier attempt of this same unit (a worker that died after its record, before
+    publishing): names and bytes are deterministic, so this try publishes its files and the unit counts once, in
+    place of the attempt whose outcome was lost."""
+    if not store.commit(staged.record) and (store.read_record(staged.record["unit_id"])
                                             != json.loads(json.dumps(staged.record))):
         discard_unit(store, staged)
-        return None, None
+        return False
     publish_unit(store, staged)
+    return True
+
+
+def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], done: CompleteUnit
+                ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Stage a complete unit's files, create its commit record, publish the files.
+
+    Returns (record, token histogram of this unit). When another run had already created the record, this try's
+    files are discarded and (that record, None) is returned, so the other run's tokens are not counted twice."""
+    staged = stage_unit(store, ctx, formats, done)
+    if not commit_staged(store, staged):
+        return json.loads(store.fs.cat_file(store.path("units", f"{done.unit.unit_id}.json"))), None
     return staged.record, staged.hist

@@ -14,7 +14,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("decode", help="decode token shards back to PNG images (plus a grid)",
                        description="Read token shards (Parquet or WebDataset, any fsspec URL), detokenize them with "
                                    "MODEL and write <key>.png per sample and grid.png to OUT.")
-    p.add_argument("--model", required=True, help="model bundle (path, fsspec URL or built-in name)")
+    p.add_argument("--model", required=True, help="the model that made the tokens: official:NAME, hf://..., bundle "
+                                                  "(path, fsspec URL or built-in name), DeepSpeed checkpoint dir or "
+                                                  "reference .ckpt (with --config or --preset)")
+    p.add_argument("--config", help="reference YAML for a .ckpt --model")
+    p.add_argument("--preset", help="built-in preset for a .ckpt --model, or to override an hf:// file's")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle a local .ckpt or DeepSpeed checkpoint with weights_only=False (files you trust only)")
     p.add_argument("--input", required=True, help="shards: tokenize output root, its parquet/ or webdataset/ folder, "
                                                   "a glob or a file")
     p.add_argument("--out", required=True, help="output folder (local or fsspec URL)")
@@ -67,13 +73,14 @@ def run(args: argparse.Namespace) -> int:
     import fsspec
     import numpy as np
 
-    from gq_model import GQModel
+    from gq_model.loading import load_model
     from gq_pipeline.dataset import TokenDataset
 
     if args.limit < 1:
         raise ValueError("--limit must be >= 1")
     ds = TokenDataset(args.input, format=args.format, shuffle=False, batch_size=args.batch_size)
-    model = GQModel.from_pretrained(args.model).to(args.device).eval()
+    model = load_model(args.model, config=args.config, preset=args.preset,
+                       trust_checkpoint=args.trust_checkpoint).to(args.device).eval()
     if ds.fingerprint is None:
         raise ValueError(f"{args.input}: the shards record no codebook fingerprint, so the model cannot be checked "
                          "against them (no manifest.json or Parquet metadata)")

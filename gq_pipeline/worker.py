@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from gq_pipeline.commit import CompleteUnit, commit_unit
+from gq_pipeline.commit import CompleteUnit, commit_staged, stage_unit
 from gq_pipeline.manifest import OutputStore
 from gq_pipeline.records import ROW_OK
 from gq_pipeline.sources import Unit, UnitInfo, UnitReadError, iter_samples
@@ -91,9 +91,39 @@ class UnitProcessor:
         every image of a batch, gives a ``failed`` outcome (the driver decides whether to retry elsewhere); one bad
         sample only ever becomes that sample's error record."""
         unit = Unit.from_dict(unit_dict)
-        t0 = time.perf_counter()
         out: UnitOutcome = {"unit_id": unit.unit_id, "source": unit.source, "status": FAILED, "record": None,
                             "error": None, "inputs": 0, "read_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+        try:
+            done = self.tokenize_unit(unit)
+        except (UnitReadError, UnitCancelled) as e:
+            out["error"] = str(e)
+            return out
+        except RuntimeError as e:  # the model fails on every image of a batch: systematic, not one sample's fault
+            out["error"] = f"{type(e).__name__}: {e}"[:3000]
+            return out
+        except Exception as e:  # a bug or an unexpected library error: fail the unit, keep the job alive
+            out["error"] = f"unexpected {type(e).__name__} while reading/tokenizing: {e}"[:3000]
+            return out
+        out.update(read_s=done.info["read_s"], model_s=done.model_s, inputs=done.rows.num_rows)
+        t1 = time.perf_counter()
+        staged = stage_unit(self.store, self.spec.ctx, self.spec.formats, done)
+        created = commit_staged(self.store, staged)
+        out["write_s"] = time.perf_counter() - t1
+        if not created:  # another run committed this unit first: its record stands, ours is discarded
+            out["status"] = ALREADY
+            return out
+        out.update(status=COMMITTED, record=staged.record)
+        with self._stats_lock:
+            if staged.hist is not None:
+                self.hist += staged.hist
+            self.units_done += 1
+        return out
+
+    def tokenize_unit(self, unit: Unit) -> CompleteUnit:
+        """Read and tokenize every sample of ``unit`` (decoding on the pool, the model in mini-batches): the rows
+        ``commit_unit`` takes, in sample order. Raises ``UnitReadError`` (transient), ``UnitCancelled``, or
+        ``RuntimeError`` when the model fails on a whole batch."""
+        t0 = time.perf_counter()
         info = UnitInfo()
         rows: list[dict[str, Any]] = []
         waiting: dict[tuple[int, ...], list[dict[str, Any]]] = {}
@@ -112,36 +142,12 @@ class UnitProcessor:
                 model_s += self._take(inflight.popleft().result(), rows, waiting)
             for group in list(waiting.values()):
                 model_s += self._tokenize(group)
-        except UnitReadError as e:
-            out["error"] = str(e)
-        except UnitCancelled as e:
-            out["error"] = str(e)
-        except RuntimeError as e:  # the model fails on every image of a batch: systematic, not one sample's fault
-            out["error"] = f"{type(e).__name__}: {e}"[:3000]
-        except Exception as e:  # a bug or an unexpected library error: fail the unit, keep the job alive
-            out["error"] = f"unexpected {type(e).__name__} while reading/tokenizing: {e}"[:3000]
         finally:
             for f in inflight:
                 f.cancel()
         read_s = time.perf_counter() - t0 - model_s
-        out.update(read_s=read_s, model_s=model_s, inputs=len(rows))
-        if out["error"] is not None:
-            return out
-        t1 = time.perf_counter()
-        done = CompleteUnit(unit, rows_to_table(rows),
-                            {"read_s": read_s, "passthrough_schema": info.passthrough_schema,
-                             "image_column": info.image_column}, model_s)
-        record, hist = commit_unit(self.store, self.spec.ctx, self.spec.formats, done)
-        out["write_s"] = time.perf_counter() - t1
-        if record is None:  # another run committed this unit first: its record stands, ours is discarded
-            out["status"] = ALREADY
-            return out
-        out.update(status=COMMITTED, record=record)
-        with self._stats_lock:
-            if hist is not None:
-                self.hist += hist
-            self.units_done += 1
-        return out
+        return CompleteUnit(unit, rows_to_table(rows), {"read_s": read_s, "passthrough_schema": info.passthrough_schema,
+                                                        "image_column": info.image_column}, model_s)
 
     def _take(self, row: dict[str, Any], rows: list, waiting: dict) -> float:
         """Keep ``row`` (rows stay in sample order); run the model once a shape group holds a full batch."""

@@ -31,11 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Reconstruct every image (quantized and Gaussian-mean), report PSNR, SSIM, LPIPS "
                                    "(AlexNet), rFID, codebook usage/perplexity, the posterior's per-group KL bits and "
                                    "whether the codebook size suffices. See docs/eval.md for the protocol.")
-    p.add_argument("--model", required=True, help="bundle directory/URL, built-in name, or a reference .ckpt "
-                                                  "(then also --reference-config or --preset)")
+    p.add_argument("--model", required=True, help="official:sd3unet_gq_0.25, hf://owner/repo/file.ckpt, bundle "
+                                                  "directory/URL, built-in name (demo), DeepSpeed checkpoint dir, or "
+                                                  "a reference .ckpt (then also --reference-config or --preset)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--reference-config", help="reference YAML for a .ckpt --model")
-    src.add_argument("--preset", help="built-in preset for a .ckpt --model (e.g. sd3unet_gq_0.25)")
+    src.add_argument("--preset", help="built-in preset for a .ckpt --model (e.g. sd3unet_gq_0.25); overrides the one "
+                                      "inferred from an hf:// file name")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle a local .ckpt or DeepSpeed checkpoint with weights_only=False (files you trust only)")
     p.add_argument("--input", required=True, help="folder (searched recursively) or glob of images, local or fsspec "
                                                   "URL (s3://...); sorted by path")
     p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, then centre crop")
@@ -138,12 +142,13 @@ def _batches(files: list[str], spec: dict) -> Iterator[tuple[Any, list[dict]]]:
 
 # ---------------------------------------------------------------------------------------------------------- work
 def _load_model(spec: dict):
-    """Every model form ``gq tokenize`` takes (bundle, built-in name, .ckpt + YAML/preset, DeepSpeed checkpoint)."""
-    from gq_pipeline.model_loader import load_model
+    """Every model form ``gq tokenize`` takes (see gq_model/loading.py): one resolver for all CLIs."""
+    from gq_model.loading import load_model
 
     if spec["model"].endswith(".ckpt") and not (spec.get("reference_config") or spec.get("preset")):
         raise ValueError("a .ckpt --model needs --reference-config or --preset")  # eval's own flag name
-    return load_model(spec["model"], config=spec.get("reference_config"), preset=spec.get("preset"))
+    return load_model(spec["model"], config=spec.get("reference_config"), preset=spec.get("preset"),
+                      trust_checkpoint=bool(spec.get("trust_checkpoint")))
 
 
 def load_metric_nets(spec: dict) -> tuple[Any, Any, dict, list[str]]:
@@ -298,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
     files, listed = list_images(args.input, args.limit)
     model = _load_model(vars(args)).eval()  # validates the model before any worker starts, and sizes the report
     spec = {"model": args.model, "reference_config": args.reference_config, "preset": args.preset,
+            "trust_checkpoint": args.trust_checkpoint,
             "image_size": args.image_size, "batch_size": args.batch_size, "multiple_of": model.downsample_factor,
             "lpips_weights": args.lpips_weights, "inception_weights": args.inception_weights,
             "perceptual_input": args.perceptual_input, "device": device}

@@ -28,7 +28,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     from gq_pipeline.preprocess import DEFAULT_MAX_PIXELS
 
     p.add_argument("--model", required=True,
-                   help="GQ bundle dir/URL, built-in name (demo), reference .ckpt (+ --config/--preset) or DeepSpeed "
+                   help="official:sd3unet_gq_0.25 or hf://owner/repo/file.ckpt (Hugging Face Hub), GQ bundle "
+                        "dir/URL, built-in name (demo), reference .ckpt (+ --config/--preset) or DeepSpeed "
                         "checkpoint dir")
     p.add_argument("--input", nargs="+", metavar="URL", default=[],
                    help="image folders, globs, WebDataset tars (brace patterns ok) or Parquet files; any fsspec URL "
@@ -77,7 +78,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "actors, changes ~2%% of tokens, and is recorded: an output never mixes precisions")
     p.add_argument("--config", help="reference YAML for a .ckpt --model")
     p.add_argument("--preset", help="built-in preset for a .ckpt --model (e.g. sd3unet_gq_0.25)")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in a .ckpt you trust")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow pickled objects in a .ckpt or DeepSpeed checkpoint you trust (weights_only otherwise; "
+                        "never applies to hf:// or official: models)")
     p.add_argument("--unit-size", type=int, default=1000,
                    help="image files per work unit for folders and rows per unit for --input-list (tars and Parquet "
                         "files are one unit each)")

@@ -12,19 +12,16 @@ import os
 import shutil
 import time
 
-import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
 import gq_pipeline
-from gq_pipeline.assembly import UnitAssembler
 from gq_pipeline.commit import commit_unit, stage_unit
 from gq_pipeline.commitset import STAGING
 from gq_pipeline.dataset import TokenDataset
 from gq_pipeline.gc_cli import LeaseHeldError, collect_garbage
 from gq_pipeline.manifest import OutputStore
 from gq_pipeline.sources import plan_units
-from gq_pipeline.stages import TokenizerActor, read_units
 from gq_pipeline.writers import ShardContext
 from gq_model.cli import main as gq_main
 from tests.conftest import rgb_bytes
@@ -47,21 +44,20 @@ def _ctx(model) -> ShardContext:
 
 
 def _complete_units(model, folder: str, storage_options=None):
-    """Read, tokenize and assemble every unit of ``folder`` in this process, as the job's driver placement does."""
+    """Read and tokenize every unit of ``folder`` in this process, as the job's workers do, without committing."""
     from gq_pipeline.preprocess import DEFAULT_MAX_PIXELS
+    from gq_pipeline.stages import ModelRunner
+    from gq_pipeline.worker import UnitProcessor, WorkSpec
 
     plan = plan_units([folder], UNIT, storage_options)
-    cfg = {"image_size": SIZE, "crop": "center", "max_pixels": DEFAULT_MAX_PIXELS,
-           "multiple_of": model.downsample_factor, "storage_options": storage_options, "image_column": None,
-           "chunk_rows": 32}
-    tok = TokenizerActor.in_process(model, batch_size=8)
-    asm = UnitAssembler({u.unit_id: u for u in plan.units})
-    done = []
-    for u in plan.units:
-        for t in read_units(pa.table({"unit": [json.dumps(u.to_dict())]}), cfg=cfg):
-            done += asm.add(tok(t))
-    assert len(done) == len(plan.units)
-    return done
+    spec = WorkSpec(output=folder, storage_options=storage_options, ctx=_ctx(model), formats=("parquet",),
+                    image_size=SIZE, crop="center", max_pixels=DEFAULT_MAX_PIXELS,
+                    multiple_of=model.downsample_factor, image_column=None, batch_size=8)
+    proc = UnitProcessor(spec, ModelRunner(model.eval(), batch_size=8))
+    try:
+        return [proc.tokenize_unit(u) for u in plan.units]
+    finally:
+        proc.close()
 
 
 def _images(folder, names):
