@@ -189,7 +189,8 @@ class OutputLease:
 
     def _document(self, now: float) -> bytes:
         doc = {"lease_version": LEASE_VERSION, "owner": self.owner, "created": _iso(self._created or now),
-               "heartbeat": _iso(now), "expires": _iso(now + self.ttl_s), "ttl_s": self.ttl_s}
+               "heartbeat": _iso(now), "expires": _iso(now + self.ttl_s), "ttl_s": self.ttl_s,
+               "expires_at": round(now + self.ttl_s, 3)}  # epoch seconds: what gq gc compares (gc_cli.py)
         if self.taken_from:
             doc["taken_from"] = {"owner": self.taken_from.get("owner"), "expires": self.taken_from.get("expires")}
         return json.dumps(doc, indent=1).encode("utf-8")

@@ -387,3 +387,18 @@ def test_a_run_whose_lease_is_forced_away_stops_and_writes_no_manifest(ray_clust
     assert s["inputs"] == 24 and s["units_skipped"] + s["units_committed"] == 8
     keys = pq.read_table(sorted(glob.glob(os.path.join(out, "parquet", "*.parquet"))), columns=["key"])
     assert len(keys) == len(set(keys.column("key").to_pylist())) == 24
+
+
+def test_gq_gc_refuses_while_a_run_holds_the_lease(tmp_path):
+    import fsspec
+
+    from gq_pipeline.gc_cli import LeaseHeldError as GcLeaseHeld
+    from gq_pipeline.gc_cli import collect_garbage
+
+    out = str(tmp_path / "out")
+    OutputStore(out).prepare()
+    fs = fsspec.filesystem("file")
+    with OutputLease(fs, out, ttl_s=60) as lease:
+        with pytest.raises(GcLeaseHeld, match=lease.run_id):
+            collect_garbage(out, dry_run=True)
+    assert collect_garbage(out, dry_run=True).removed == []  # released: gc runs
