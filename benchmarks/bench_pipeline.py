@@ -169,6 +169,57 @@ def run_throughput(args, work: str) -> dict:
 # ------------------------------------------------------------------------------------------------ driver capacity
 
 
+OLD_DESIGN_REV = "576ba90"  # the last commit of the first-wave data plane (rows assembled on the driver)
+OLD_DESIGN_SCRIPT = """
+import json, resource, sys
+import ray, ray.data
+import gq_pipeline
+from gq_pipeline.ray_init import init_ray
+
+received = [0]
+original = ray.data.Dataset.iter_batches
+
+def counting_iter_batches(self, *a, **kw):  # measures what reaches the driver; changes nothing
+    for batch in original(self, *a, **kw):
+        received[0] += batch.nbytes
+        yield batch
+
+ray.data.Dataset.iter_batches = counting_iter_batches
+model_dir, src, out, size, batch, unit_size = sys.argv[1:7]
+init_ray(num_cpus=2, object_store_memory=300 << 20, log_to_driver=False)
+cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+s = gq_pipeline.tokenize(model_dir, [src], out, image_size=int(size), batch_size=int(batch),
+                         unit_size=int(unit_size), progress=False, model_placement="actors")
+cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+print("RESULT " + json.dumps({"images": s["throughput"]["images"], "cpu_s": cpu, "bytes": received[0]}))
+"""
+
+
+def _old_design_driver(args, work: str, model_dir: str, src: str) -> dict:
+    """The same actor-pool run on the first-wave data plane, checked out from git history into a temp tree."""
+    import subprocess
+
+    tree = os.path.join(work, "old-design")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.makedirs(tree, exist_ok=True)
+    archive = subprocess.run(["git", "-C", repo, "archive", OLD_DESIGN_REV], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+    env = dict(os.environ, PYTHONPATH=tree)
+    out = os.path.join(work, "old-design-out")
+    p = subprocess.run([sys.executable, "-c", OLD_DESIGN_SCRIPT, model_dir, src, out, str(args.size),
+                        str(args.batch), str(args.unit_size)], cwd=tree, env=env, capture_output=True, text=True,
+                       timeout=1800)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not line:
+        return {"error": p.stderr[-2000:]}
+    r = json.loads(line[-1][7:])
+    shutil.rmtree(out, ignore_errors=True)
+    return {"rev": OLD_DESIGN_REV, "images": r["images"],
+            "driver_cpu_s_per_1000_images": round(1000 * r["cpu_s"] / r["images"], 3),
+            "driver_bytes_per_1000_images": round(1000 * r["bytes"] / r["images"])}
+
+
 def run_driver(args, work: str) -> dict:
     """What the driver does per unit in the v2 data plane (the unit is the task): CPU seconds and bytes received
     per 1000 images in a real actor-pool run, and how many unit outcomes per second its scheduling loop handles."""
@@ -198,6 +249,7 @@ def run_driver(args, work: str) -> dict:
         ray.shutdown()
     n = s["throughput"]["images"]
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    res["old_design_run"] = _old_design_driver(args, work, model_dir, src)
     res["actor_run"] = {"images": n, "units": s["units_committed"],
                         "driver_cpu_s_per_1000_images": round(1000 * cpu / n, 3),
                         "driver_bytes_per_1000_images": round(1000 * s["throughput"]["driver_bytes_received"] / n),
@@ -384,8 +436,12 @@ def write_markdown(results: dict, path: str) -> None:
                     f"{g['pipeline_s']} s (the rest is start-up and the pipeline's fill/drain).", ""]
     if dr:
         ar, sl, ex = dr["actor_run"], dr["scheduler_loop"], dr["extrapolation_1000_gpus"]
+        od = dr.get("old_design_run", {})
         lines += ["**What reaches the driver** (v2: the unit is the task; docs/scaling.md):", "",
                   "| what | measured |", "|---|---|",
+                  f"| first-wave data plane ({od.get('rev')}), same run and inputs: driver CPU, bytes received | "
+                  f"{od.get('driver_cpu_s_per_1000_images')} s and {od.get('driver_bytes_per_1000_images')} B per "
+                  "1000 images |",
                   f"| actor-pool run, {ar['images']} images in {ar['units']} units: driver CPU | "
                   f"{ar['driver_cpu_s_per_1000_images']} s per 1000 images ({ar['note']}) |",
                   f"| same run: bytes received by the driver | {ar['driver_bytes_per_1000_images']} B per 1000 "

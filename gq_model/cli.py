@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "inspect": "gq_pipeline.inspect_cli",
     "gc": "gq_pipeline.gc_cli",
     "demo": "jobs.demo",
+    "weights": "gq_model.weights_cli",
 }
 
 

@@ -30,7 +30,7 @@ from gq_pipeline.plan_store import PLAN_DIR
 from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
-from gq_pipeline.sources import plan_units
+from gq_pipeline.sources import ignored_counts, ignored_note, plan_units
 from gq_pipeline.scheduler import (ActorPool, FailureBudget, FailureBudgetExceeded, Interrupted, LocalPool,
                                    NoWorkersError, run_units)
 from gq_pipeline.stages import ModelRunner, model_payload
@@ -247,7 +247,9 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
              trust_checkpoint: bool = False, model_placement: str = "auto",
              max_failed_units: str | int | float | None = None, max_attempts: int = 3,
              input_list: str | None = None, input_list_column: str | None = None, relist: bool = False,
-             allow_empty: bool = False, verbose: bool = False, force_lease: bool = False) -> dict[str, Any]:
+             allow_empty: bool = False, verbose: bool = False,
+             allow_external_refs: Sequence[str] | None = None, extensions: Sequence[str] | None = None,
+             force_lease: bool = False) -> dict[str, Any]:
     """Tokenize image inputs into token shards under ``output``; returns the run summary (also in manifest.json).
 
     Safe to rerun after a crash: committed units are skipped, unfinished ones redone with identical output names
@@ -290,7 +292,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     # ---------------------------------------------------------------- plan, guard, resume
     t0 = time.perf_counter()
     plan = plan_units(inputs, unit_size, storage_options, input_list=input_list, input_list_column=input_list_column,
-                      plan_dir=f"{store.url}/{PLAN_DIR}", relist=relist)
+                      plan_dir=f"{store.url}/{PLAN_DIR}", relist=relist, extensions=extensions)
     _log(progress, f"listed {plan.listed} files into {len(plan.units)} units in {plan.list_s:.2f}s"
                    + (f" ({plan.ignored} non-image files ignored, e.g. {plan.ignored_examples[0]})"
                       if plan.ignored else ""))
@@ -299,6 +301,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         plan.units = [u for u in plan.units if not _under(u.source, store.url)]
         _log(progress, f"note: {len(inside)} unit(s) under the output folder {store.url} are not inputs (the "
                        f"output lies inside an input); they were left out")
+    if ignored_note(plan):
+        _log(progress, ignored_note(plan))
     _check_first_parquet(plan.units, image_column, storage_options)
     # One writer per output (gq_pipeline.lease): taken before the state is read, so no other run commits between
     # the listing this run plans from and its own commits; a second run refuses here.
@@ -365,6 +369,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                                 image_size=image_size, crop=crop, max_pixels=max_pixels, multiple_of=factor,
                                 image_column=image_column, batch_size=batch_size,
                                 decode_threads=resources["decode_threads"],
+                                allow_external_refs=tuple(allow_external_refs or ()), extensions=tuple(extensions or ()),
                                 niceness=10 if resources["gpus_per_worker"] == 0 else 0)
                 budget = FailureBudget(max_failed_units, len(todo))
                 t_run = time.perf_counter()
@@ -456,7 +461,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                "errors": tot_err, "errors_by_kind": manifest["errors_by_kind"],
                "this_run": {"inputs": run_in, "tokenized": sum(r["tokenized"] for r in new_records),
                             "errors": sum(r["errors"] for r in new_records)},
-               "ignored_files": plan.ignored, "listing_changes": manifest["listing_changes"],
+               "ignored_files": plan.ignored, **ignored_counts(plan), "listing_changes": manifest["listing_changes"],
                "throughput": throughput, "codebook_usage": manifest["codebook_usage"],
                "model_fingerprint": ctx.model_fingerprint, "codebook_fingerprint": ctx.codebook_fingerprint}
     if failed:

@@ -55,14 +55,31 @@ class OutputState:
     foreign_shards: list[str] = field(default_factory=list)
 
 
+def normalised_root(root: str, url: str, local: bool) -> str:
+    """The output path with ``.``, ``..`` and doubled slashes resolved, so that ``out/new/../tokens`` writes to
+    ``out/tokens`` (not a stray ``new/`` folder) and ``s3://b/a/../t`` to ``b/t`` (not literal ``a/..`` keys).
+    On an object store ``..`` may not climb out of the bucket: that is refused with a ``ValueError``."""
+    parts = root.split("/")
+    if "." not in parts and ".." not in parts and "//" not in root:
+        return root.rstrip("/") or root
+    norm = posixpath.normpath(root)
+    if local:
+        return norm
+    bucket = root.lstrip("/").split("/", 1)[0]
+    if bucket in (".", "..") or norm.startswith("..") or norm.lstrip("/").split("/", 1)[0] != bucket:
+        raise ValueError(f"--output {url}: '..' climbs out of the bucket {bucket!r}; give the output's path "
+                         f"inside its bucket without '..'")
+    return norm.rstrip("/")
+
+
 class OutputStore:
     """Paths and I/O under ``--output`` (any fsspec URL but ``memory://``)."""
 
     def __init__(self, url: str, storage_options: dict | None = None):
-        self.fs, self.root = get_fs(url, storage_options)
-        self.root = self.root.rstrip("/")
-        self.url = to_url(self.fs, self.root)
+        self.fs, root = get_fs(url, storage_options)
         self.local = is_local_fs(self.fs)
+        self.root = normalised_root(root, url, self.local)
+        self.url = to_url(self.fs, self.root)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)

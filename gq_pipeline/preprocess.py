@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import warnings
 
 from typing import TYPE_CHECKING
@@ -52,17 +53,49 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _FULL_RESIZE_FACTOR = 16
 
 
+_LIMITS_LOCK = threading.Lock()
+_ACTIVE_LIMITS: list[int] = []  # max_pixels of the decodes in progress (threads share PIL's global)
+_SAVED_LIMIT: list = []
+
+
 @contextlib.contextmanager
 def _pil_limits(max_pixels: int):
-    """Our header check replaces PIL's global bomb limit (which would apply its own 2x89 MP threshold)."""
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
+    """PIL's global bomb limit set from ``max_pixels`` while decoding.
+
+    Our header check covers the image itself, but some formats open *other* images inside ``load()`` (an ``.icns``
+    holds PNG or JPEG 2000 icons whose headers may claim any size: 1.5 KB of them took 7.9 GiB): PIL checks those
+    against ``Image.MAX_IMAGE_PIXELS`` only, and raises above twice that, so it is set to half of ``max_pixels``.
+    Decode threads share the global: it holds the smallest limit in use and is restored when the last one ends.
+    """
+    limit = max(1, (int(max_pixels) + 1) // 2)
+    with _LIMITS_LOCK:
+        if not _ACTIVE_LIMITS:
+            _SAVED_LIMIT[:] = [Image.MAX_IMAGE_PIXELS]
+        _ACTIVE_LIMITS.append(limit)
+        Image.MAX_IMAGE_PIXELS = min(_ACTIVE_LIMITS)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        Image.MAX_IMAGE_PIXELS = old
+        with _LIMITS_LOCK:
+            _ACTIVE_LIMITS.remove(limit)
+            Image.MAX_IMAGE_PIXELS = min(_ACTIVE_LIMITS) if _ACTIVE_LIMITS else _SAVED_LIMIT[0]
+
+
+def _check_size(w: int, h: int, max_pixels: int, what: str = "") -> None:
+    if w * h > max_pixels:
+        raise SampleError("too_large", f"{what}{w}x{h} = {w * h} pixels exceeds --max-pixels {max_pixels}", w, h)
+
+
+def _check_before_load(im: Image.Image, max_pixels: int) -> None:
+    """Format-specific sizes that ``load()`` would allocate beyond the header's ``size``: an ``.icns`` decodes its
+    best icon at ``size * scale`` (and its embedded PNG/JPEG 2000 icons are checked by PIL, see
+    :func:`_pil_limits`)."""
+    best = getattr(im, "best_size", None)
+    if isinstance(best, tuple) and len(best) == 3:
+        w, h, scale = (int(v) for v in best)
+        _check_size(w * scale, h * scale, max_pixels, "icon ")
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -75,14 +108,15 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as e:  # UnidentifiedImageError, SyntaxError, struct.error ... from a broken header
         raise SampleError("decode", f"cannot identify image: {type(e).__name__}: {e}") from None
     w, h = im.size
-    if w * h > max_pixels:
-        raise SampleError("too_large", f"{w}x{h} = {w * h} pixels exceeds --max-pixels {max_pixels}", w, h)
+    _check_size(w, h, max_pixels)
     if w <= 0 or h <= 0:
         raise SampleError("decode", f"invalid image size {w}x{h}")
     try:
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)
+        _check_before_load(im, max_pixels)
         im.load()
+        _check_size(*im.size, max_pixels, "decoded to ")  # some formats (ICNS, ICO) change size in load()
         im = ImageOps.exif_transpose(im)
     except SampleError:
         raise

@@ -11,7 +11,8 @@ import re
 from typing import Any
 
 __all__ = ["FORMAT_VERSION", "tokens_fit_uint16", "ERROR_KINDS", "SampleError", "make_key", "make_unit_id", "ROW_OK",
-           "ROW_ERROR", "ROW_END", "RESERVED_COLUMNS", "IMAGE_EXTENSIONS", "TAR_EXTENSIONS", "PARQUET_EXTENSIONS"]
+           "ROW_ERROR", "ROW_END", "checked_dimension", "printable", "is_utf8", "INT32_MAX", "RESERVED_COLUMNS",
+           "IMAGE_EXTENSIONS", "TAR_EXTENSIONS", "PARQUET_EXTENSIONS"]
 
 # Token shard format version (docs/token-format.md): writers stamp it, readers refuse newer ones.
 FORMAT_VERSION = 1
@@ -23,7 +24,10 @@ def tokens_fit_uint16(codebook_size: int) -> bool:
 
 
 # Error record kinds (docs/token-format.md, "Errors").
-ERROR_KINDS = ("decode", "empty", "too_large", "unsupported", "read", "model")
+ERROR_KINDS = ("decode", "empty", "too_large", "unsupported", "read", "model", "refused")
+
+# Width/height columns are int32: a header value outside it (a BMP declaring 4294967169 columns) is reported as -1.
+INT32_MAX = 2**31 - 1
 
 # Row kinds flowing from the read stage through the model stage to the driver.
 ROW_OK, ROW_ERROR, ROW_END = "ok", "error", "end"
@@ -47,7 +51,40 @@ class SampleError(Exception):
         if kind not in ERROR_KINDS:
             raise ValueError(f"unknown error kind {kind!r}")
         super().__init__(message)
-        self.kind, self.message, self.width, self.height = kind, message, width, height
+        self.kind, self.message = kind, message
+        self.width, self.height = checked_dimension(width), checked_dimension(height)
+
+
+def checked_dimension(v: Any) -> int:
+    """A header's width or height as the int32 the record stores, -1 when it does not fit (the message keeps it)."""
+    try:
+        v = int(v)
+    except (TypeError, ValueError, OverflowError):
+        return -1
+    return v if -1 <= v <= INT32_MAX else -1
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: undecodable bytes of a file name (``surrogateescape``) become ``\\xNN`` escapes, so
+    an error record can name the file it is about."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape" if _only_escapes(text) else "surrogatepass") \
+            .decode("utf-8", "backslashreplace")
+
+
+def _only_escapes(text: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def make_key(identity: str, readable: str) -> str:
@@ -59,7 +96,8 @@ def make_key(identity: str, readable: str) -> str:
     ``a_jpg-…`` and ``a_png-…``; the hash keeps keys distinct even where two names slug to the same text.
     """
     slug = _UNSAFE.sub("_", readable).strip("_")[-_SLUG_MAX:].lstrip("_") or "sample"
-    return f"{slug}-{hashlib.sha256(identity.encode('utf-8')).hexdigest()[:12]}"
+    # surrogatepass: a non-UTF-8 file name (surrogate-escaped by the OS layer) still hashes, deterministically
+    return f"{slug}-{hashlib.sha256(identity.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
 
 
 def make_unit_id(description: dict[str, Any]) -> str:

@@ -10,12 +10,25 @@ lazily and read back from the plan persisted under the output (:mod:`gq_pipeline
 Listing never stats a file and never fetches sizes: directories are listed breadth-first, ``LIST_THREADS`` at a
 time (one request per page of names on object stores); a brace pattern costs one listing per parent prefix, not a
 request per URL. A listing that fails anywhere stops the plan (:class:`ListingError`): nothing is skipped. Hidden
-names (leading ``.``, e.g. macOS ``._x.jpg`` resource forks) are skipped.
+names (leading ``.``, e.g. macOS ``._x.jpg`` resource forks) are skipped; so are entries that are not regular files
+(FIFOs, sockets, devices, dangling symlinks, symlinked directories), counted in ``Plan.skipped``: a FIFO named
+``x.jpg`` would block its reader for ever. Files of formats Pillow decodes but gq does not take by default (``.ico``,
+``.ppm``, ``.tga``, ...) are counted in ``Plan.ignored_decodable``; ``extensions`` widens the set.
+
+Reading never lets one file or sample fail its unit: a name that is not UTF-8, a symlink loop, a FIFO, a Parquet
+file without an image column, a tar member that is a link or named ``..``, a tar cut anywhere (inside a header too)
+and a Parquet path reference outside the file's own tree each become error records. Listed names are read one by
+one by name, never through fsspec's glob expansion (``br[1].jpg`` is a file name), remote reads with a timeout
+(``READ_TIMEOUT_S``).
 """
 from __future__ import annotations
 
+import asyncio
+import errno
 import gzip
+import os
 import posixpath
+import stat
 import re
 import tarfile
 import time
@@ -28,14 +41,15 @@ import fsspec
 
 from gq_model.storage import url_to_fs
 from gq_pipeline.records import (IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, RESERVED_COLUMNS, TAR_EXTENSIONS, SampleError,
-                                 make_key, make_unit_id)
+                                 is_utf8, make_key, make_unit_id, printable)
 
 __all__ = ["Unit", "Plan", "ListingError", "RawSample", "UnitReadError", "plan_units", "iter_samples", "get_fs",
            "to_url", "find_image_column"]
 
 _MAGIC = re.compile(r"[*?\[]")
 _IMAGE_COLUMN_NAMES = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
-_FILE_CHUNK = 16  # files fetched per fs.cat call (concurrent GETs on object stores)
+_FILE_CHUNK = 16  # files fetched at once (concurrent GETs on object stores)
+READ_TIMEOUT_S = 300.0  # one remote read that answers nothing for this long fails its unit (retried), never hangs it
 
 
 class UnitReadError(Exception):
@@ -140,10 +154,36 @@ class Plan:
     list_s: float = 0.0
     list_units: Any = ()
     reused: list[str] = field(default_factory=list)  # inputs planned from a persisted plan, not listed
+    skipped: int = 0  # listed entries that are not regular files (FIFOs, sockets, dangling links, ...)
+    skipped_examples: list[str] = field(default_factory=list)
+    ignored_decodable: int = 0  # of ``ignored``: files Pillow could decode (add their extension with ``extensions``)
+    ignored_by_extension: dict[str, int] = field(default_factory=dict)
 
     def iter_units(self) -> Iterator[Unit]:
         yield from self.units
         yield from self.list_units
+
+
+def ignored_counts(plan: Plan) -> dict[str, Any]:
+    """The summary's account of listed names that are not inputs: ``ignored_decodable`` (files of a format Pillow
+    decodes but gq does not take without ``--extensions``) with their counts per extension, and ``skipped_files``
+    (entries that are not regular files)."""
+    decodable = {e: n for e, n in sorted(plan.ignored_by_extension.items()) if e in pillow_extensions()}
+    return {"ignored_decodable": plan.ignored_decodable, "ignored_decodable_by_extension": decodable,
+            "skipped_files": plan.skipped}
+
+
+def ignored_note(plan: Plan) -> str:
+    """One progress line about decodable formats left out and non-regular entries skipped ("" when none)."""
+    notes = []
+    if plan.ignored_decodable:
+        exts = ", ".join(f".{e} ({n})" for e, n in ignored_counts(plan)["ignored_decodable_by_extension"].items())
+        notes.append(f"{plan.ignored_decodable} ignored files are images Pillow can decode ({exts}): add them with "
+                     f"--extensions {' '.join(ignored_counts(plan)['ignored_decodable_by_extension'])}")
+    if plan.skipped:
+        notes.append(f"{plan.skipped} entries that are not regular files (FIFOs, sockets, dangling links, "
+                     f"symlinked folders) skipped, e.g. {plan.skipped_examples[0]}")
+    return "; ".join(notes)
 
 
 def _expand_braces(url: str) -> list[str]:
@@ -168,9 +208,10 @@ def _non_magic_prefix(path: str) -> str:
 
 def plan_units(inputs: list[str], unit_size: int = 1000, storage_options: dict | None = None, *,
                input_list: str | None = None, input_list_column: str | None = None, plan_dir: str | None = None,
-               relist: bool = False) -> Plan:
+               relist: bool = False, extensions: tuple[str, ...] | list[str] | None = None) -> Plan:
     """List every input and cut it into units (sorted, de-duplicated by file URL); add ``input_list``'s units.
 
+    ``extensions`` adds image file extensions to :data:`~gq_pipeline.records.IMAGE_EXTENSIONS` (``["ico", "ppm"]``).
     ``plan_dir`` (the output's ``_plan`` directory) is where plans are persisted (:mod:`gq_pipeline.plan_store`);
     an input list needs one. ``relist`` ignores persisted plans. A listing that fails anywhere raises
     :class:`ListingError` naming the prefix; a brace pattern naming a file that does not exist raises
@@ -182,7 +223,7 @@ def plan_units(inputs: list[str], unit_size: int = 1000, storage_options: dict |
         raise ValueError("no --input or --input-list given")
     t0 = time.perf_counter()
     plan = Plan(units=[])
-    ctx = _PlanContext(plan, storage_options, plan_dir, relist)
+    ctx = _PlanContext(plan, storage_options, plan_dir, relist, image_exts=image_extensions(extensions))
     with ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="gq-list") as pool:
         ctx.pool = pool
         for raw in inputs:
@@ -219,6 +260,7 @@ class _PlanContext:
     storage_options: dict | None
     plan_dir: str | None
     relist: bool
+    image_exts: tuple[str, ...] = IMAGE_EXTENSIONS
     pool: Any = None
     by_dir: dict[str, tuple[str, set[str]]] = field(default_factory=dict)  # dir URL -> (prefix, names)
     shard_urls: dict[str, str] = field(default_factory=dict)  # url -> kind
@@ -234,11 +276,16 @@ class _PlanContext:
         return fs, path
 
     def classify(self, fs, root_path: str, d: str, names: list[str]) -> None:
-        _classify(self.plan, fs, root_path, d, names, self.by_dir, self.shard_urls)
+        _classify(self.plan, fs, root_path, d, names, self.by_dir, self.shard_urls, self.image_exts)
+
+    def skip(self, fs, d: str, names: list[str]) -> None:
+        _count_skipped(self.plan, fs, d, names)
 
     def walk(self, fs, root: str, root_path: str) -> None:
-        for d, names in _walk_dirs(fs, root, self.pool):
-            self.classify(fs, root_path, d, names)
+        for d, names, skipped in _walk_dirs(fs, root, self.pool, with_skipped=True):
+            self.skip(fs, d, skipped)
+            if names:
+                self.classify(fs, root_path, d, names)
 
 
 def _plan_one(ctx: _PlanContext, url: str) -> None:
@@ -252,16 +299,22 @@ def _plan_one(ctx: _PlanContext, url: str) -> None:
             raise FileNotFoundError(f"{url}: the pattern matched nothing")
         groups: dict[str, list[str]] = {}
         for p, info in matches:
-            if info.get("type") == "directory":
+            kind = _entry_kind(fs, p, info)
+            if kind == "directory":
                 ctx.walk(fs, p, root_path)
-            else:
+            elif kind == "file":
                 d, name = posixpath.split(p)
                 groups.setdefault(d, []).append(name)
+            else:
+                ctx.skip(fs, posixpath.dirname(p), [posixpath.basename(p)])
         for d, names in groups.items():
             ctx.classify(fs, root_path, d, names)
     elif fs.isdir(path):
         ctx.walk(fs, root_path, root_path)
     elif fs.exists(path):
+        if is_local_fs(fs) and _entry_kind(fs, path, {"type": "other"}) == "other":
+            ctx.skip(fs, posixpath.dirname(path), [posixpath.basename(path)])
+            return
         ctx.classify(fs, posixpath.dirname(root_path), posixpath.dirname(path), [posixpath.basename(path)])
     else:
         raise FileNotFoundError(f"{url}: no such file or directory")
@@ -349,14 +402,66 @@ def _list_parent(fs: fsspec.AbstractFileSystem, parent: str) -> tuple[list[str],
     """A brace pattern's parent prefix: (file names, sub-directory paths); a parent that does not exist holds
     nothing (its URLs are then reported missing)."""
     try:
-        return _list_dir(fs, parent)
+        return _list_dir(fs, parent)[:2]
     except ListingError as e:
         if isinstance(e.__cause__, FileNotFoundError):
             return [], []
         raise
 
 
-def _classify(plan: Plan, fs, root_path: str, d: str, names: list[str], by_dir: dict, shard_urls: dict) -> None:
+def image_extensions(extra: tuple[str, ...] | list[str] | None = None) -> tuple[str, ...]:
+    """:data:`IMAGE_EXTENSIONS` plus ``extra`` (``--extensions``; leading dots and case ignored)."""
+    out = list(IMAGE_EXTENSIONS)
+    for e in extra or ():
+        e = str(e).strip().lstrip(".").lower()
+        if not e or "/" in e:
+            raise ValueError(f"--extensions: {e!r} is not a file extension")
+        if e in TAR_EXTENSIONS + PARQUET_EXTENSIONS:
+            raise ValueError(f"--extensions: .{e} files are read as shards, not as images")
+        if e not in out:
+            out.append(e)
+    return tuple(out)
+
+
+def pillow_extensions() -> frozenset[str]:
+    """Extensions of the formats this Pillow can open (``.ico``, ``.ppm``, ``.tga``, ``.psd``, ``.dds``, ...)."""
+    global _PILLOW_EXTENSIONS
+    if _PILLOW_EXTENSIONS is None:
+        from PIL import Image
+
+        _PILLOW_EXTENSIONS = frozenset(e.lstrip(".").lower() for e, fmt in Image.registered_extensions().items()
+                                       if fmt in Image.OPEN)
+    return _PILLOW_EXTENSIONS
+
+
+_PILLOW_EXTENSIONS: frozenset[str] | None = None
+
+
+def _entry_kind(fs, path: str, info: dict) -> str:
+    """``file``, ``directory`` or ``other`` (not listed as an input). Local entries are checked with ``os.stat``,
+    following links: a symlink to a file is a file, a FIFO or a dangling link is ``other``; a symlink loop counts as
+    a file, so that reading it gives that file's error record instead of hiding it."""
+    t = info.get("type")
+    if not is_local_fs(fs) or t == "directory":
+        return t if t in ("file", "directory") else "other"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return "file" if e.errno == errno.ELOOP else "other"
+    return "directory" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def _count_skipped(plan: Plan, fs, d: str, names: list[str]) -> None:
+    for name in names:
+        if name.startswith("."):
+            continue
+        plan.skipped += 1
+        if len(plan.skipped_examples) < 5:
+            plan.skipped_examples.append(printable(f"{to_url(fs, d).rstrip('/')}/{name}"))
+
+
+def _classify(plan: Plan, fs, root_path: str, d: str, names: list[str], by_dir: dict, shard_urls: dict,
+              image_exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> None:
     """Sort one directory's file names into image files, tars and Parquet files (URL built once per directory)."""
     plan.listed += len(names)
     dir_url = to_url(fs, d).rstrip("/")
@@ -365,7 +470,7 @@ def _classify(plan: Plan, fs, root_path: str, d: str, names: list[str], by_dir: 
         if name.startswith("."):
             continue
         ext = _ext(name)
-        if ext in IMAGE_EXTENSIONS:
+        if ext in image_exts:
             if images is None:
                 rel = posixpath.relpath(d, root_path) if root_path and d.startswith(root_path) else ""
                 images = by_dir.setdefault(dir_url, ("" if rel == "." else rel, set()))[1]
@@ -376,42 +481,50 @@ def _classify(plan: Plan, fs, root_path: str, d: str, names: list[str], by_dir: 
             shard_urls[f"{dir_url}/{name}"] = "parquet"
         else:
             plan.ignored += 1
+            plan.ignored_by_extension[ext] = plan.ignored_by_extension.get(ext, 0) + 1
+            if ext in pillow_extensions():
+                plan.ignored_decodable += 1
             if len(plan.ignored_examples) < 5:
-                plan.ignored_examples.append(f"{dir_url}/{name}")
+                plan.ignored_examples.append(printable(f"{dir_url}/{name}"))
 
 
-def _list_dir(fs: fsspec.AbstractFileSystem, d: str) -> tuple[list[str], list[str]]:
-    """One directory: (file names, sub-directory paths). Local: ``os.scandir`` (d_type, no stat per file; symlinked
-    directories are not followed, as ``os.walk`` does not). Elsewhere: one ``fs.ls`` (paginated listings of 1000
+def _list_dir(fs: fsspec.AbstractFileSystem, d: str) -> tuple[list[str], list[str], list[str]]:
+    """One directory: (file names, sub-directory paths, names skipped as not regular files). Local: ``os.scandir``
+    (d_type, a stat only for symlinks; symlinked directories are not followed, as ``os.walk`` does not; a symlink
+    loop is listed as a file so that reading it records it). Elsewhere: one ``fs.ls`` (paginated listings of 1000
     names per request on S3/GCS, the index page over HTTP). Any failure is a :class:`ListingError` naming ``d``."""
     try:
+        files, dirs, skipped = [], [], []
         if is_local_fs(fs):
-            import os
-
-            files, dirs = [], []
             with os.scandir(d) as it:
                 for e in it:
                     if e.is_dir(follow_symlinks=False):
                         dirs.append(e.path)
-                    elif e.is_file():
-                        files.append(e.name)
-            return files, dirs
-        files, dirs = [], []
+                        continue
+                    try:
+                        regular = e.is_file()
+                    except OSError as err:  # ELOOP: recorded when read
+                        regular = err.errno == errno.ELOOP
+                    (files if regular else skipped).append(e.name)
+            return files, dirs, skipped
         for e in fs.ls(d, detail=True):
             name = e["name"]
             if e.get("type") == "directory":
                 if name.rstrip("/") != d.rstrip("/"):
                     dirs.append(name)
-            else:
+            elif e.get("type", "file") == "file":
                 files.append(posixpath.basename(name))
-        return files, dirs
+            else:
+                skipped.append(posixpath.basename(name))
+        return files, dirs, skipped
     except Exception as e:
         raise ListingError(f"listing {to_url(fs, d)} failed ({type(e).__name__}: {e}); planning stops rather than "
                            f"leave out what it holds: fix its access, or leave it out of --input") from e
 
 
-def _walk_dirs(fs: fsspec.AbstractFileSystem, root: str, pool=None) -> Iterator[tuple[str, list[str]]]:
-    """(directory path, file names) for every directory under ``root``, hidden directories skipped.
+def _walk_dirs(fs: fsspec.AbstractFileSystem, root: str, pool=None, with_skipped: bool = False) -> Iterator[tuple]:
+    """(directory path, file names) for every directory under ``root``, hidden directories skipped; with
+    ``with_skipped``, (path, file names, names that are not regular files) for every directory that holds either.
 
     Directories are listed in parallel (``LIST_THREADS`` at once, one request per directory or page): a bucket's
     prefixes are walked breadth-first instead of one after another. A failed listing anywhere raises
@@ -426,11 +539,13 @@ def _walk_dirs(fs: fsspec.AbstractFileSystem, root: str, pool=None) -> Iterator[
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for fut in done:
                 d = pending.pop(fut)
-                files, dirs = fut.result()
+                files, dirs, skipped = fut.result()
                 for sub in sorted(dirs):
                     if not posixpath.basename(sub.rstrip("/")).startswith("."):
                         pending[pool.submit(_list_dir, fs, sub)] = sub
-                if files:
+                if with_skipped and (files or skipped):
+                    yield d, files, skipped
+                elif files and not with_skipped:
                     yield d, files
     finally:
         for fut in pending:
@@ -469,50 +584,147 @@ class UnitInfo:
 
 
 def iter_samples(unit: Unit, info: UnitInfo, storage_options: dict | None = None,
-                 image_column: str | None = None) -> Iterator[RawSample]:
+                 image_column: str | None = None, *, allow_external_refs: tuple[str, ...] | list[str] = (),
+                 extensions: tuple[str, ...] | list[str] | None = None) -> Iterator[RawSample]:
     """Every sample of ``unit`` in a deterministic order with consecutive ``idx`` from 0.
 
-    Raises :class:`UnitReadError` for failures that make the unit retryable.
+    ``allow_external_refs``: URL prefixes a Parquet ``path`` reference may reach besides the Parquet file's own
+    directory tree (local, HTTP) or bucket (object stores); ``("*",)`` allows any. ``extensions``: image extensions
+    besides the default ones (chooses a tar sample's image member). Raises :class:`UnitReadError` for failures that
+    make the unit retryable.
     """
     if unit.kind == "files":
         yield from _iter_files(unit, storage_options)
     elif unit.kind == "tar":
-        yield from _iter_tar(unit, storage_options)
+        yield from _iter_tar(unit, storage_options, image_extensions(extensions))
     elif unit.kind == "parquet":
-        yield from _iter_parquet(unit, info, storage_options, image_column)
+        yield from _iter_parquet(unit, info, storage_options, image_column, tuple(allow_external_refs))
     elif unit.kind == "list":
         yield from _iter_list(unit, storage_options)
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
 
+class NotRegularFile(OSError):
+    """A listed name that is a FIFO, socket or device: reading it would block or never end."""
+
+
+# Errors that the same file gives on every run: recorded for that file instead of failing (and retrying) its unit.
+_PERMANENT_ERRNOS = frozenset({errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ENXIO})
+
+
 def _cat_each(fs: fsspec.AbstractFileSystem, paths: list[str], what: str) -> dict[str, Any]:
-    """One ``fs.cat`` for many paths (concurrent GETs on object stores): each path's bytes, or the exception it
-    raised, or None when the answer lacks it. A failure of the whole request is transient: :class:`UnitReadError`."""
+    """Each path's bytes, or the exception reading it raised.
+
+    Every path is read by its name with ``cat_file``, never through ``fs.cat``, which glob-expands names holding
+    ``[``, ``*`` or ``?`` (``br[1].jpg`` is a file, not a pattern). Local files are opened non-blocking and must be
+    regular files (a FIFO named ``x.jpg`` gives :class:`NotRegularFile` instead of blocking); remote reads run
+    concurrently, each bounded by ``READ_TIMEOUT_S`` (a ``TimeoutError``). A failure of the request as a whole is
+    transient: :class:`UnitReadError`."""
     try:
-        got = fs.cat(paths, on_error="return")
+        if is_local_fs(fs):
+            return {p: _read_local(p) for p in paths}
+        if getattr(fs, "async_impl", False) and hasattr(fs, "_cat_file"):
+            return _cat_async(fs, paths)
+        return _cat_threads(fs, paths)
     except Exception as e:
         raise UnitReadError(f"{what}: {type(e).__name__}: {e}") from e
-    return {p: got.get(p, got.get(fs._strip_protocol(p))) for p in paths}
+
+
+def _read_local(path: str) -> bytes | BaseException:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        return e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return NotRegularFile(errno.ENXIO, "not a regular file (a FIFO, socket or device)", path)
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            return f.read()
+    except OSError as e:
+        return e
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _cat_async(fs, paths: list[str]) -> dict[str, Any]:
+    async def all_of_them():
+        gate = asyncio.Semaphore(_FILE_CHUNK)
+
+        async def one(p):
+            async with gate:
+                try:
+                    return await asyncio.wait_for(fs._cat_file(p), READ_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    return TimeoutError(f"no answer within {READ_TIMEOUT_S:g} s")
+                except Exception as e:
+                    return e
+
+        return await asyncio.gather(*(one(p) for p in paths))
+
+    from fsspec.asyn import sync
+
+    return dict(zip(paths, sync(fs.loop, all_of_them)))
+
+
+def _cat_threads(fs, paths: list[str]) -> dict[str, Any]:
+    pool = ThreadPoolExecutor(max(1, min(_FILE_CHUNK, len(paths))), thread_name_prefix="gq-read")
+    try:
+        futures = {p: pool.submit(fs.cat_file, p) for p in paths}
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        out: dict[str, Any] = {}
+        for p, fut in futures.items():
+            try:
+                out[p] = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                out[p] = TimeoutError(f"no answer within {READ_TIMEOUT_S:g} s")
+            except Exception as e:
+                out[p] = e
+        return out
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _file_outcome(data: Any, where: str, missing: str) -> bytes | SampleError:
+    """A read answer as the sample's bytes or its error record; raises :class:`UnitReadError` when a rerun may read
+    it (network, permissions, timeouts). ``missing`` is the message for a file that does not exist."""
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    if data is None or isinstance(data, FileNotFoundError):
+        return SampleError("read", missing)
+    if isinstance(data, NotRegularFile):
+        return SampleError("unsupported", f"{where}: not a regular file (a FIFO, socket or device)")
+    if isinstance(data, OSError) and data.errno in _PERMANENT_ERRNOS:
+        return SampleError("read", f"{where}: {os.strerror(data.errno)}")
+    raise UnitReadError(f"reading {where}: {type(data).__name__}: {data}")
+
+
+def _not_utf8(name: str) -> SampleError:
+    return SampleError("unsupported", f"file name {printable(name)!r} is not valid UTF-8: keys, sources and "
+                                      f"error files are UTF-8 text; rename the file to tokenize it")
 
 
 def _iter_files(unit: Unit, storage_options: dict | None) -> Iterator[RawSample]:
     fs, dir_path = get_fs(unit.source, storage_options)
+    base = unit.source.rstrip("/")
     for start in range(0, len(unit.files), _FILE_CHUNK):
         names = unit.files[start:start + _FILE_CHUNK]
         paths = [posixpath.join(dir_path, n) for n in names]
-        got = _cat_each(fs, paths, f"reading {unit.source}")
+        got = _cat_each(fs, [p for n, p in zip(names, paths) if is_utf8(n)], f"reading {base}")
         for i, (name, p) in enumerate(zip(names, paths)):
             readable = f"{unit.prefix}/{name}" if unit.prefix else name
-            key = make_key(f"{unit.source.rstrip('/')}/{name}", readable)
-            data = got[p]
-            s = RawSample(start + i, key, None, f"{unit.source.rstrip('/')}/{name}")
-            if isinstance(data, FileNotFoundError) or data is None:
-                s.error = SampleError("read", f"{name}: file disappeared after listing")
-            elif isinstance(data, BaseException):
-                raise UnitReadError(f"reading {unit.source}/{name}: {type(data).__name__}: {data}")
+            key = make_key(f"{base}/{name}", readable)
+            s = RawSample(start + i, key, None, printable(f"{base}/{name}"))
+            if not is_utf8(name):
+                s.error = _not_utf8(name)
             else:
-                s.data = data
+                outcome = _file_outcome(got.get(p), f"{base}/{name}", f"{name}: file disappeared after listing")
+                if isinstance(outcome, SampleError):
+                    s.error = outcome
+                else:
+                    s.data = outcome
             yield s
 
 
@@ -558,13 +770,12 @@ def _iter_list(unit: Unit, storage_options: dict | None) -> Iterator[RawSample]:
         for i, (url, data) in enumerate(zip(chunk, got)):
             readable = url[len(here):] if url.startswith(here) else url.split("://", 1)[-1]
             s = RawSample(start + i, make_key(url, readable), None, url)
-            if isinstance(data, FileNotFoundError) or data is None:
-                s.error = SampleError("read", f"{url}: the listed file does not exist")
-            elif isinstance(data, BaseException):
-                raise UnitReadError(f"reading {url} (row {unit.start + start + i} of {unit.source}): "
-                                    f"{type(data).__name__}: {data}")
+            outcome = _file_outcome(data, f"{url} (row {unit.start + start + i} of {unit.source})",
+                                    f"{url}: the listed file does not exist")
+            if isinstance(outcome, SampleError):
+                s.error = outcome
             else:
-                s.data = bytes(data)
+                s.data = outcome
             yield s
 
 
@@ -578,21 +789,61 @@ def _split_member(name: str) -> tuple[str, str]:
     return (posixpath.join(d, stem) if d else stem), ext.lower()
 
 
-def _iter_tar(unit: Unit, storage_options: dict | None) -> Iterator[RawSample]:
+class _EndMarkerWatch:
+    """Remembers the last 512-byte header block ``tarfile`` read: Python's ``tarfile`` takes a short or missing
+    header for the end of the archive, so an archive cut at or inside a header would lose its tail silently. Only a
+    block of zeros (the end-of-archive marker) is a real end."""
+
+    def __init__(self):
+        self.last: bytes | None = None
+
+    def tarinfo(self) -> type:
+        watch = self
+
+        class WatchedTarInfo(tarfile.TarInfo):
+            @classmethod
+            def frombuf(cls, buf, encoding, errors):
+                watch.last = bytes(buf)
+                return super().frombuf(buf, encoding, errors)
+
+        return WatchedTarInfo
+
+    @property
+    def ended_cleanly(self) -> bool:
+        return self.last is not None and len(self.last) == tarfile.BLOCKSIZE and not self.last.strip(b"\0")
+
+
+_LINK = object()  # a link member's place in a sample: streamed tars cannot resolve it, so the sample is recorded
+
+
+def _iter_tar(unit: Unit, storage_options: dict | None,
+              image_exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> Iterator[RawSample]:
     fs, path = get_fs(unit.source, storage_options)
     tar_stem = posixpath.basename(path).split(".", 1)[0]
     seen: dict[str, int] = {}
     idx = 0
 
-    def emit(prefix: str, members: dict[str, bytes]) -> RawSample:
+    def new_sample(prefix: str, member: str) -> RawSample:
         nonlocal idx
         n = seen.get(prefix, 0)
         seen[prefix] = n + 1
         identity = f"{unit.source}#{prefix}" + (f"#{n + 1}" if n else "")
-        s = RawSample(idx, make_key(identity, f"{tar_stem}/{prefix}" + (f"_{n + 1}" if n else "")), prefix,
-                      unit.source)
+        s = RawSample(idx, make_key(identity, f"{tar_stem}/{prefix}" + (f"_{n + 1}" if n else "")),
+                      printable(member), unit.source)
         idx += 1
-        image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+        return s
+
+    def emit(prefix: str, members: dict[str, Any]) -> RawSample:
+        s = new_sample(prefix, prefix)
+        links = sorted(e for e, v in members.items() if v is _LINK)
+        if not is_utf8(prefix):
+            s.error = _not_utf8(prefix)
+            return s
+        if links:
+            s.error = SampleError("unsupported", f"members {', '.join(prefix + '.' + e for e in links)} are links "
+                                                 f"(symlink or hardlink), which a streamed tar cannot follow")
+            return s
+        image_ext = next((e for e in image_exts if e in members), None)
         extra: dict[str, Any] = {}
         if "txt" in members:
             extra["txt"] = members["txt"].decode("utf-8", errors="replace")
@@ -610,6 +861,12 @@ def _iter_tar(unit: Unit, storage_options: dict | None) -> Iterator[RawSample]:
             s.data = members[image_ext]
         return s
 
+    def unreadable(message: str) -> RawSample:
+        s = RawSample(idx, make_key(f"{unit.source}#__unreadable__", f"{tar_stem}/unreadable"), "__unreadable__",
+                      unit.source)
+        s.error = SampleError("read", message)
+        return s
+
     try:
         f = fs.open(path, "rb")
     except FileNotFoundError as e:
@@ -617,31 +874,49 @@ def _iter_tar(unit: Unit, storage_options: dict | None) -> Iterator[RawSample]:
     except Exception as e:
         raise UnitReadError(f"opening {unit.source}: {type(e).__name__}: {e}") from e
     current: str | None = None
-    members: dict[str, bytes] = {}
+    members: dict[str, Any] = {}
+    watch = _EndMarkerWatch()
     try:
-        with f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with f, tarfile.open(fileobj=f, mode="r|*", tarinfo=watch.tarinfo()) as tar:
             for m in tar:
-                if not m.isfile():
+                if m.isdir():
+                    continue
+                base = posixpath.basename(m.name.rstrip("/"))
+                if base in ("..", ".") or not base:
+                    # no sample key can be made from it (and it must never become a path): one record for it
+                    if current is not None:
+                        yield emit(current, members)
+                        current, members = None, {}
+                    s = new_sample(f"__badname__/{m.name}", m.name)
+                    s.error = SampleError("unsupported", f"tar member name {printable(m.name)!r} is not a file "
+                                                         f"name a sample can be keyed by")
+                    yield s
                     continue
                 prefix, ext = _split_member(m.name)
-                if posixpath.basename(prefix).startswith(".") or not ext:
+                if base.startswith(".") or not ext:
                     continue
                 if prefix != current or ext in members:
                     if current is not None:
                         yield emit(current, members)
                     current, members = prefix, {}
-                fobj = tar.extractfile(m)
-                members[ext] = fobj.read() if fobj is not None else b""
+                if m.isfile():
+                    fobj = tar.extractfile(m)
+                    members[ext] = fobj.read() if fobj is not None else b""
+                else:  # symlink, hardlink, FIFO or device member
+                    members[ext] = _LINK
     except _TAR_FORMAT_ERRORS as e:
         # Corrupt or truncated tar: keep what was read, account for the rest with one deterministic error record.
         # (The half-read sample is part of the rest.)
-        s = RawSample(idx, make_key(f"{unit.source}#__unreadable__", f"{tar_stem}/unreadable"), "__unreadable__",
-                      unit.source)
-        s.error = SampleError("read", f"tar is corrupt or truncated after {idx} samples: {type(e).__name__}: {e}")
-        yield s
+        yield unreadable(f"tar is corrupt or truncated after {idx} samples: {type(e).__name__}: {e}")
         return
     except Exception as e:
         raise UnitReadError(f"reading {unit.source}: {type(e).__name__}: {e}") from e
+    if not watch.ended_cleanly:  # cut at or inside a header: tarfile stopped as if the archive had ended
+        got = "no header block" if watch.last is None or not watch.last else \
+            f"a {len(watch.last)}-byte header block" if len(watch.last) < tarfile.BLOCKSIZE else "no end marker"
+        yield unreadable(f"tar is truncated after {idx} samples: it ends with {got} instead of the end-of-archive "
+                         f"marker (the last sample, if any, may be incomplete and is part of this record)")
+        return
     if current is not None:
         yield emit(current, members)
 
@@ -671,15 +946,56 @@ def find_image_column(schema, requested: str | None = None) -> str:
     raise ValueError(f"no image column found (columns: {names}); pass --image-column")
 
 
-def _resolve_image_path(base_dir: str, path: str) -> str:
-    """An HF-style ``path`` field: a URL or absolute path as is, a relative one next to the Parquet file."""
-    if "://" in path or path.startswith("/"):
-        return path
-    return f"{base_dir}/{path}"
+_BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2")
+
+
+def _resolve_image_path(base_dir: str, path: str, allowed: tuple[str, ...] = ()) -> str:
+    """An HF-style ``path`` field as a URL: a URL or absolute path as is, a relative one next to the Parquet file
+    (``base_dir``, its directory URL). Raises ``SampleError("refused")`` unless the result lies in the Parquet
+    file's own directory tree (local files and HTTP; symlinks resolved) or bucket (object stores), or under one of
+    ``allowed`` (``"*"``: anywhere): an untrusted dataset must not make every worker read ``/etc/...``, ``../``
+    or an internal URL."""
+    if "://" in path:
+        url = path
+    elif path.startswith("/"):
+        url = "file://" + path if base_dir.startswith("file://") else path
+    else:
+        url = f"{base_dir}/{path}"
+    url = _normalise_url(url)
+    if "*" in allowed or any(url.startswith(_normalise_url(a)) for a in allowed if a):
+        return url
+    home = _normalise_url(base_dir).rstrip("/")
+    proto = home.split("://", 1)[0] if "://" in home else "file"
+    if proto in _BUCKET_PROTOCOLS:
+        home = home.split("://", 1)[0] + "://" + home.split("://", 1)[1].split("/", 1)[0]
+    inside = url.startswith(home + "/")
+    if inside and url.startswith("file://"):  # a symlink inside the tree may point anywhere
+        real_home = os.path.realpath(home[len("file://"):])
+        real = os.path.realpath(url[len("file://"):])
+        inside = real.startswith(real_home.rstrip("/") + "/")
+    if not inside:
+        raise SampleError("refused", f"the row's image path {printable(path)!r} leads outside "
+                                     f"{'the bucket' if proto in _BUCKET_PROTOCOLS else 'the directory'} of its "
+                                     f"Parquet file ({home}/); pass --allow-external-refs (optionally with the "
+                                     f"allowed URL prefixes) to read it")
+    return url
+
+
+def _normalise_url(url: str) -> str:
+    """``scheme://host/a/b/../c`` -> ``scheme://host/a/c`` (``..`` never climbs above the host or bucket)."""
+    if "://" not in url:
+        url = "file://" + os.path.abspath(url)
+    scheme, rest = url.split("://", 1)
+    if scheme == "file":
+        return "file://" + posixpath.normpath("/" + rest.lstrip("/"))
+    host, _, tail = rest.partition("/")
+    tail, sep, query = tail.partition("?")
+    norm = posixpath.normpath("/" + tail) if tail else "/"
+    return f"{scheme}://{host}{norm}" + (sep + query if sep else "")
 
 
 def _read_referenced_images(by_path: dict[str, list[RawSample]], storage_options: dict | None) -> None:
-    """Fill ``data`` (or a ``read`` error) of rows whose image is a file reference, one ``fs.cat`` per filesystem."""
+    """Fill ``data`` (or a ``read`` error) of rows whose image is a file reference, one batch per filesystem."""
     by_fs: dict[int, tuple[fsspec.AbstractFileSystem, dict[str, str]]] = {}
     for url in by_path:
         fs, p = get_fs(url, storage_options)
@@ -687,18 +1003,16 @@ def _read_referenced_images(by_path: dict[str, list[RawSample]], storage_options
     for fs, paths in by_fs.values():
         got = _cat_each(fs, list(paths), "reading referenced images")
         for p, url in paths.items():
-            data = got[p]
+            outcome = _file_outcome(got[p], f"the row's image path {url}", f"the row's image path {url} does not exist")
             for s in by_path[url]:
-                if isinstance(data, (bytes, bytearray)):
-                    s.data = bytes(data)
-                elif isinstance(data, FileNotFoundError) or data is None:
-                    s.error = SampleError("read", f"the row's image path {url} does not exist")
+                if isinstance(outcome, SampleError):
+                    s.error = outcome
                 else:
-                    s.error = SampleError("read", f"reading the row's image path {url}: {type(data).__name__}: {data}")
+                    s.data = outcome
 
 
-def _iter_parquet(unit: Unit, info: UnitInfo, storage_options: dict | None,
-                  image_column: str | None) -> Iterator[RawSample]:
+def _iter_parquet(unit: Unit, info: UnitInfo, storage_options: dict | None, image_column: str | None,
+                  allow_external_refs: tuple[str, ...] = ()) -> Iterator[RawSample]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -720,8 +1034,13 @@ def _iter_parquet(unit: Unit, info: UnitInfo, storage_options: dict | None,
     schema = pf.schema_arrow
     try:
         col = find_image_column(schema, image_column)
-    except ValueError as e:
-        raise UnitReadError(f"{unit.source}: {e}") from e
+    except ValueError as e:  # the same on every run: a record for the file, not a retried unit
+        with f:
+            s = RawSample(0, make_key(f"{unit.source}#__unreadable__", f"{stem}/unreadable"), "__unreadable__",
+                          unit.source)
+            s.error = SampleError("unsupported", f"{pf.metadata.num_rows} rows not read: {e}")
+            yield s
+            return
     info.image_column = col
     passthrough = [n for n in schema.names if n != col]
     renamed = {n: ("input_" + n if n in RESERVED_COLUMNS else n) for n in passthrough}
@@ -744,8 +1063,12 @@ def _iter_parquet(unit: Unit, info: UnitInfo, storage_options: dict | None,
                         path_hint = v.get("path")
                         v = v.get("bytes")
                         if v is None and path_hint:  # HF Image feature stored by reference: read the file
-                            by_path.setdefault(_resolve_image_path(base_dir, path_hint), []).append(s)
                             referenced = True
+                            try:
+                                ref = _resolve_image_path(base_dir, path_hint, allow_external_refs)
+                                by_path.setdefault(ref, []).append(s)
+                            except SampleError as e:
+                                s.error = e
                         elif v is None:
                             s.error = SampleError("empty", "row has neither image bytes nor a path")
                     if s.error is None and not referenced:

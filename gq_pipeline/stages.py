@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from gq_pipeline.preprocess import preprocess_uint8, to_model_input
-from gq_pipeline.records import ROW_ERROR, ROW_OK, SampleError, tokens_fit_uint16
+from gq_pipeline.records import INT32_MAX, ROW_ERROR, ROW_OK, SampleError, is_utf8, printable, tokens_fit_uint16
 from gq_pipeline.sources import RawSample
 
 __all__ = ["TOKEN_SCHEMA", "decode_sample", "rows_to_table", "ModelRunner", "model_payload", "lower_thread_priority",
@@ -52,7 +52,34 @@ _DEFAULTS = {"unit": "", "idx": -1, "kind": ROW_OK, "key": "", "source": "", "me
 
 def decode_sample(unit_id: str, s: RawSample, cfg: dict[str, Any]) -> dict[str, Any]:
     """One sample's row: its identity, and either preprocessed pixels (``img``: uint8 ``[3, img_h, img_w]``, kept
-    only until the model has run) or the error that stopped it. Never raises for one sample's fault."""
+    only until the model has run) or the error that stopped it. Never raises for one sample's fault: a row that
+    cannot be built, or whose values the unit's table could not hold (a header width beyond int32, text that is
+    not UTF-8), becomes that sample's ``unsupported`` error row instead of failing the unit."""
+    try:
+        row = _decode_row(unit_id, s, cfg)
+        problem = _unstorable(row)
+    except Exception as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem is None:
+        return row
+    return {"unit": unit_id, "idx": int(s.idx), "kind": ROW_ERROR, "key": printable(str(s.key)),
+            "source": printable(str(s.source)), "member": printable(str(s.member or "")), "width": -1, "height": -1,
+            "extra": b"", "error": "unsupported", "message": clean_message(printable(f"row not stored: {problem}")),
+            "img": None}
+
+
+def _unstorable(row: dict[str, Any]) -> str | None:
+    """Why ``row`` would not fit ``TOKEN_SCHEMA`` (checked per row, so one bad value cannot fail the unit's table)."""
+    for name in ("width", "height"):
+        if not -INT32_MAX - 1 <= int(row[name]) <= INT32_MAX:
+            return f"{name} {row[name]} does not fit int32"
+    for name in ("unit", "key", "source", "member", "error", "message"):
+        if not isinstance(row[name], str) or not is_utf8(row[name]):
+            return f"{name} {printable(str(row[name]))!r} is not UTF-8 text"
+    return None
+
+
+def _decode_row(unit_id: str, s: RawSample, cfg: dict[str, Any]) -> dict[str, Any]:
     row = {"unit": unit_id, "idx": s.idx, "kind": ROW_OK, "key": s.key, "source": s.source, "member": s.member or "",
            "width": -1, "height": -1, "extra": pickle.dumps(s.extra, protocol=5) if s.extra else b"",
            "error": "", "message": "", "img": None}

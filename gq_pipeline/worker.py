@@ -52,6 +52,8 @@ class WorkSpec:
     batch_size: int
     decode_threads: int = 2
     niceness: int = 0  # CPU-only: decode threads yield to the model's threads
+    allow_external_refs: tuple[str, ...] = ()  # Parquet path references beyond the file's tree ("*": any)
+    extensions: tuple[str, ...] = ()  # image extensions besides the default ones
 
     @property
     def decode_cfg(self) -> dict[str, Any]:
@@ -132,7 +134,8 @@ class UnitProcessor:
         model_s = 0.0
         cfg = self.spec.decode_cfg
         try:
-            for s in iter_samples(unit, info, self.spec.storage_options, self.spec.image_column):
+            for s in iter_samples(unit, info, self.spec.storage_options, self.spec.image_column,
+                                  allow_external_refs=self.spec.allow_external_refs, extensions=self.spec.extensions):
                 if self._cancelled.is_set():
                     raise UnitCancelled("the run was interrupted")
                 inflight.append(self._pool.submit(decode_sample, unit.unit_id, s, cfg))

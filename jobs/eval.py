@@ -45,10 +45,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, then centre crop")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of the sorted list")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lpips-weights", help="directory with alexnet*.pth (torchvision) and alex.pth (LPIPS heads); "
-                                           "LPIPS is skipped with a warning without it")
-    p.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (or its directory); rFID is "
-                                               "skipped with a warning without it")
+    lp = p.add_mutually_exclusive_group()
+    lp.add_argument("--lpips-weights", help="directory with alexnet*.pth (torchvision) and alex.pth (LPIPS heads); "
+                                            "default: gq's weight cache, else a verified download (gq weights fetch)")
+    lp.add_argument("--no-lpips", action="store_true", help="skip LPIPS on purpose (reported as a warning)")
+    fid = p.add_mutually_exclusive_group()
+    fid.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (or its directory); default: "
+                                                 "gq's weight cache, else a verified download (gq weights fetch)")
+    fid.add_argument("--no-fid", action="store_true", help="skip rFID on purpose (reported as a warning)")
     p.add_argument("--json", help="write the JSON report here (local path or fsspec URL)")
     p.add_argument("--workers", type=int, default=0, help="Ray pool size (0: in this process, or torchrun ranks)")
     p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
@@ -154,30 +158,30 @@ def _load_model(spec: dict):
 def load_metric_nets(spec: dict) -> tuple[Any, Any, dict, list[str]]:
     """(LPIPS-Alex or None, FID Inception or None, their info for the report, warnings), loaded on CPU.
 
-    A network whose weights were not given is skipped with a warning; weights that were given but cannot be loaded
-    are an error (the user asked for that metric).
+    Each network's weights come from its flag, else gq's weight cache, else a verified download
+    (:mod:`gq_model.weights`). A metric is skipped only when asked (``--no-lpips`` / ``--no-fid``, noted as a
+    warning); weights that cannot be had are an error that says how to get them.
     """
     import warnings
 
+    from gq_model.metrics.inception import build_fid_inception
+    from gq_model.metrics.lpips_alex import build_lpips_alex
+
     lpips = inception = None
     info, notes = {"lpips": None, "inception": None}, []
-    if spec.get("lpips_weights"):
-        from gq_model.metrics.lpips_alex import load_lpips_alex
-
-        lpips, files = load_lpips_alex(spec["lpips_weights"])
-        info["lpips"] = {"net": "alex", "version": "0.1", **files}
-    else:
-        notes.append("LPIPS skipped: no --lpips-weights directory (needs torchvision's alexnet*.pth and LPIPS's "
-                     "alex.pth)")
-    if spec.get("inception_weights"):
-        from gq_model.metrics.inception import load_fid_inception
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            inception, info["inception"] = load_fid_inception(spec["inception_weights"])
-        notes += [str(w.message) for w in caught]
-    else:
-        notes.append("rFID skipped: no --inception-weights file (pt_inception-2015-12-05-6726825d.pth)")
+    where = {"cache": spec.get("weights_cache"), "base_url": spec.get("weights_base_url")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if spec.get("no_lpips"):
+            notes.append("LPIPS skipped (--no-lpips)")
+        else:
+            lpips, files = build_lpips_alex(spec.get("lpips_weights"), **where)
+            info["lpips"] = {"net": "alex", "version": "0.1", **files}
+        if spec.get("no_fid"):
+            notes.append("rFID skipped (--no-fid)")
+        else:
+            inception, info["inception"] = build_fid_inception(spec.get("inception_weights"), **where)
+    notes += [str(w.message) for w in caught if issubclass(w.category, (UserWarning, RuntimeWarning))]
     return lpips, inception, info, notes
 
 
@@ -218,6 +222,13 @@ def _run_ray(spec: dict, shards: list[list[str]], address: str | None) -> list[d
     finally:
         if started:
             ray.shutdown()
+
+
+def _weights_cache() -> str:
+    """The driver's gq cache root, passed to Ray workers (which do not see the driver's environment changes)."""
+    from gq_model.weights import cache_dir
+
+    return cache_dir()
 
 
 def _distributed() -> tuple[int, int]:
@@ -306,6 +317,8 @@ def run(args: argparse.Namespace) -> int:
             "trust_checkpoint": args.trust_checkpoint,
             "image_size": args.image_size, "batch_size": args.batch_size, "multiple_of": model.downsample_factor,
             "lpips_weights": args.lpips_weights, "inception_weights": args.inception_weights,
+            "no_lpips": args.no_lpips, "no_fid": args.no_fid, "weights_cache": _weights_cache(),
+            "weights_base_url": os.environ.get("GQ_WEIGHTS_BASE_URL"),
             "perceptual_input": args.perceptual_input, "device": device}
     model._check_size(args.image_size, args.image_size)
     lpips, inception, weights, notes = load_metric_nets(spec)  # validated here, before any worker starts

@@ -87,6 +87,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger images as too_large errors (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--image-column", help="image column of Parquet inputs (default: auto-detect)")
+    p.add_argument("--allow-external-refs", nargs="*", metavar="PREFIX", default=None,
+                   help="let Parquet image path references reach beyond the Parquet file's own folder tree (local, "
+                        "HTTP) or bucket (object stores): to these URL prefixes, or anywhere when none is given. "
+                        "Without it such rows (absolute paths, ../ escapes, other hosts) are 'refused' error records")
+    p.add_argument("--extensions", nargs="+", metavar="EXT", default=None,
+                   help="image file extensions to read besides jpg jpeg png webp bmp gif tiff tif, e.g. ico ppm tga "
+                        "(the summary's ignored_decodable counts the files Pillow could decode that were left out)")
     p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
                    help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:9000"}\', or per '
                         'protocol when a run mixes stores: \'{"s3": {...}, "gs": {...}}\'')
@@ -105,7 +112,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``gq tokenize`` (called by gq_model.cli)."""
-    p = subparsers.add_parser("tokenize", help="tokenize an image dataset into token shards (Ray Data)",
+    p = subparsers.add_parser("tokenize", help="tokenize an image dataset into token shards (one process, or Ray actors)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
     p.set_defaults(func=run)
@@ -162,7 +169,15 @@ def _tokenize(tokenize, args: argparse.Namespace) -> dict:
                     model_placement=args.model_placement, max_failed_units=args.max_failed_units,
                     max_attempts=args.max_attempts, input_list=args.input_list,
                     input_list_column=args.input_list_column, relist=args.relist, allow_empty=args.allow_empty,
-                    verbose=args.verbose, force_lease=args.force_lease)
+                    verbose=args.verbose, allow_external_refs=_external_refs(args.allow_external_refs),
+                    extensions=args.extensions, force_lease=args.force_lease)
+
+
+def _external_refs(given: list[str] | None) -> tuple[str, ...]:
+    """``--allow-external-refs`` alone allows any reference ("*"); with prefixes, only those; absent, none."""
+    if given is None:
+        return ()
+    return tuple(given) if given else ("*",)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,7 @@ def single(images_dir, tiny_model_dir, tmp_path_factory):
     """One in-process run without metric weights: (report, stdout, stderr)."""
     out = tmp_path_factory.mktemp("eval_out") / "nested" / "report.json"
     rc, stdout, stderr = _gq("--model", tiny_model_dir, "--input", images_dir, "--image-size", 32,
-                             "--batch-size", 4, "--json", out)
+                             "--batch-size", 4, "--no-lpips", "--no-fid", "--json", out)
     assert rc == 0, stderr
     return json.loads(out.read_text()), stdout, stderr
 
@@ -176,7 +176,7 @@ def test_fsspec_memory_input_and_output(images_dir, tiny_model_dir):
     for f in list_images(images_dir, limit=2)[0]:
         mem.pipe(f"/evalimgs/{f.rsplit('/', 1)[1]}", Path(f[len("file://"):]).read_bytes())
     rc, _, stderr = _gq("--model", tiny_model_dir, "--input", "memory://evalimgs", "--image-size", 32,
-                        "--json", "memory://evalout/r.json")
+                        "--no-lpips", "--no-fid", "--json", "memory://evalout/r.json")
     assert rc == 0, stderr
     report = json.loads(mem.cat("/evalout/r.json"))
     assert report["protocol"]["num_images"] == 2 and report["protocol"]["first_file"] == "memory:///evalimgs/img0.jpg"
@@ -201,7 +201,7 @@ def _assert_same_numbers(a: dict, b: dict):
 def test_ray_pool_gives_the_single_process_totals(single, images_dir, tiny_model_dir, tmp_path, ray_cluster):
     out = tmp_path / "ray.json"
     rc, _, stderr = _gq("--model", tiny_model_dir, "--input", images_dir, "--image-size", 32, "--batch-size", 4,
-                        "--workers", 2, "--json", out)
+                        "--workers", 2, "--no-lpips", "--no-fid", "--json", out)
     assert rc == 0, stderr
     report = json.loads(out.read_text())
     assert report["protocol"]["mode"] == "ray" and report["protocol"]["processes"] == 2
@@ -216,7 +216,7 @@ def test_torchrun_gives_the_single_process_totals(single, images_dir, tiny_model
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [str(torchrun), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "jobs.eval", "--model", tiny_model_dir, "--input", images_dir,
-           "--image-size", "32", "--batch-size", "4", "--json", str(out)]
+           "--image-size", "32", "--batch-size", "4", "--no-lpips", "--no-fid", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -231,10 +231,10 @@ def test_torchrun_gives_the_single_process_totals(single, images_dir, tiny_model
     (["--lpips-weights", "/nonexistent/dir"], "missing alex.pth"),
 ])
 def test_bad_arguments_fail_with_a_message(images_dir, tiny_model_dir, extra, message):
-    rc, _, stderr = _gq("--model", tiny_model_dir, "--input", images_dir, "--image-size", 32, *extra)
+    rc, _, stderr = _gq("--model", tiny_model_dir, "--input", images_dir, "--image-size", 32, "--no-fid", *extra)
     assert rc == 1 and message in stderr
 
 
 def test_reference_checkpoint_needs_its_config(images_dir, tmp_path):
-    rc, _, stderr = _gq("--model", tmp_path / "x.ckpt", "--input", images_dir)
+    rc, _, stderr = _gq("--model", tmp_path / "x.ckpt", "--input", images_dir, "--no-lpips", "--no-fid")
     assert rc == 1 and "--reference-config or --preset" in stderr

@@ -57,12 +57,23 @@ def test_lpips_is_pinned_to_eval(tmp_path):
     assert torch.equal(lp(x, y), lp(x, y))  # dropout off: deterministic
 
 
-def test_lpips_missing_weights_warns_and_turns_off(tmp_path):
-    with pytest.warns(RuntimeWarning, match="PERCEPTUAL LOSS TERM IS OFF"):
-        assert build_lpips(None, None) is None
+def test_lpips_without_weights_is_an_error_never_silently_off(tmp_path, monkeypatch):
+    """Nothing given, nothing cached, downloads off: an error naming the files and the ways out (never None)."""
+    from gq_model.weights import WeightsUnavailable
+
+    monkeypatch.setenv("GQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GQ_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailable, match=r"(?s)vgg16-397923af\.pth.*lpips-v0\.1-vgg\.pth.*"
+                                                 r"gq weights fetch lpips-vgg.*loss\.perceptual_weight=0"):
+        build_lpips(None, None)
     vgg_path, _ = write_lpips_files(tmp_path)
-    with pytest.warns(RuntimeWarning, match="does not exist"):
-        assert build_lpips(vgg_path, str(tmp_path / "missing" / "vgg.pth")) is None
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # an explicit path is used as given, or fails
+        build_lpips(vgg_path, str(tmp_path / "missing" / "vgg.pth"))
+
+
+def test_lpips_explicit_files_that_are_not_the_published_ones_warn(tmp_path):
+    with pytest.warns(RuntimeWarning, match="not the published vgg16-397923af.pth"):
+        build_lpips(*write_lpips_files(tmp_path))
 
 
 def test_lpips_rejects_wrong_files(tmp_path):

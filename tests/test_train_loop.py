@@ -88,7 +88,8 @@ def test_every_loss_term_bf16_zero1_accumulation_and_corrupt_data(tmp_path, capl
                            "run.log_every=1", "run.progress=false", "run.threads=1", f"data.train={imgs}",
                            "data.repeat=1", "data.batch_size=4", "data.holdout=2", "data.num_workers=1",
                            "deepspeed.zero_stage=1", "deepspeed.precision=bf16", "deepspeed.grad_accum=2",
-                           "deepspeed.grad_clip=1.0", f"loss.lpips.vgg_path={vgg}", f"loss.lpips.lin_path={lin}",
+                           "deepspeed.grad_clip=1.0", "loss.perceptual_weight=1.0", f"loss.lpips.vgg_path={vgg}",
+                           f"loss.lpips.lin_path={lin}",
                            "loss.vf.enabled=true", f"loss.vf.model={tmp_path / 'feat.pt'}", "loss.vf.input_size=32"])
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]

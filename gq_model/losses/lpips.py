@@ -1,6 +1,7 @@
-"""LPIPS (VGG16 variant) in plain torch, loading the published weight files from a path: never a download.
+"""LPIPS (VGG16 variant) in plain torch, with the published weight files resolved by :mod:`gq_model.weights`.
 
-Two files are needed, exactly as published:
+Two files are needed, exactly as published (each from an explicit path, else gq's cache, else (the heads) an installed
+``lpips`` package, else a verified download; ``gq weights fetch lpips-vgg`` pre-fetches them):
 
 * torchvision's ``vgg16`` ImageNet state dict (``vgg16-397923af.pth``): keys ``features.{0,2,5,...,28}.{weight,bias}``
   (``classifier.*`` is ignored);
@@ -14,16 +15,19 @@ no-op), so the heads' dropout is never active (the reference's rank-0 image logg
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
-import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["VGG16Features", "LPIPS", "LinearHead", "unit_normalize", "build_lpips", "load_state_dict_file"]
+from gq_model.weights import FILES, Resolved, WeightsUnavailable, check_explicit_digest, resolve_group
+
+__all__ = ["VGG16Features", "LPIPS", "LinearHead", "unit_normalize", "build_lpips", "resolve_lpips_files",
+           "load_resolved", "load_state_dict_file", "WeightsUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +40,25 @@ LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 
 def load_state_dict_file(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """A tensor state dict from a local path or fsspec URL, read with ``weights_only=True`` (no arbitrary pickle)."""
+    return _load_with_digest(url, storage_options)[0]
+
+
+def _load_with_digest(url: str,
+                      storage_options: Mapping[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, sha256 of the file's bytes), from one read."""
     import fsspec
 
     from gq_model.storage import options_for
 
     with fsspec.open(os.fspath(url), "rb", **options_for(url, storage_options)) as f:
         data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
     sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise ValueError(f"{url}: expected a state dict, got {type(sd).__name__}")
-    return sd
+    return sd, digest
 
 
 class VGG16Features(nn.Module):
@@ -132,31 +143,47 @@ class LPIPS(nn.Module):
         return total
 
 
-def build_lpips(vgg_path: str | None, lin_path: str | None,
-                storage_options: Mapping[str, Any] | None = None) -> LPIPS | None:
-    """An LPIPS loaded from the two weight files, or ``None`` (with a loud warning) when either is not available.
+TRAINING_WAYS_OUT = (
+    "or give the files explicitly: loss.lpips.vgg_path=<vgg16-397923af.pth> loss.lpips.lin_path=<vgg.pth>;",
+    "or train without the perceptual loss, on purpose: loss.perceptual_weight=0",
+)
 
-    Missing weights turn the perceptual term *off*; nothing is ever downloaded.
+
+def resolve_lpips_files(vgg_path: str | None = None, lin_path: str | None = None,
+                        storage_options: Mapping[str, Any] | None = None, *, purpose: str | None = None,
+                        ways_out: Sequence[str] = TRAINING_WAYS_OUT, **resolve_kw) -> dict[str, Resolved]:
+    """The two LPIPS-VGG files (keys ``vgg16`` and ``lpips-vgg-heads``), each from its explicit path or else the
+    cache / installed lpips package / a verified download (:mod:`gq_model.weights`); :class:`WeightsUnavailable`
+    naming the files, URLs, hashes and ways out when they cannot be had. Cheap when they are cached: call it before
+    building anything expensive."""
+    return resolve_group("lpips-vgg", {"vgg16": vgg_path, "lpips-vgg-heads": lin_path}, purpose=purpose,
+                         ways_out=ways_out, storage_options=storage_options, **resolve_kw)
+
+
+def load_resolved(r: Resolved, storage_options: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of a resolved weight file. An explicit file is hashed as it is read and compared with the
+    published digest (a warning when it differs); the other sources were verified when they were resolved."""
+    if r.source != "explicit":
+        return load_state_dict_file(r.path)
+    sd, digest = _load_with_digest(r.path, storage_options)
+    check_explicit_digest(FILES[r.key], r.path, digest)
+    return sd
+
+
+def build_lpips(vgg_path: str | None = None, lin_path: str | None = None,
+                storage_options: Mapping[str, Any] | None = None, *,
+                resolved: Mapping[str, Resolved] | None = None, **resolve_kw) -> LPIPS:
+    """An LPIPS-VGG with the published weights, frozen. Never ``None``: weights that cannot be found or fetched
+    raise :class:`WeightsUnavailable` (the perceptual term is never silently dropped).
+
+    ``vgg_path`` / ``lin_path``: explicit files (local or fsspec URLs); unset ones resolve through the cache, an
+    installed lpips package, then a verified download. ``resolved``: the result of :func:`resolve_lpips_files`.
     """
-    problems = []
-    for name, path in (("vgg_path (torchvision vgg16 state dict)", vgg_path), ("lin_path (LPIPS vgg.pth)", lin_path)):
-        if not path:
-            problems.append(f"{name} is not set")
-            continue
-        try:
-            from gq_model.storage import url_to_fs
-
-            fs, p = url_to_fs(path, storage_options)
-            if not fs.exists(p):
-                problems.append(f"{name} {path!r} does not exist")
-        except Exception as e:  # a broken URL is a missing file for this purpose
-            problems.append(f"{name} {path!r} cannot be opened ({e})")
-    if problems:
-        msg = ("LPIPS weights not available: " + "; ".join(problems) + ". THE PERCEPTUAL LOSS TERM IS OFF "
-               "(training continues with L1 only). Set loss.lpips.vgg_path and loss.lpips.lin_path to enable it.")
-        log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        return None
+    files = resolved if resolved is not None else resolve_lpips_files(vgg_path, lin_path, storage_options,
+                                                                      **resolve_kw)
+    for key, r in files.items():
+        log.info("LPIPS %s: %s (%s%s)", key, r.path, r.source, ", verified" if r.verified else "")
     model = LPIPS()
-    model.load_weights(load_state_dict_file(vgg_path, storage_options), load_state_dict_file(lin_path, storage_options))
+    model.load_weights(load_resolved(files["vgg16"], storage_options),
+                       load_resolved(files["lpips-vgg-heads"], storage_options))
     return model

@@ -3,7 +3,8 @@
 * :mod:`.image`: PSNR and SSIM on the [0, 255] scale (the reference eval's definitions);
 * :mod:`.frechet`: Fréchet distance and mergeable feature statistics (FID);
 * :mod:`.inception`: the FID InceptionV3 loading the standard ``pt_inception-2015-12-05`` file;
-* :mod:`.lpips_alex`: LPIPS with the AlexNet backbone from local weight files;
+* :mod:`.lpips_alex`: LPIPS with the AlexNet backbone from the published weight files;
+  (both resolve their files through :mod:`gq_model.weights`: explicit path, cache, verified download)
 * :mod:`.codebook_usage`: exact usage / entropy / perplexity;
 * :mod:`.advisor`: the codebook-size advisor built on the paper's theorem;
 * :mod:`.evaluator`: all of the above over a stream of batches, mergeable across processes.

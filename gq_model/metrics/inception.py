@@ -1,7 +1,9 @@
 """The FID InceptionV3 (pool3, 2048-d) in plain torch, loading the standard ``pt_inception-2015-12-05-6726825d.pth``.
 
 Why our own: torchvision (and with it pytorch-fid / torch-fidelity) cannot be installed next to the CPU torch used
-here, and nothing may be downloaded. rFID is only comparable across papers if the *TF 2015-12-05 Inception graph* is
+here. The weight file is given explicitly (``gq eval --inception-weights``) or resolved by :mod:`gq_model.weights`
+(gq's cache, else a download checked against the file name's SHA-256 prefix; ``gq weights fetch fid-inception``).
+rFID is only comparable across papers if the *TF 2015-12-05 Inception graph* is
 used, so this module reproduces the layout that file was published for: torchvision's ``Inception3`` module tree
 (``num_classes=1008``, no auxiliary head) with the Mixed blocks swapped for the FID variants, which differ from the
 torchvision ones only in pooling:
@@ -26,11 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FIDInceptionV3", "load_fid_inception", "FID_WEIGHTS_NAME", "FID_WEIGHTS_SHA256_PREFIX"]
+from gq_model.weights import FILES, resolve_group
 
-FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+__all__ = ["FIDInceptionV3", "load_fid_inception", "build_fid_inception", "FID_WEIGHTS_NAME",
+           "FID_WEIGHTS_SHA256_PREFIX", "EVAL_WAYS_OUT"]
+
+FID_WEIGHTS_NAME = FILES["fid-inception"].name
 # torch.hub names weight files <name>-<first 8 hex digits of the file's sha256>.pth.
-FID_WEIGHTS_SHA256_PREFIX = "6726825d"
+FID_WEIGHTS_SHA256_PREFIX = FILES["fid-inception"].sha256_prefix
+EVAL_WAYS_OUT = (f"or give the file: --inception-weights {FID_WEIGHTS_NAME};", "or skip rFID on purpose: --no-fid")
 
 
 class BasicConv2d(nn.Module):
@@ -227,3 +233,16 @@ def load_fid_inception(url: str) -> tuple[FIDInceptionV3, dict]:
                       stacklevel=2)
     return model.eval().requires_grad_(False), {"path": fs.unstrip_protocol(path), "sha256": digest,
                                                 "official": official}
+
+
+def build_fid_inception(url: str | None = None, **resolve_kw) -> tuple[FIDInceptionV3, dict]:
+    """The FID InceptionV3 from ``url`` when given (see :func:`load_fid_inception`), else from gq's weight resolution
+    (cache -> verified download); :class:`gq_model.weights.WeightsUnavailable` with the ways out otherwise."""
+    if url:
+        model, info = load_fid_inception(url)
+        return model, {**info, "source": "explicit"}
+    resolve_kw.setdefault("ways_out", EVAL_WAYS_OUT)
+    resolve_kw.setdefault("purpose", "gq eval's rFID")
+    r = resolve_group("fid-inception", **resolve_kw)["fid-inception"]
+    model, info = load_fid_inception(r.path)
+    return model, {**info, "source": r.source}

@@ -1,7 +1,9 @@
 """LPIPS with the AlexNet backbone (``lpips.LPIPS(net="alex")``, version 0.1), the variant the reference eval reports.
 
 Why our own: the ``lpips`` package needs torchvision and downloads the ImageNet backbone at construction; neither works
-here. This module rebuilds the documented metric from two local files:
+here. This module rebuilds the documented metric from two files, given as a directory (``gq eval --lpips-weights``) or
+resolved by :mod:`gq_model.weights` (gq's cache, an installed lpips package for the heads, a verified download;
+``gq weights fetch lpips-alex`` pre-fetches them):
 
 * torchvision's AlexNet state dict (``alexnet-owt-7be5be79.pth``): only ``features.{0,3,6,8,10}.*`` are used,
   ``classifier.*`` is accepted and ignored; the five ReLU outputs (64, 192, 384, 256, 256 channels) are the taps;
@@ -22,9 +24,14 @@ import fsspec
 import torch
 from torch import nn
 
-from gq_model.losses.lpips import LinearHead, unit_normalize, load_state_dict_file
+from gq_model.losses.lpips import LinearHead, load_resolved, unit_normalize
+from gq_model.weights import Resolved, resolve_group
 
-__all__ = ["AlexNetFeatures", "LPIPSAlex", "load_lpips_alex", "ALEX_CHANNELS", "find_lpips_files"]
+__all__ = ["AlexNetFeatures", "LPIPSAlex", "load_lpips_alex", "build_lpips_alex", "ALEX_CHANNELS",
+           "find_lpips_files", "EVAL_WAYS_OUT"]
+
+EVAL_WAYS_OUT = ("or point gq eval at a directory holding alexnet*.pth and alex.pth: --lpips-weights DIR;",
+                 "or skip LPIPS on purpose: --no-lpips")
 
 ALEX_CHANNELS = (64, 192, 384, 256, 256)
 # The ScalingLayer constants of LPIPS: ImageNet mean/std expressed for inputs in [-1, 1].
@@ -86,6 +93,8 @@ def find_lpips_files(directory: str) -> tuple[str, str]:
     what is missing. The backbone is the first ``alexnet*.pth`` in sorted order."""
     fs, root = fsspec.core.url_to_fs(str(directory))
     heads = posixpath.join(root, "alex.pth")
+    if not fs.isfile(heads) and fs.isfile(posixpath.join(root, "lpips-v0.1-alex.pth")):  # gq's cache names it so
+        heads = posixpath.join(root, "lpips-v0.1-alex.pth")
     backbones = sorted(fs.glob(posixpath.join(root, "alexnet*.pth")))
     missing = []
     if not fs.isfile(heads):
@@ -98,10 +107,27 @@ def find_lpips_files(directory: str) -> tuple[str, str]:
 
 
 def load_lpips_alex(directory: str) -> tuple[LPIPSAlex, dict]:
-    """LPIPS-Alex from a directory holding ``alexnet*.pth`` and ``alex.pth``; both loaded strictly (CPU)."""
+    """LPIPS-Alex from a directory holding ``alexnet*.pth`` and ``alex.pth``; both loaded strictly (CPU). Files that
+    are not the published ones load with a warning (their LPIPS is not comparable with published numbers)."""
     backbone_path, heads_path = find_lpips_files(directory)
-    backbone = load_state_dict_file(backbone_path)
-    heads = load_state_dict_file(heads_path)
+    return _load(Resolved("alexnet", backbone_path, "explicit"), Resolved("lpips-alex-heads", heads_path, "explicit"))
+
+
+def build_lpips_alex(directory: str | None = None, **resolve_kw) -> tuple[LPIPSAlex, dict]:
+    """LPIPS-Alex from ``directory`` when given, else from gq's weight resolution (cache -> installed lpips package
+    -> verified download); :class:`gq_model.weights.WeightsUnavailable` with the ways out when they cannot be had."""
+    if directory:
+        return load_lpips_alex(directory)
+    resolve_kw.setdefault("ways_out", EVAL_WAYS_OUT)
+    resolve_kw.setdefault("purpose", "gq eval's LPIPS")
+    files = resolve_group("lpips-alex", **resolve_kw)
+    return _load(files["alexnet"], files["lpips-alex-heads"])
+
+
+def _load(backbone_file: Resolved, heads_file: Resolved) -> tuple[LPIPSAlex, dict]:
+    backbone_path, heads_path = backbone_file.path, heads_file.path
+    backbone = load_resolved(backbone_file)
+    heads = load_resolved(heads_file)
     other = sorted(k for k in backbone if not k.startswith(("features.", "classifier.")))
     if other:
         raise ValueError(f"{backbone_path}: unexpected keys for a torchvision AlexNet: {other[:5]}")
@@ -111,4 +137,5 @@ def load_lpips_alex(directory: str) -> tuple[LPIPSAlex, dict]:
         raise ValueError(f"{heads_path}: expected LPIPS alex.pth keys {sorted(heads_only)}, got {sorted(heads)[:6]}")
     model.load_state_dict({**{f"net.{k}": v for k, v in backbone.items() if k.startswith("features.")}, **heads},
                           strict=True)
-    return model.eval().requires_grad_(False), {"backbone": backbone_path, "heads": heads_path}
+    return model.eval().requires_grad_(False), {"backbone": backbone_path, "heads": heads_path,
+                                                "sources": [backbone_file.source, heads_file.source]}

@@ -27,8 +27,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "loss": {
         "rec": "l1",                 # l1 | l2, elementwise, summed per image like the reference
-        "perceptual_weight": 1.0,
-        "lpips": {"vgg_path": None, "lin_path": None},   # torchvision vgg16 state dict + LPIPS vgg.pth
+        "perceptual_weight": 1.0,    # LPIPS-VGG, as the reference; 0 turns it off (only ever on purpose)
+        # explicit weight files (local/fsspec); null: gq's cache, else a verified download (gq weights fetch lpips-vgg)
+        "lpips": {"vgg_path": None, "lin_path": None},   # torchvision vgg16-397923af.pth + LPIPS v0.1 vgg.pth
         "learn_logvar": True,
         "logvar_init": 0.0,
         "kl_weight": 0.1,
@@ -198,6 +199,8 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError("data.batch_size and data.image_size must be positive")
     if cfg.loss.rec not in ("l1", "l2"):
         raise ValueError(f"loss.rec must be l1 or l2, got {cfg.loss.rec!r}")
+    if float(cfg.loss.perceptual_weight) < 0:
+        raise ValueError(f"loss.perceptual_weight must be >= 0 (0 turns LPIPS off), got {cfg.loss.perceptual_weight}")
     if cfg.loss.disc.loss not in ("hinge", "vanilla"):
         raise ValueError(f"loss.disc.loss must be hinge or vanilla, got {cfg.loss.disc.loss!r}")
     if cfg.loss.vf.enabled and not cfg.loss.vf.model:

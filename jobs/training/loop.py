@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 
 from gq_model import GQModel, TDCRegularizer
 from gq_model.losses import NLayerDiscriminator, build_lpips, load_feature_model
+from gq_model.losses.lpips import WeightsUnavailable, resolve_lpips_files
 from gq_model.tdc import kl_bits_per_group
 from jobs.training import checkpoint as ckpt
 from jobs.training.config import build_gq_config, load_config, tdc_settings, to_container
@@ -99,6 +100,7 @@ class Trainer:
         random.seed(seed)
 
         self.storage_options = OmegaConf.to_container(cfg.data.storage_options) if cfg.data.storage_options else {}
+        lpips_files = self._resolve_perceptual()  # before any data or model: missing weights stop the run here
         self.gq_config = build_gq_config(cfg)
         self.ga = int(cfg.deepspeed.grad_accum)
         self._setup_data()
@@ -127,12 +129,9 @@ class Trainer:
         if disc is not None:
             broadcast_module(disc)
 
-        lp = cfg.loss.lpips
         lpips = None
-        if float(cfg.loss.perceptual_weight) > 0:
-            lpips = build_lpips(lp.vgg_path, lp.lin_path, self.storage_options)
-            if lpips is not None:
-                lpips = lpips.to(d.device)
+        if lpips_files is not None:
+            lpips = build_lpips(resolved=lpips_files, storage_options=self.storage_options).to(d.device)
         gc = self.gq_config
         self.tdc = TDCRegularizer(codebook_size=gc.codebook_size, group=gc.group, logvar_range=gc.logvar_range,
                                   layout=gc.layout, **tdc_settings(cfg)).to(d.device)
@@ -188,6 +187,38 @@ class Trainer:
             np.random.seed(rs % (2 ** 32))
             random.seed(rs)
         return self
+
+    def _resolve_perceptual(self) -> dict | None:
+        """The LPIPS-VGG weight files when ``loss.perceptual_weight > 0`` (None when it is 0, on purpose).
+
+        Local rank 0 of every node resolves first (so a download happens once per node, into the shared cache), the
+        outcome is gathered from every rank, and all ranks raise the same :class:`WeightsUnavailable` if any failed;
+        then the other ranks find the files in the cache.
+        """
+        cfg, d = self.cfg, self.dist
+        if float(cfg.loss.perceptual_weight) <= 0:
+            log.info("perceptual loss off: loss.perceptual_weight=%s", cfg.loss.perceptual_weight)
+            return None
+        lp = cfg.loss.lpips
+        purpose = f"the perceptual loss, loss.perceptual_weight={cfg.loss.perceptual_weight}"
+
+        def resolve():
+            return resolve_lpips_files(lp.vgg_path, lp.lin_path, self.storage_options, purpose=purpose)
+
+        files, error = None, None
+        if d.local_rank == 0:
+            try:
+                files = resolve()
+            except (WeightsUnavailable, FileNotFoundError) as e:
+                error = str(e)
+        errors = [error]
+        if d.distributed and d.world_size > 1:
+            errors = [None] * d.world_size
+            dist.all_gather_object(errors, error)
+        failed = [e for e in errors if e]
+        if failed:
+            raise WeightsUnavailable(error or f"(on another rank) {failed[0]}")
+        return files if files is not None else resolve()
 
     def _setup_data(self) -> None:
         cfg, d = self.cfg, self.dist

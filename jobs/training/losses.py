@@ -137,7 +137,10 @@ class GQLoss(nn.Module):
         self.lpips = lpips
         self.vf_model = vf_model
         self.rec_kind = loss.rec
-        self.perceptual_weight = float(loss.perceptual_weight) if lpips is not None else 0.0
+        self.perceptual_weight = float(loss.perceptual_weight)
+        if self.perceptual_weight > 0 and lpips is None:  # never a silent fall-back to L1 alone
+            raise ValueError("loss.perceptual_weight > 0 needs an LPIPS module (set loss.perceptual_weight=0 to "
+                             "train without the perceptual loss)")
         self.kl_weight = float(loss.kl_weight)
         self.disc_enabled = bool(loss.disc.enabled)
         self.disc_start = int(loss.disc.start)
