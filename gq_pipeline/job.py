@@ -369,7 +369,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                                 image_size=image_size, crop=crop, max_pixels=max_pixels, multiple_of=factor,
                                 image_column=image_column, batch_size=batch_size,
                                 decode_threads=resources["decode_threads"],
-                                allow_external_refs=tuple(allow_external_refs or ()), extensions=tuple(extensions or ()),
+                                allow_external_refs=tuple(allow_external_refs or ()),
+                                extensions=tuple(extensions or ()),
                                 niceness=10 if resources["gpus_per_worker"] == 0 else 0)
                 budget = FailureBudget(max_failed_units, len(todo))
                 t_run = time.perf_counter()
