@@ -142,9 +142,15 @@ def discard_unit(store: OutputStore, staged: StagedUnit) -> None:
 
 
 def commit_staged(store: OutputStore, staged: StagedUnit) -> bool:
-    """Steps 2 and 3: create the record (the commit point), then publish. False when another run had created this
-    unit's record first: then this try's staged files are discarded and nothing of it is visible."""
-    if store.commit(staged.record) is False:
+    """Steps 2 and 3: create the record (the commit point), then publish. False when another run had created a
+    different record of this unit first (``OutputStore.commit`` creates records conditionally): that one stands,
+    this try's staged files are discarded and nothing of it is visible, and the caller must not count the unit.
+
+    A byte-identical record is an earlier attempt of this same unit (a worker that died after its record, before
+    publishing): names and bytes are deterministic, so this try publishes its files and the unit counts once, in
+    place of the attempt whose outcome was lost."""
+    if not store.commit(staged.record) and (store.read_record(staged.record["unit_id"])
+                                            != json.loads(json.dumps(staged.record))):
         discard_unit(store, staged)
         return False
     publish_unit(store, staged)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from gq_pipeline.lease import OutputLease
 from gq_pipeline.manifest import OutputStore, manifest_unit_entry
 from gq_pipeline.model_loader import load_model
 from gq_pipeline.plan_store import PLAN_DIR
@@ -247,8 +248,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
              max_failed_units: str | int | float | None = None, max_attempts: int = 3,
              input_list: str | None = None, input_list_column: str | None = None, relist: bool = False,
              allow_empty: bool = False, verbose: bool = False,
-             allow_external_refs: Sequence[str] | None = None, extensions: Sequence[str] | None = None
-             ) -> dict[str, Any]:
+             allow_external_refs: Sequence[str] | None = None, extensions: Sequence[str] | None = None,
+             force_lease: bool = False) -> dict[str, Any]:
     """Tokenize image inputs into token shards under ``output``; returns the run summary (also in manifest.json).
 
     Safe to rerun after a crash: committed units are skipped, unfinished ones redone with identical output names
@@ -303,146 +304,152 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     if ignored_note(plan):
         _log(progress, ignored_note(plan))
     _check_first_parquet(plan.units, image_column, storage_options)
-    state = store.load()
-    store.check_compatible(state, ctx)
-    store.prepare()  # after the check: a refused output is left exactly as it was
-    records = dict(state.records)
-    replanned = reconcile_with_committed(plan.units, records, unit_size, store.committed_sources)
-    if replanned.changed_dirs:
-        _log(progress, "note: " + replanned.describe())
+    # One writer per output (gq_pipeline.lease): taken before the state is read, so no other run commits between
+    # the listing this run plans from and its own commits; a second run refuses here.
+    with OutputLease.for_store(store, force=force_lease, log=lambda m: _log(progress, m)) as lease:
+        state = store.load()
+        store.check_compatible(state, ctx)
+        store.prepare(temp_stale_s=lease.temp_grace_s)  # after the check: a refused output is left as it was
+        records = dict(state.records)
+        replanned = reconcile_with_committed(plan.units, records, unit_size, store.committed_sources)
+        if replanned.changed_dirs:
+            _log(progress, "note: " + replanned.describe())
 
-    def is_done(uid: str) -> bool:
-        r = records.get(uid)
-        return r is not None and set(formats) <= set(r.get("formats", ())) and (not latents or r.get("latents"))
+        def is_done(uid: str) -> bool:
+            r = records.get(uid)
+            return r is not None and set(formats) <= set(r.get("formats", ())) and (not latents or r.get("latents"))
 
-    # List units need no reconciling (content-hashed fixed ranges). Iterating them plans the list (persisted under
-    # _plan/, after the compatibility check above); a streaming driver would consume plan.list_units lazily.
-    planned = replanned.units + list(plan.list_units)
-    if input_list:
-        how = "read from the persisted plan" if plan.list_units.reused else "planned into _plan/"
-        _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
-    if not planned and not allow_empty:
-        where = ", ".join(list(inputs)[:3] + ([input_list] if input_list else []))
-        raise ValueError(f"no inputs found in {where} ({plan.listed} files listed, {plan.ignored} not images): "
-                         f"check the path, or pass --allow-empty to accept an empty run")
-    todo = [u for u in planned if not is_done(u.unit_id)]
-    skipped = len(planned) - len(todo)
-    plan_s = time.perf_counter() - t0
-    _log(progress, f"{skipped} units already committed, {len(todo)} to do")
+        # List units need no reconciling (content-hashed fixed ranges). Iterating them plans the list (persisted under
+        # _plan/, after the compatibility check above); a streaming driver would consume plan.list_units lazily.
+        planned = replanned.units + list(plan.list_units)
+        if input_list:
+            how = "read from the persisted plan" if plan.list_units.reused else "planned into _plan/"
+            _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
+        if not planned and not allow_empty:
+            where = ", ".join(list(inputs)[:3] + ([input_list] if input_list else []))
+            raise ValueError(f"no inputs found in {where} ({plan.listed} files listed, {plan.ignored} not images): "
+                             f"check the path, or pass --allow-empty to accept an empty run")
+        todo = [u for u in planned if not is_done(u.unit_id)]
+        skipped = len(planned) - len(todo)
+        plan_s = time.perf_counter() - t0
+        _log(progress, f"{skipped} units already committed, {len(todo)} to do")
 
-    # ---------------------------------------------------------------- run
-    failed: list[dict[str, str]] = []
-    new_records: list[dict[str, Any]] = []
-    hist_total = np.zeros(c.codebook_size, dtype=np.int64)
-    stage = {"read_decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
-    pipeline_s = 0.0
-    pipeline_error: Exception | None = None
-    resources: dict[str, Any] = {}
-    run_stats = None
-    interrupted = False
-    if todo:
-        started = False
-        if _needs_ray(ray_address, model_placement, gpus_per_worker, workers, cpus_per_worker):
-            started = _ensure_ray(ray_address, num_cpus, object_store_memory, verbose)
-            resources = _resources(gpus_per_worker, workers, cpus_per_worker, decode_threads, model_placement)
-        else:
-            resources = _local_resources(decode_threads)
-        try:
-            if precision == "bf16" and resources["gpus_per_worker"] == 0:
-                raise ValueError("--precision bf16 runs the encoder in bf16 on GPU actors, but this run has none "
-                                 "(no GPUs in the cluster, or --gpus-per-worker 0); use --precision fp32")
-            if resources["model_placement"] == "driver":
-                _log(progress, f"model in this process ({resources['cpus_per_worker']:g} CPU threads, "
-                               f"{resources['decode_threads']} decode threads)")
+        # ---------------------------------------------------------------- run
+        failed: list[dict[str, str]] = []
+        new_records: list[dict[str, Any]] = []
+        hist_total = np.zeros(c.codebook_size, dtype=np.int64)
+        stage = {"read_decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+        pipeline_s = 0.0
+        pipeline_error: Exception | None = None
+        resources: dict[str, Any] = {}
+        run_stats = None
+        interrupted = False
+        if todo:
+            started = False
+            if _needs_ray(ray_address, model_placement, gpus_per_worker, workers, cpus_per_worker):
+                started = _ensure_ray(ray_address, num_cpus, object_store_memory, verbose)
+                resources = _resources(gpus_per_worker, workers, cpus_per_worker, decode_threads, model_placement)
             else:
-                _log(progress, f"{resources['workers']} model worker(s), {resources['gpus_per_worker']:g} GPU / "
-                               f"{resources['cpus_per_worker']:g} CPU / {resources['decode_threads']} decode threads "
-                               f"each; cluster {resources['cluster_cpus']:g} CPU {resources['cluster_gpus']:g} GPU")
-                if resources["gpus_per_worker"] > 0 and resources["cluster_gpus"] == 0:
-                    _log(progress, "no GPU node has joined the cluster yet: the workers wait for one (autoscaling)")
-            spec = WorkSpec(output=store.url, storage_options=storage_options, ctx=ctx, formats=formats,
-                            image_size=image_size, crop=crop, max_pixels=max_pixels, multiple_of=factor,
-                            image_column=image_column, batch_size=batch_size,
-                            decode_threads=resources["decode_threads"],
-                            allow_external_refs=tuple(allow_external_refs or ()), extensions=tuple(extensions or ()),
-                            niceness=10 if resources["gpus_per_worker"] == 0 else 0)
-            budget = FailureBudget(max_failed_units, len(todo))
-            t_run = time.perf_counter()
-            with _stop_signals(), _worker_pool(gq, spec, resources, precision, latents) as pool:
-                try:
-                    run_stats = run_units(pool, (u.to_dict() for u in todo), budget=budget,
-                                          max_attempts=max_attempts,
-                                          on_progress=_progress_logger(progress, len(todo), t_run))
-                except FailureBudgetExceeded as e:
-                    run_stats, pipeline_error = e.stats, e
-                except NoWorkersError as e:
-                    pipeline_error = e
-                except Interrupted as e:
-                    run_stats, interrupted = e.stats, True
-                pipeline_s = time.perf_counter() - t_run
-                for st in pool.stats():
-                    hist_total += st["hist"]
-                    stage["oom_halvings"] = stage.get("oom_halvings", 0) + st.get("oom_halvings", 0)
-        finally:
-            if started:
-                import ray
+                resources = _local_resources(decode_threads)
+            try:
+                if precision == "bf16" and resources["gpus_per_worker"] == 0:
+                    raise ValueError("--precision bf16 runs the encoder in bf16 on GPU actors, but this run has none "
+                                     "(no GPUs in the cluster, or --gpus-per-worker 0); use --precision fp32")
+                if resources["model_placement"] == "driver":
+                    _log(progress, f"model in this process ({resources['cpus_per_worker']:g} CPU threads, "
+                                   f"{resources['decode_threads']} decode threads)")
+                else:
+                    _log(progress, f"{resources['workers']} model worker(s), {resources['gpus_per_worker']:g} GPU / "
+                                   f"{resources['cpus_per_worker']:g} CPU / {resources['decode_threads']} decode "
+                                   f"threads each; cluster {resources['cluster_cpus']:g} CPU "
+                                   f"{resources['cluster_gpus']:g} GPU")
+                    if resources["gpus_per_worker"] > 0 and resources["cluster_gpus"] == 0:
+                        _log(progress, "no GPU node has joined the cluster yet: the workers wait for one (autoscaling)")
+                spec = WorkSpec(output=store.url, storage_options=storage_options, ctx=ctx, formats=formats,
+                                image_size=image_size, crop=crop, max_pixels=max_pixels, multiple_of=factor,
+                                image_column=image_column, batch_size=batch_size,
+                                decode_threads=resources["decode_threads"],
+                                allow_external_refs=tuple(allow_external_refs or ()),
+                                extensions=tuple(extensions or ()),
+                                niceness=10 if resources["gpus_per_worker"] == 0 else 0)
+                budget = FailureBudget(max_failed_units, len(todo))
+                t_run = time.perf_counter()
+                with _stop_signals(), _worker_pool(gq, spec, resources, precision, latents) as pool:
+                    try:
+                        run_stats = run_units(pool, (u.to_dict() for u in todo), budget=budget,
+                                              max_attempts=max_attempts,
+                                              on_progress=_progress_logger(progress, len(todo), t_run, lease))
+                    except FailureBudgetExceeded as e:
+                        run_stats, pipeline_error = e.stats, e
+                    except NoWorkersError as e:
+                        pipeline_error = e
+                    except Interrupted as e:
+                        run_stats, interrupted = e.stats, True
+                    pipeline_s = time.perf_counter() - t_run
+                    for st in pool.stats():
+                        hist_total += st["hist"]
+                        stage["oom_halvings"] = stage.get("oom_halvings", 0) + st.get("oom_halvings", 0)
+            finally:
+                if started:
+                    import ray
 
-                ray.shutdown()
-        if run_stats is not None:
-            failed = run_stats.failed
-            for o in run_stats.committed:
-                new_records.append(o["record"])
-                stage["read_decode_s"] += o.get("read_s", 0.0)
-                stage["model_s"] += o.get("model_s", 0.0)
-                stage["write_s"] += o.get("write_s", 0.0)
-            stage["retries"], stage["workers_lost"] = run_stats.retries, run_stats.workers_lost
-            stage["already_committed_by_another_run"] = run_stats.already
-            stage["driver_bytes_received"] = run_stats.outcome_bytes
-        if new_records == [] and failed and len(failed) == len(todo) and pipeline_error is None:
-            # nothing committed and every unit failed: systematic (a broken model or store), not bad inputs
-            pipeline_error = RuntimeError(failed[0]["reason"])
+                    ray.shutdown()
+            if run_stats is not None:
+                failed = run_stats.failed
+                for o in run_stats.committed:
+                    new_records.append(o["record"])
+                    stage["read_decode_s"] += o.get("read_s", 0.0)
+                    stage["model_s"] += o.get("model_s", 0.0)
+                    stage["write_s"] += o.get("write_s", 0.0)
+                stage["retries"], stage["workers_lost"] = run_stats.retries, run_stats.workers_lost
+                stage["already_committed_by_another_run"] = run_stats.already
+                stage["driver_bytes_received"] = run_stats.outcome_bytes
+            if new_records == [] and failed and len(failed) == len(todo) and pipeline_error is None:
+                # nothing committed and every unit failed: systematic (a broken model or store), not bad inputs
+                pipeline_error = RuntimeError(failed[0]["reason"])
 
-    # ---------------------------------------------------------------- manifest and summary
-    for r in new_records:
-        records[r["unit_id"]] = r
-    all_records = [records[k] for k in sorted(records)]
-    tot_in = sum(r["inputs"] for r in all_records)
-    tot_ok = sum(r["tokenized"] for r in all_records)
-    tot_err = sum(r["errors"] for r in all_records)
-    by_kind: dict[str, int] = {}
-    for r in all_records:
-        for k, v in r.get("errors_by_kind", {}).items():
-            by_kind[k] = by_kind.get(k, 0) + v
-    run_in = sum(r["inputs"] for r in new_records)
-    wall = time.perf_counter() - t_start
-    busy = {k: stage[k] for k in ("read_decode_s", "model_s", "write_s")}
-    busy_total = sum(busy.values()) or 1.0
-    throughput = {
-        "wall_s": round(wall, 3), "list_s": round(plan.list_s, 3), "plan_s": round(plan_s, 3),
-        "pipeline_s": round(pipeline_s, 3), "images": run_in,
-        "images_per_s": round(run_in / pipeline_s, 2) if pipeline_s > 0 else None,
-        "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
-        "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
-        "model_utilization": (round(stage["model_s"] / (pipeline_s * resources["workers"]), 3)
-                              if pipeline_s > 0 and resources else None),
-        "resources": resources, "driver_bytes_received": stage.get("driver_bytes_received", 0),
-        "faults": {k: stage.get(k, 0) for k in ("retries", "workers_lost", "oom_halvings",
-                                                "already_committed_by_another_run")},
-    }
-    wids = store.write_wids_index(all_records)
-    manifest = {"format_version": FORMAT_VERSION, "model_fingerprint": ctx.model_fingerprint,
-                "codebook_fingerprint": ctx.codebook_fingerprint, "codebook_size": c.codebook_size,
-                "group": c.group, "seed": c.seed, "beta": c.beta, "arch": c.arch, "preprocess": preprocess,
-                "inputs": tot_in, "tokenized": tot_ok, "errors": tot_err,
-                "errors_by_kind": dict(sorted(by_kind.items())),
-                "units": [manifest_unit_entry(r) for r in all_records], "wids_index": wids,
-                "throughput": throughput, "codebook_usage": _usage(hist_total),
-                "listing_changes": {"folders": len(replanned.changed_dirs), "recut_units": replanned.recut_units,
-                                    "committed_files_no_longer_listed": replanned.committed_unlisted,
-                                    "units_read_back": replanned.shards_read}}
-    if failed:
-        manifest["failed_units"] = failed
-    store.write_manifest(manifest)
+        # ---------------------------------------------------------------- manifest and summary
+        for r in new_records:
+            records[r["unit_id"]] = r
+        all_records = [records[k] for k in sorted(records)]
+        tot_in = sum(r["inputs"] for r in all_records)
+        tot_ok = sum(r["tokenized"] for r in all_records)
+        tot_err = sum(r["errors"] for r in all_records)
+        by_kind: dict[str, int] = {}
+        for r in all_records:
+            for k, v in r.get("errors_by_kind", {}).items():
+                by_kind[k] = by_kind.get(k, 0) + v
+        run_in = sum(r["inputs"] for r in new_records)
+        wall = time.perf_counter() - t_start
+        busy = {k: stage[k] for k in ("read_decode_s", "model_s", "write_s")}
+        busy_total = sum(busy.values()) or 1.0
+        throughput = {
+            "wall_s": round(wall, 3), "list_s": round(plan.list_s, 3), "plan_s": round(plan_s, 3),
+            "pipeline_s": round(pipeline_s, 3), "images": run_in,
+            "images_per_s": round(run_in / pipeline_s, 2) if pipeline_s > 0 else None,
+            "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
+            "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
+            "model_utilization": (round(stage["model_s"] / (pipeline_s * resources["workers"]), 3)
+                                  if pipeline_s > 0 and resources else None),
+            "resources": resources, "driver_bytes_received": stage.get("driver_bytes_received", 0),
+            "faults": {k: stage.get(k, 0) for k in ("retries", "workers_lost", "oom_halvings",
+                                                    "already_committed_by_another_run")},
+        }
+        wids = store.write_wids_index(all_records)
+        manifest = {"format_version": FORMAT_VERSION, "model_fingerprint": ctx.model_fingerprint,
+                    "codebook_fingerprint": ctx.codebook_fingerprint, "codebook_size": c.codebook_size,
+                    "group": c.group, "seed": c.seed, "beta": c.beta, "arch": c.arch, "preprocess": preprocess,
+                    "inputs": tot_in, "tokenized": tot_ok, "errors": tot_err,
+                    "errors_by_kind": dict(sorted(by_kind.items())),
+                    "units": [manifest_unit_entry(r) for r in all_records], "wids_index": wids,
+                    "throughput": throughput, "codebook_usage": _usage(hist_total),
+                    "listing_changes": {"folders": len(replanned.changed_dirs), "recut_units": replanned.recut_units,
+                                        "committed_files_no_longer_listed": replanned.committed_unlisted,
+                                        "units_read_back": replanned.shards_read}}
+        if failed:
+            manifest["failed_units"] = failed
+        lease.confirm()  # a run that lost the lease must not overwrite the holder's manifest
+        store.write_manifest(manifest)
     if interrupted:
         raise RunInterrupted(f"interrupted: {len(new_records)} units committed in this run ({len(all_records)} of "
                              f"{len(planned)} in the output, {tot_in} inputs); rerun the same command to resume")
@@ -507,8 +514,10 @@ def _worker_pool(gq, spec: WorkSpec, resources: dict[str, Any], precision: str, 
         pool.close()
 
 
-def _progress_logger(progress: bool, total: int, t0: float):
+def _progress_logger(progress: bool, total: int, t0: float, lease: OutputLease | None = None):
     def log(stats) -> None:
+        if lease is not None:
+            lease.check()  # every progress tick: a run that lost the output's lease stops handing out units
         if not progress:
             return
         dt = max(1e-9, time.perf_counter() - t0)

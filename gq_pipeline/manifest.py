@@ -14,6 +14,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from gq_model.storage import create_exclusive, read_versioned, replace_if_match
 from gq_pipeline.commitset import WIDS_INDEX, RollForward, read_records, roll_forward, staged_files
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.sources import get_fs, is_local_fs, to_url
@@ -24,6 +25,16 @@ __all__ = ["OutputStore", "OutputState", "IncompatibleOutputError", "manifest_un
 SUBDIRS = ("parquet", "webdataset", "errors", "units")
 # Commit-record fields that are the same for the whole output: stored once at the top of manifest.json.
 RUN_CONSTANTS = ("format_version", "model_fingerprint", "codebook_fingerprint", "preprocess", "codebook_size")
+# A temporary younger than this may belong to a write in progress (prepare() leaves it when told to).
+TEMP_STALE_S = 900.0
+
+
+def _supersedes(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """``new`` commits more of the same unit than ``old``: every format ``old`` has and its latents, and more."""
+    more_formats = set(old.get("formats", ())) <= set(new.get("formats", ()))
+    more_latents = bool(new.get("latents")) or not old.get("latents")
+    return more_formats and more_latents and (set(new.get("formats", ())) != set(old.get("formats", ()))
+                                              or bool(new.get("latents")) != bool(old.get("latents")))
 
 
 def manifest_unit_entry(record: dict[str, Any]) -> dict[str, Any]:
@@ -80,15 +91,19 @@ class OutputStore:
         return f"{sub}/{unit_id}-{model_fp}.{ext}"
 
     # ------------------------------------------------------------------ start of a run
-    def prepare(self) -> None:
+    def prepare(self, temp_stale_s: float = 0.0) -> None:
         """Create directories (local), remove temporaries left by a killed run (local only: object stores have
-        none, since every object is one PUT), and roll forward committed units whose files are still staged."""
-        self._prepare_dirs()
+        none, since every object is one PUT), and roll forward committed units whose files are still staged.
+
+        Runs under the output's lease (gq_pipeline.lease), so no other live run writes here. When the lease was taken
+        from a run that may still be alive (it expired, or was forced), the job passes ``temp_stale_s``
+        (:data:`TEMP_STALE_S`): a temporary younger than that may be a write that run is finishing."""
+        self._prepare_dirs(temp_stale_s)
         self.fs.invalidate_cache()
         if staged_files(self.fs, self.root):  # one listing; usually empty
             self.roll_forward(read_records(self.fs, self.root) or {})
 
-    def _prepare_dirs(self) -> None:
+    def _prepare_dirs(self, temp_stale_s: float = 0.0) -> None:
         if not self.local:
             bucket = self.root.split("/", 1)[0]
             try:
@@ -98,16 +113,19 @@ class OutputStore:
             if not ok:
                 raise FileNotFoundError(f"{self.url}: bucket {bucket!r} does not exist (gq does not create buckets)")
             return
+        import time
+
+        cutoff = time.time() - temp_stale_s
+        stale = []
         for sub in SUBDIRS:
             self.fs.makedirs(self.path(sub), exist_ok=True)
-            for p in self.fs.glob(self.path(sub, "*.tmp-*")):
-                try:
-                    self.fs.rm_file(p)
-                except FileNotFoundError:
-                    pass
-        for p in self.fs.glob(self.path("*.tmp-*")):
+            stale += self.fs.glob(self.path(sub, "*.tmp-*"))
+        # _lease.json's temporaries belong to runs contending for the lease right now (gq_pipeline.lease)
+        stale += [p for p in self.fs.glob(self.path("*.tmp-*")) if not posixpath.basename(p).startswith("_lease.")]
+        for p in stale:
             try:
-                self.fs.rm_file(p)
+                if temp_stale_s <= 0 or self.fs.modified(p).timestamp() < cutoff:
+                    self.fs.rm_file(p)
             except FileNotFoundError:
                 pass
 
@@ -201,10 +219,37 @@ class OutputStore:
     def put(self, relpath: str, data: bytes) -> None:
         put_atomic(self.fs, self.path(relpath), data)
 
-    def commit(self, record: dict[str, Any]) -> None:
-        """Last write of a unit: from now on it is done."""
-        self.put(f"units/{record['unit_id']}.json",
-                 json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    def commit(self, record: dict[str, Any]) -> bool:
+        """Last write of a unit: from now on it is done. True if this call wrote the record, False if the unit was
+        already committed (by another run, or by an earlier attempt of this commit), which the caller must not count
+        again.
+
+        The record is created conditionally (gq_model.storage.create_exclusive), so of two writers of one unit only
+        the first wins. The one exception is a record this one supersedes: the same unit committed with fewer
+        formats or without latents, which a rerun with more asks for; it is replaced by a compare-and-swap on the
+        version read, so a concurrent change wins over us rather than being overwritten."""
+        path = self.path(f"units/{record['unit_id']}.json")
+        data = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        if create_exclusive(self.fs, path, data):
+            return True
+        got = read_versioned(self.fs, path)
+        if got is None:  # removed between the two calls (a gc of a broken record): nobody holds the unit now
+            return create_exclusive(self.fs, path, data)
+        blob, version = got
+        if blob == data:
+            return False
+        try:
+            old = json.loads(blob)
+        except ValueError:
+            old = None
+        if old is not None and not _supersedes(record, old):
+            return False
+        return replace_if_match(self.fs, path, data, version) is not None
+
+    def read_record(self, unit_id: str) -> dict[str, Any] | None:
+        """The commit record of ``unit_id`` as the store holds it (None if the unit is not committed)."""
+        got = read_versioned(self.fs, self.path(f"units/{unit_id}.json"))
+        return json.loads(got[0]) if got is not None else None
 
     def write_wids_index(self, records: list[dict[str, Any]]) -> str | None:
         """``webdataset-index.json`` at the output root (a wids index of the committed tars). It is not inside

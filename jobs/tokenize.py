@@ -4,8 +4,10 @@ Runs on the Ray cluster named by --ray-address or RAY_ADDRESS (e.g. under ``ray 
 -m jobs.tokenize ...``; a driver started outside the cluster needs gq installed on its nodes); with GPUs or actor
 options and no cluster named, on a local Ray instance it starts; otherwise in this process alone. Credentials for s3:// or gs:// are best set in the cluster's environment; --storage-options
 travels to every task. Rerunning the same command resumes: committed units are skipped, unfinished ones redone
-with the same file names and bytes. Exit status: 0 done, 1 bad arguments or refused output, 3 some units failed or
-the job stopped (rerun to retry them), 130 interrupted by Ctrl-C or SIGTERM (rerun to resume; a second Ctrl-C exits
+with the same file names and bytes. One run writes an output at a time: a second run on a leased output refuses
+(naming the owner and when its lease expires); --force-lease takes the lease of a crashed owner. Exit status: 0 done,
+1 bad arguments or refused output (incompatible, or leased by another run), 3 some units failed, the job stopped or
+its lease was lost (rerun to retry them), 130 interrupted by Ctrl-C or SIGTERM (rerun to resume; a second Ctrl-C exits
 at once).
 
 Example: gq tokenize --model demo --input s3://bucket/shards/{00000..00999}.tar --output s3://bucket/tokens
@@ -98,6 +100,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (no RAY_ADDRESS)")
     p.add_argument("--object-store-memory", type=int, default=None, help="bytes, local Ray instance only")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--force-lease", action="store_true",
+                   help="take the output's lease (_lease.json) even though another run holds it: for an owner that "
+                        "crashed on another machine; a live owner would then write alongside this run")
     p.add_argument("--summary-json", metavar="PATH", help="also write the run summary to this local file")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.add_argument("--verbose", action="store_true", help="also show Ray's own messages and its workers' logs")
@@ -123,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from gq_pipeline.job import JobError, RunInterrupted, tokenize
+    from gq_pipeline.lease import LeaseHeldError, LeaseLostError
     from gq_pipeline.sources import ListingError
 
     if not args.input and not args.input_list:
@@ -130,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         summary = _tokenize(tokenize, args)
-    except ListingError as e:
+    except (ListingError, LeaseHeldError) as e:  # a leased output is refused, like an incompatible one
         print(f"gq tokenize: error: {e}", file=sys.stderr)
         return 1
     except RunInterrupted as e:  # one line: what was committed, and that a rerun resumes
@@ -140,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         print("gq tokenize: interrupted before any unit was committed; rerun the same command to start",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except JobError as e:
+    except (JobError, LeaseLostError) as e:
         print(f"gq tokenize: {e}", file=sys.stderr)
         return EXIT_UNITS_FAILED
     text = json.dumps(summary, indent=1)
@@ -164,7 +170,7 @@ def _tokenize(tokenize, args: argparse.Namespace) -> dict:
                     max_attempts=args.max_attempts, input_list=args.input_list,
                     input_list_column=args.input_list_column, relist=args.relist, allow_empty=args.allow_empty,
                     verbose=args.verbose, allow_external_refs=_external_refs(args.allow_external_refs),
-                    extensions=args.extensions)
+                    extensions=args.extensions, force_lease=args.force_lease)
 
 
 def _external_refs(given: list[str] | None) -> tuple[str, ...]:
