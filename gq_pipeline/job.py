@@ -325,7 +325,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         if input_list:
             how = "read from the persisted plan" if plan.list_units.reused else "planned into _plan/"
             _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
-        if not planned and not allow_empty:
+        if not planned and not records and not allow_empty:
             where = ", ".join(list(inputs)[:3] + ([input_list] if input_list else []))
             raise ValueError(f"no inputs found in {where} ({plan.listed} files listed, {plan.ignored} not images): "
                              f"check the path, or pass --allow-empty to accept an empty run")
@@ -402,7 +402,9 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                     stage["model_s"] += o.get("model_s", 0.0)
                     stage["write_s"] += o.get("write_s", 0.0)
                 stage["retries"], stage["workers_lost"] = run_stats.retries, run_stats.workers_lost
-                stage["already_committed_by_another_run"] = run_stats.already
+                stage["already_committed_by_another_run"] = len(run_stats.already)
+                for r in run_stats.already:  # in the manifest, not in this run's counts
+                    records[r["unit_id"]] = r
                 stage["driver_bytes_received"] = run_stats.outcome_bytes
             if new_records == [] and failed and len(failed) == len(todo) and pipeline_error is None:
                 # nothing committed and every unit failed: systematic (a broken model or store), not bad inputs
@@ -521,7 +523,7 @@ def _progress_logger(progress: bool, total: int, t0: float, lease: OutputLease |
         if not progress:
             return
         dt = max(1e-9, time.perf_counter() - t0)
-        done = len(stats.committed) + stats.already
+        done = len(stats.committed) + len(stats.already)
         rate = stats.images / dt
         eta = (dt / done * (total - done - len(stats.failed))) if done else float("nan")
         _log(progress, f"{done}/{total} units committed, {stats.images} images ({rate:.1f} img/s), "

@@ -91,7 +91,7 @@ class FailureBudget:
 class RunStats:
     committed: list[dict[str, Any]] = field(default_factory=list)  # outcomes of committed units
     failed: list[dict[str, str]] = field(default_factory=list)  # {"unit_id", "source", "reason", "attempts"}
-    already: int = 0  # units another run committed first
+    already: list[dict[str, Any]] = field(default_factory=list)  # records of units another run committed first
     retries: int = 0
     workers_lost: int = 0
     images: int = 0
@@ -344,7 +344,8 @@ def _loop(pool, it, retry, lost_counts, stats, budget, max_attempts, max_lost, o
                 stats.committed.append(outcome)
                 stats.images += int(outcome.get("inputs") or 0)
             elif status == "already_committed":
-                stats.already += 1
+                if outcome.get("record"):
+                    stats.already.append(outcome["record"])
             else:
                 if attempt + 1 < max_attempts:
                     stats.retries += 1

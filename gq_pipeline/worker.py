@@ -112,7 +112,7 @@ class UnitProcessor:
         created = commit_staged(self.store, staged)
         out["write_s"] = time.perf_counter() - t1
         if not created:  # another run committed this unit first: its record stands, ours is discarded
-            out["status"] = ALREADY
+            out.update(status=ALREADY, record=self.store.read_record(unit.unit_id))
             return out
         out.update(status=COMMITTED, record=staged.record)
         with self._stats_lock:
