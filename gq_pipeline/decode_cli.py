@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     from gq_model.loading import load_model
     from gq_pipeline.dataset import TokenDataset
+    from gq_pipeline.records import file_name_for_key
 
     if args.limit < 1:
         raise ValueError("--limit must be >= 1")
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         tokens, batch_keys = batch["tokens"][:room], batch["key"][:room]
         images = to_uint8(model.detokenize(model_layout(model, tokens.to(args.device))))
         for key, img in zip(batch_keys, images):
-            _save_png(fs, posixpath.join(out, f"{key}.png"), img)
+            _save_png(fs, posixpath.join(out, file_name_for_key(str(key), ".png")), img)
             decoded.append(img)
         if len(decoded) >= args.limit:
             break

@@ -100,6 +100,20 @@ def make_key(identity: str, readable: str) -> str:
     return f"{slug}-{hashlib.sha256(identity.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
 
 
+_SAFE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,150}")
+
+
+def file_name_for_key(key: str, suffix: str) -> str:
+    """A file name for writing a sample by its key (``gq decode``'s ``<key>.png``) that can never leave the folder.
+
+    gq's own keys are already safe and are used as they are. A key from elsewhere (a foreign shard, a plugin
+    ``key_column``) that holds ``/``, ``..``, a leading dot or other characters becomes ``<slug>-<sha256[:12]>``, so it
+    cannot climb out of the output folder or collide with another key."""
+    if _SAFE_FILE.fullmatch(key) and ".." not in key:
+        return key + suffix
+    return make_key(key, key) + suffix
+
+
 def make_unit_id(description: dict[str, Any]) -> str:
     """``u-<sha256(canonical JSON of the unit description)[:16]>``: same inputs and unit size give the same ids."""
     blob = json.dumps(description, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

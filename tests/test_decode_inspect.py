@@ -89,3 +89,26 @@ def test_inspect_text_reports_mixed_and_broken_shards(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "UNREADABLE" in out and os.path.basename(broken) in out
     assert "different codebooks" in out and "MIXED" in out
+
+
+def test_decode_never_writes_outside_out_whatever_the_keys(model_dir, tmp_path):
+    """A shard key such as ``../../PWNED_decode`` (a foreign or tampered shard) used to write a PNG outside --out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    mdir, model = model_dir
+    root = str(tmp_path / "tokens")
+    write_token_output(root, (3,), codebook_fp=model.fingerprint, model_fp=model.model_fingerprint,
+                       formats=("parquet",), manifest=False)
+    (path,) = glob.glob(os.path.join(root, "parquet", "*.parquet"))
+    table = pq.read_table(path)
+    keys = ["../../PWNED_decode", "/abs/PWNED", "ok-key"]
+    table = table.set_column(table.schema.get_field_index("key"), "key", pa.array(keys, pa.string()))
+    pq.write_table(table, path)
+    out = tmp_path / "deep" / "png"
+    rc = main(["decode", "--model", mdir, "--input", path, "--out", str(out), "--format", "parquet"])
+    assert rc == 0
+    assert not list(tmp_path.glob("**/PWNED*.png")) or all(out in p.parents for p in tmp_path.glob("**/PWNED*"))
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert len(written) == 4 and "ok-key.png" in written and "grid.png" in written
+    assert not (tmp_path / "PWNED_decode.png").exists() and not os.path.exists("/abs/PWNED.png")
