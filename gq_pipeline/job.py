@@ -247,7 +247,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
              trust_checkpoint: bool = False, model_placement: str = "auto",
              max_failed_units: str | int | float | None = None, max_attempts: int = 3,
              input_list: str | None = None, input_list_column: str | None = None, relist: bool = False,
-             allow_empty: bool = False, verbose: bool = False,
+             allow_empty: bool = False, verbose: bool = False, min_workers: int = 1,
+             worker_timeout_s: float = 900.0,
              allow_external_refs: Sequence[str] | None = None, extensions: Sequence[str] | None = None,
              force_lease: bool = False) -> dict[str, Any]:
     """Tokenize image inputs into token shards under ``output``; returns the run summary (also in manifest.json).
@@ -374,7 +375,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                                 niceness=10 if resources["gpus_per_worker"] == 0 else 0)
                 budget = FailureBudget(max_failed_units, len(todo))
                 t_run = time.perf_counter()
-                with _stop_signals(), _worker_pool(gq, spec, resources, precision, latents) as pool:
+                with _stop_signals(), _worker_pool(gq, spec, resources, precision, latents, min_workers,
+                                                         worker_timeout_s) as pool:
                     try:
                         run_stats = run_units(pool, (u.to_dict() for u in todo), budget=budget,
                                               max_attempts=max_attempts,
@@ -476,7 +478,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
 
 
 @contextlib.contextmanager
-def _worker_pool(gq, spec: WorkSpec, resources: dict[str, Any], precision: str, latents: bool):
+def _worker_pool(gq, spec: WorkSpec, resources: dict[str, Any], precision: str, latents: bool,
+                 min_workers: int = 1, worker_timeout_s: float = 900.0):
     """The pool the scheduler feeds: threads of this process around the loaded model (driver placement, with
     torch's thread count set for the run and put back), or an elastic pool of Ray actors."""
     if resources["model_placement"] == "driver":
@@ -509,7 +512,8 @@ def _worker_pool(gq, spec: WorkSpec, resources: dict[str, Any], precision: str, 
         return actor_cls.remote([payload_ref], spec, use_gpu=resources["gpus_per_worker"] > 0,
                                 cpu_threads=cpu_threads, precision=precision, latents=latents)
 
-    pool = ActorPool(make_actor, resources["workers"], per_actor=2)
+    pool = ActorPool(make_actor, resources["workers"], per_actor=2, min_ready=min_workers,
+                     start_timeout_s=worker_timeout_s)
     try:
         yield pool
     finally:

@@ -157,17 +157,20 @@ class _Actor:
 class ActorPool:
     """An elastic pool of Ray actors built by ``make_actor()``: ``size`` are kept alive (dead ones are replaced),
     each runs up to ``per_actor`` units at once. Actors that cannot be placed yet simply wait (an autoscaler adds
-    nodes for them); the job fails only when no actor is left, or none has been ready for ``start_timeout_s``.
+    nodes for them); the job fails only when no actor is left, or fewer than ``min_ready`` have been ready for
+    ``start_timeout_s``. Between ``min_ready`` and ``size`` the pool is elastic: preempted actors are replaced when
+    resources return, and work goes on with those alive.
     Replacements stop after ``max_start_failures`` failed set-ups, so a node that breaks every actor placed on it
     cannot keep the pool restarting them while the healthy actors carry on."""
 
-    def __init__(self, make_actor: Callable[[], Any], size: int, *, per_actor: int = 2,
+    def __init__(self, make_actor: Callable[[], Any], size: int, *, per_actor: int = 2, min_ready: int = 1,
                  start_timeout_s: float = 900.0, max_start_failures: int | None = None):
         import ray
 
         self._ray = ray
         self._make = make_actor
         self.size = max(1, int(size))
+        self.min_ready = max(1, min(int(min_ready), self.size))
         self.per_actor = max(1, int(per_actor))
         self.start_timeout_s = start_timeout_s
         self.max_start_failures = max_start_failures if max_start_failures is not None else max(3, 2 * self.size)
@@ -252,16 +255,18 @@ class ActorPool:
         return out
 
     def _check_alive(self) -> None:
-        if self._ready_actors():
+        ready = len(self._ready_actors())
+        if ready >= self.min_ready:
             self._since_ready = time.monotonic()
             return
         if not self._actors:
             raise NoWorkersError(f"no model worker could start ({self.start_failures} set-up failures); last "
                                  f"error: {self.last_start_error}")
         if time.monotonic() - self._since_ready > self.start_timeout_s:
-            raise NoWorkersError(f"no model worker became ready within {self.start_timeout_s:.0f}s: the cluster "
-                                 f"lacks the resources asked for (GPUs/CPUs per worker), or nodes are still joining; "
-                                 f"last set-up error: {self.last_start_error}")
+            raise NoWorkersError(f"only {ready} model worker(s) ready, fewer than the {self.min_ready} asked for "
+                                 f"(--min-workers), for {self.start_timeout_s:.0f}s: the cluster lacks the resources "
+                                 f"asked for (GPUs/CPUs per worker), or nodes are still joining; last set-up error: "
+                                 f"{self.last_start_error}")
 
     def stats(self) -> list[dict[str, Any]]:
         """Each live actor's accumulated statistics (token histogram, OOM halvings)."""

@@ -58,6 +58,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="model workers, the most kept alive (default: #GPUs / --gpus-per-worker, or one per node "
                         "on CPU-only clusters); dead ones are replaced")
+    p.add_argument("--min-workers", type=int, default=1,
+                   help="stop the job when fewer workers than this have been ready for --worker-timeout seconds "
+                        "(default 1); between it and --workers the pool shrinks and regrows with the cluster")
+    p.add_argument("--worker-timeout", type=float, default=900.0,
+                   help="seconds to wait for --min-workers workers to be ready, at start or after losing them "
+                        "(default 900: time for an autoscaler to add nodes)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per model worker (default 1 if the cluster has GPUs now, 0 otherwise). Given "
                         "explicitly, workers wait for GPU nodes an autoscaler adds")

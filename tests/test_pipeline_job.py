@@ -341,3 +341,17 @@ def test_an_output_inside_the_input_is_never_read_as_input(tmp_path, tiny_model)
     for _ in range(2):
         s = gq_pipeline.tokenize(tiny_model, [str(src)], str(out), image_size=SIZE, format="both", progress=False)
         assert s["inputs"] == s["tokenized"] == 3 and s["units_failed"] == []
+
+
+def test_workers_that_can_never_be_placed_stop_the_job_after_the_timeout(ray_cluster, tmp_path, tiny_model):
+    """An actor asking for more CPUs than any node has waits (an autoscaler may add a node); with none arriving
+    within --worker-timeout the job stops with a message saying what is missing, and nothing is committed."""
+    from gq_pipeline.job import JobError
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(rgb_bytes(40, 40))
+    with pytest.raises(JobError, match=r"only 0 model worker\(s\) ready, fewer than the 1"):
+        gq_pipeline.tokenize(tiny_model, [str(src)], str(tmp_path / "out"), image_size=SIZE, progress=False,
+                             model_placement="actors", cpus_per_worker=64, worker_timeout_s=3)
+    assert not glob.glob(str(tmp_path / "out" / "units" / "*.json"))
