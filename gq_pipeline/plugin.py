@@ -15,6 +15,7 @@ their GPU) and moves the model there.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -73,6 +74,16 @@ def encode_uint8(model, images: np.ndarray, device, *, autocast: bool, latents: 
     lat = mu.to(torch.float16).cpu().numpy() if latents else None
     return tokens, lat
 
+
+_FORKED = False  # set in a child forked from this process (HF num_proc workers)
+
+
+def _mark_forked() -> None:
+    global _FORKED
+    _FORKED = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
 
 _NO_IMAGE = object()  # a WebDataset sample without an image member
 
@@ -171,6 +182,11 @@ class GQTokenizer:
     def _ready(self):
         if self._device is None:
             import torch
+
+            if _FORKED:
+                # A forked copy (HF num_proc): the parent's OpenMP pool does not survive fork, and a parallel
+                # region entered with several threads here can hang forever. One thread per worker process.
+                torch.set_num_threads(1)
 
             if self.requested_device is not None:
                 device = torch.device(self.requested_device)
@@ -310,14 +326,26 @@ class GQTokenizer:
             raise ValueError(f"GQTokenizer: the batch already has column(s) {clash}, which it would overwrite "
                              f"(already tokenized? rename or drop them first)")
 
-    def _call_dict(self, batch) -> dict[str, Any]:
+    def _call_dict(self, batch) -> Any:
+        if type(batch).__module__.startswith("datasets.") and hasattr(batch, "pa_table"):
+            # HF ``map(batched=True)`` hands over a LazyBatch over an Arrow table. HF fixes each column's type from
+            # the first batch it writes, so Python values would make ``gq_error`` a null column (first batch all
+            # good) that cannot take a later error. Returning the Arrow table with typed columns avoids that, and
+            # leaves the input columns' Arrow data (e.g. an Image column's bytes) exactly as they were. The images
+            # are the values HF shows (decoded PIL images for an ``Image()`` column, with its ``mode``).
+            table = batch.pa_table
+            self._check_columns(table.column_names)
+            return self._append_arrow(table, self.tokenize_values(list(batch[self.image_column])))
         names = list(batch.keys())
         self._check_columns(names)
         col = batch[self.image_column]
         as_numpy = isinstance(col, np.ndarray)
         rows = self.tokenize_values(list(col))
         out = {k: batch[k] for k in names}
-        out.update(self._columns_numpy(rows) if as_numpy else self._columns_lists(rows))
+        if as_numpy:
+            out.update(self._columns_numpy(rows))
+        else:
+            out.update(self._columns_lists(rows))
         return out
 
     def _call_pandas(self, df):
@@ -333,7 +361,11 @@ class GQTokenizer:
         import pyarrow as pa
 
         self._check_columns(table.column_names)
-        rows = self.tokenize_values(_arrow_cells(table.column(self.image_column)))
+        return self._append_arrow(table, self.tokenize_values(_arrow_cells(table.column(self.image_column))))
+
+    def _append_arrow(self, table, rows: list[_Row]):
+        import pyarrow as pa
+
         meta = self.metadata
         out = table
         for name, array in self._columns_arrow(rows).items():
