@@ -335,5 +335,7 @@ def test_webdataset_stage_over_a_tar(tiny_model, jpegs, tmp_path):
             assert s["gq_error"].startswith("decode: ") and s["tokens"] is None
         else:
             assert s["gq_error"] is None and np.array_equal(s["tokens"], want[name])
-    decoded = list(wds.WebDataset(str(tar), shardshuffle=False).decode("pil").map(tok.tokenize_sample))
+    # decoded samples (webdataset's own decoder would raise on the broken one, so it is left out first)
+    decoded = list(wds.WebDataset(str(tar), shardshuffle=False).select(lambda s: s["__key__"] != "broken")
+                   .decode("pil").map(tok.tokenize_sample))
     assert np.array_equal(decoded[0]["tokens"], want[names[0]])
