@@ -13,7 +13,6 @@ removes the staging store and leaves ``OUTPUT`` with no new shard.
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 import re
 import uuid

@@ -339,3 +339,44 @@ def test_webdataset_stage_over_a_tar(tiny_model, jpegs, tmp_path):
     decoded = list(wds.WebDataset(str(tar), shardshuffle=False).select(lambda s: s["__key__"] != "broken")
                    .decode("pil").map(tok.tokenize_sample))
     assert np.array_equal(decoded[0]["tokens"], want[names[0]])
+
+
+def test_sink_key_column_and_pass_through(ray_cluster, tiny_model, jpegs, tmp_path):
+    """``key_column`` values become the sample keys; other columns (a caption) travel into the shards."""
+    import ray
+
+    from gq_pipeline import TokenDataset
+
+    names = list(jpegs)
+    tok = GQTokenizer(tiny_model, image_size=SIZE)
+    items = [{"id": f"k{i:03d}", "image": jpegs[n], "caption": f"picture {n}"} for i, n in enumerate(names)]
+    ds = ray.data.from_items(items).map_batches(GQTokenizer, fn_constructor_kwargs={"model": tiny_model,
+                                                                                     "image_size": SIZE},
+                                                batch_format="pyarrow", concurrency=1)
+    out = str(tmp_path / "keyed")
+    ds.write_datasink(GQShardSink(out, tok, format="both", key_column="id"))
+    want = _expected(tiny_model, jpegs)
+    got = {s["key"]: s for s in TokenDataset(out, format="parquet", shuffle=False)}
+    assert sorted(got) == [it["id"] for it in items]
+    for it, n in zip(items, names):
+        assert got[it["id"]]["caption"] == it["caption"]
+        assert np.array_equal(got[it["id"]]["tokens"].numpy().reshape(-1), want[n])
+    wds_keys = sorted(s["key"] for s in TokenDataset(out, format="webdataset", shuffle=False))
+    assert wds_keys == [it["id"] for it in items]
+
+
+def test_latents_and_crop_none(tiny_model, jpegs):
+    """``latents=True`` adds μ (float16) and its shape; ``crop="none"`` gives per-image grids in one batch."""
+    tok = GQTokenizer(tiny_model, image_size=SIZE, crop="none", latents=True)
+    data = [jpegs["img0.jpg"], jpegs["img3.jpg"]]  # 40x48 and 44x60: different grids
+    table = tok(pa.table({"image": pa.array(data, pa.binary())}))
+    for i, d in enumerate(data):
+        x = preprocess_image(d, SIZE, "none")
+        want = ref_tokens(tiny_model, x)
+        assert np.array_equal(np.asarray(table.column("tokens")[i].as_py(), np.uint16), want)
+        mu, _ = tiny_model.encode_moments(x[None])
+        shape = table.column("latent_shape")[i].as_py()
+        assert shape == list(mu.shape[1:]) and table.column("token_shape")[i].as_py()[1:] == shape[1:]
+        got = np.asarray(table.column("latent")[i].as_py(), np.float32).reshape(shape)
+        np.testing.assert_allclose(got, mu[0].detach().numpy(), rtol=2e-3, atol=2e-3)  # float16 storage
+    assert table.schema.field("latent").type == pa.list_(pa.float16())
