@@ -39,6 +39,7 @@ MODES = ("error", "append")
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 # Pass-through columns that keep their WebDataset meaning (tar members) when their type fits.
 _WDS_TYPES = {"txt": "string", "json": "string", "cls": "int64"}
+_IMAGE_ID = "__gq_image_id"  # stands in for a Ray tensor image column inside a write task
 
 
 class DuplicateKeyError(ValueError):
@@ -130,7 +131,7 @@ class GQShardSink(_Base):
         from gq_pipeline.commit import CompleteUnit, commit_unit
         from gq_pipeline.sources import Unit
 
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [self._normalize(BlockAccessor.for_block(b).to_arrow()) for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
             return {"record": None, "hist": None, "keys": []}
@@ -173,6 +174,30 @@ class GQShardSink(_Base):
         self._remove_staging(OutputStore(self.output, self.storage_options))
 
     # ------------------------------------------------------------------ rows -> unit
+    def _normalize(self, table):
+        """Ray tensor columns -> plain Arrow, so blocks concatenate: Ray stores a numpy column as a fixed-shape
+        tensor in one block and a variable-shaped one in another (e.g. where a row failed). Token columns become
+        ``list<>``; a tensor image column (``read_images``) is replaced by its rows' content ids (for keys)."""
+        import pyarrow as pa
+
+        from gq_pipeline.plugin import _arrow_cells
+
+        for name in table.column_names:
+            col = table.column(name)
+            if not isinstance(col.type, pa.ExtensionType):
+                continue
+            idx = table.column_names.index(name)
+            cells = _arrow_cells(col)
+            if name in ("tokens", "latent", "token_shape", "latent_shape"):
+                dtype = {"tokens": self.ctx.token_numpy, "latent": np.float16}.get(name, np.int32)
+                arr = pa.array([None if c is None else np.asarray(c, dtype).reshape(-1) for c in cells],
+                               pa.list_(pa.from_numpy_dtype(np.dtype(dtype))))
+                table = table.set_column(idx, name, arr)
+            elif name == self.image_column:
+                table = table.set_column(idx, _IMAGE_ID, pa.array([_content_id(c, None, None) for c in cells],
+                                                                   pa.string()))
+        return table
+
     def _unit_rows(self, table) -> tuple[Any, dict[str, Any], list[str]]:
         """A write task's Arrow rows -> (commit_unit's sample rows, unit info, keys), after the refusal checks."""
         import pyarrow as pa
@@ -283,6 +308,8 @@ class GQShardSink(_Base):
         return ["" if v is None else str(v) for v in table.column(name).to_pylist()]
 
     def _image_values(self, table) -> list[Any]:
+        if _IMAGE_ID in table.column_names:
+            return table.column(_IMAGE_ID).to_pylist()
         if self.image_column in table.column_names:
             from gq_pipeline.plugin import _arrow_cells
 
@@ -294,7 +321,7 @@ class GQShardSink(_Base):
         tensor columns are left out (they are pixels, not metadata)."""
         import pyarrow as pa
 
-        skip = set(OUTPUT_COLUMNS) | set(LATENT_COLUMNS) | {self.image_column, self.key_column,
+        skip = set(OUTPUT_COLUMNS) | set(LATENT_COLUMNS) | {self.image_column, _IMAGE_ID, self.key_column,
                                                             self._source_name(table.column_names)}
         fields = []
         for f in table.schema:
@@ -371,6 +398,8 @@ def _cells(col) -> list:
 
 def _content_id(image: Any, tokens: Any, error: str | None) -> str:
     """A row's identity when it has no key or path: its image bytes or pixels, else its tokens or error."""
+    if isinstance(image, str) and image.startswith("content:"):  # already an id (see GQShardSink._normalize)
+        return image
     h = hashlib.sha256()
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")

@@ -380,3 +380,22 @@ def test_latents_and_crop_none(tiny_model, jpegs):
         got = np.asarray(table.column("latent")[i].as_py(), np.float32).reshape(shape)
         np.testing.assert_allclose(got, mu[0].detach().numpy(), rtol=2e-3, atol=2e-3)  # float16 storage
     assert table.schema.field("latent").type == pa.list_(pa.float16())
+
+
+def test_sink_from_read_images_numpy_batches(ray_cluster, tiny_model, image_dir, jpegs, tmp_path):
+    """Ray tensor columns (read_images pixels, numpy-format tokens) in several blocks; keys from the pixels."""
+    import ray
+
+    from gq_pipeline import TokenDataset
+
+    tok = GQTokenizer(tiny_model, image_size=SIZE)
+    ds = ray.data.read_images(image_dir).map_batches(
+        GQTokenizer, fn_constructor_kwargs={"model": tiny_model, "image_size": SIZE}, batch_size=2, concurrency=1)
+    out = str(tmp_path / "from_pixels")
+    ds.write_datasink(GQShardSink(out, tok, format="parquet", rows_per_shard=100))
+    got = sorted(s["tokens"].numpy().reshape(-1).astype(np.uint16).tobytes()
+                 for s in TokenDataset(out, shuffle=False))
+    want = sorted(w.tobytes() for w in _expected(tiny_model, jpegs).values())
+    assert got == want
+    keys = [s["key"] for s in TokenDataset(out, shuffle=False)]
+    assert len(set(keys)) == len(jpegs) and all(k.startswith("sample-") for k in keys)
