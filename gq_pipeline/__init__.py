@@ -2,16 +2,23 @@
 shards (docs/token-format.md), plus the preprocessing it uses.
 
 ``tokenize`` and ``preprocess_image`` are imported lazily so that ``import gq_pipeline`` stays cheap (no Ray import);
-readers (``TokenDataset``) live in ``gq_pipeline.dataset``.
+readers (``TokenDataset``) live in ``gq_pipeline.dataset``; ``GQTokenizer`` (a batch stage for Ray Data, HF
+``datasets`` and WebDataset) and ``GQShardSink`` (a Ray Datasink) in ``gq_pipeline.plugin`` / ``gq_pipeline.sink``
+(docs/plugin.md).
 """
 from __future__ import annotations
 
 import importlib
 
-__all__ = ["tokenize", "preprocess_image", "SampleError", "ERROR_KINDS", "TokenDataset", "TokenLoader"]
+__all__ = ["tokenize", "preprocess_image", "preprocess_pil", "preprocess_array", "SampleError", "ERROR_KINDS",
+           "TokenDataset", "TokenLoader", "GQTokenizer", "GQShardSink"]
 
 _LAZY = {"tokenize": ("gq_pipeline.job", "tokenize"),
          "preprocess_image": ("gq_pipeline.preprocess", "preprocess_image"),
+         "preprocess_pil": ("gq_pipeline.preprocess", "preprocess_pil"),
+         "preprocess_array": ("gq_pipeline.preprocess", "preprocess_array"),
+         "GQTokenizer": ("gq_pipeline.plugin", "GQTokenizer"),
+         "GQShardSink": ("gq_pipeline.sink", "GQShardSink"),
          "SampleError": ("gq_pipeline.records", "SampleError"),
          "ERROR_KINDS": ("gq_pipeline.records", "ERROR_KINDS"),
          "TokenDataset": ("gq_pipeline.dataset", "TokenDataset"),

@@ -44,7 +44,8 @@ if TYPE_CHECKING:  # torch is imported lazily: Ray read tasks decode images and 
     import torch
 
 __all__ = ["preprocess_image", "preprocess_uint8", "to_model_input", "decode_image", "to_rgb", "resize_crop",
-           "shorter_side_size", "DEFAULT_MAX_PIXELS", "CROP_MODES"]
+           "shorter_side_size", "DEFAULT_MAX_PIXELS", "CROP_MODES", "preprocess_pil", "preprocess_pil_uint8",
+           "preprocess_array", "preprocess_array_uint8"]
 
 DEFAULT_MAX_PIXELS = 100_000_000
 CROP_MODES = ("center", "none")
@@ -233,3 +234,104 @@ def preprocess_image(data: bytes, image_size: int, crop: str = "center", *, max_
     """
     arr, _ = preprocess_uint8(data, image_size, crop, max_pixels=max_pixels, multiple_of=multiple_of)
     return to_model_input(arr)
+
+
+# ---------------------------------------------------------------------------------------------- decoded inputs
+# Pipelines that decode images themselves (Ray ``read_images``, HF ``Image()`` columns) hand over pixels, not bytes.
+# These apply the same policy from the point where ``decode_image`` stands; when the pixels are what our decode
+# would give, the tokens are the bytes path's bit for bit. Exactly when that holds is in docs/plugin.md.
+
+
+def _check_geometry(image_size: int, crop: str, multiple_of: int) -> None:
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
+    if image_size <= 0 or image_size % multiple_of:
+        raise ValueError(f"image_size {image_size} must be a positive multiple of {multiple_of}")
+
+
+def _rgb_to_uint8(im: Image.Image, image_size: int, crop: str, max_pixels: int, multiple_of: int
+                  ) -> np.ndarray:
+    try:
+        arr = np.asarray(resize_crop(im, image_size, crop, multiple_of, max_pixels), dtype=np.uint8)
+    except SampleError:
+        raise
+    except Exception as e:
+        raise SampleError("decode", f"resize failed: {type(e).__name__}: {e}", *im.size) from None
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def preprocess_pil_uint8(im: Image.Image, image_size: int, crop: str = "center", *,
+                         max_pixels: int = DEFAULT_MAX_PIXELS, multiple_of: int = 8
+                         ) -> tuple[np.ndarray, tuple[int, int]]:
+    """A PIL image -> (uint8 ``[3,H,W]``, (width, height) after EXIF rotation), like :func:`preprocess_uint8`.
+
+    Applies EXIF orientation (a no-op on an image that was already transposed: ``exif_transpose`` removes the tag),
+    the colour policy of :func:`to_rgb`, the size guard and :func:`resize_crop`. The frame used is the one ``im`` is
+    on (the first, for an image fresh from ``Image.open``). So for ``im = Image.open(io.BytesIO(data))`` this equals
+    ``preprocess_uint8(data)`` exactly. Raises :class:`SampleError`.
+    """
+    _check_geometry(image_size, crop, multiple_of)
+    if not isinstance(im, Image.Image):
+        raise SampleError("unsupported", f"expected a PIL image, got {type(im).__name__}")
+    w, h = im.size
+    if w * h > max_pixels:
+        raise SampleError("too_large", f"{w}x{h} = {w * h} pixels exceeds --max-pixels {max_pixels}", w, h)
+    if w <= 0 or h <= 0:
+        raise SampleError("decode", f"invalid image size {w}x{h}")
+    with _pil_limits(max_pixels):
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+        except MemoryError:
+            raise SampleError("too_large", f"out of memory decoding a {w}x{h} image", w, h) from None
+        except Exception as e:  # a lazily opened, truncated file fails here
+            raise SampleError("decode", f"{type(e).__name__}: {e}", w, h) from None
+        rgb = to_rgb(im)
+        return _rgb_to_uint8(rgb, image_size, crop, max_pixels, multiple_of), rgb.size
+
+
+_ARRAY_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def preprocess_array_uint8(arr: np.ndarray, image_size: int, crop: str = "center", *,
+                           max_pixels: int = DEFAULT_MAX_PIXELS, multiple_of: int = 8
+                           ) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decoded pixels -> (uint8 ``[3,H,W]``, (width, height)), with the colour, resize and crop policy of the bytes
+    path.
+
+    ``arr`` is uint8 ``HxW`` (grayscale), ``HxWx1``, ``HxWx2`` (grayscale + alpha), ``HxWx3`` (RGB, what Ray's
+    ``read_images`` gives) or ``HxWx4`` (RGBA; alpha composited onto white). The pixels are taken as already
+    oriented: no EXIF information travels with an array. Other dtypes or shapes are an ``unsupported``
+    :class:`SampleError`; more than ``max_pixels`` pixels is ``too_large``.
+    """
+    _check_geometry(image_size, crop, multiple_of)
+    a = np.asarray(arr)
+    if a.dtype != np.uint8:
+        raise SampleError("unsupported", f"expected uint8 pixels, got dtype {a.dtype} (shape {a.shape})")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in _ARRAY_MODES:
+        raise SampleError("unsupported", f"expected an HxW or HxWxC (C in 1..4) image array, got shape {a.shape}")
+    h, w = a.shape[:2]
+    if w * h > max_pixels:
+        raise SampleError("too_large", f"{w}x{h} = {w * h} pixels exceeds --max-pixels {max_pixels}", w, h)
+    if w <= 0 or h <= 0:
+        raise SampleError("decode", f"invalid image size {w}x{h}")
+    mode = _ARRAY_MODES[a.shape[2]]
+    im = Image.fromarray(np.ascontiguousarray(a[:, :, 0] if mode == "L" else a), mode)
+    with _pil_limits(max_pixels):
+        return _rgb_to_uint8(to_rgb(im), image_size, crop, max_pixels, multiple_of), (w, h)
+
+
+def preprocess_pil(im: Image.Image, image_size: int, crop: str = "center", *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   multiple_of: int = 8) -> "torch.Tensor":
+    """A PIL image -> float32 ``[3,H,W]`` in [-1, 1]: ``to_model_input(preprocess_pil_uint8(...)[0])``."""
+    return to_model_input(preprocess_pil_uint8(im, image_size, crop, max_pixels=max_pixels,
+                                               multiple_of=multiple_of)[0])
+
+
+def preprocess_array(arr: np.ndarray, image_size: int, crop: str = "center", *,
+                     max_pixels: int = DEFAULT_MAX_PIXELS, multiple_of: int = 8) -> "torch.Tensor":
+    """Decoded uint8 pixels -> float32 ``[3,H,W]`` in [-1, 1]: ``to_model_input(preprocess_array_uint8(...)[0])``."""
+    return to_model_input(preprocess_array_uint8(arr, image_size, crop, max_pixels=max_pixels,
+                                                 multiple_of=multiple_of)[0])
