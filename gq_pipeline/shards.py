@@ -560,11 +560,17 @@ def read_parquet_rows(table: pa.Table, where: str, *, latents: bool = False,
     return rows
 
 
-def _iter_tar_groups(fsref: FSRef, path: str, skip_data: bool = False,
-                     skip: int = 0) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample in tar order; the first ``skip`` samples are passed over undecoded."""
+def _iter_tar_groups(fsref: FSRef, path: str, skip_data: bool = False, skip: int = 0,
+                     wanted: frozenset[int] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample in tar order; the first ``skip`` samples are passed over undecoded, and
+    with ``wanted`` only those sample indices are yielded (the scan stops after the last one)."""
     url = fsref.url(path)
     key, parts, index = None, {}, 0
+    last = max(wanted) if wanted else None
+
+    def keep(i: int) -> bool:
+        return i >= skip and (wanted is None or i in wanted)
+
     try:
         with fsref.open(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
@@ -577,15 +583,17 @@ def _iter_tar_groups(fsref: FSRef, path: str, skip_data: bool = False,
                 k = posixpath.join(d, stem) if d else stem
                 if k != key:
                     if key is not None:
-                        if index >= skip:
+                        if keep(index):
                             yield key, parts
                         index += 1
+                        if last is not None and index > last:
+                            return
                     key, parts = k, {}
-                if not skip_data and index >= skip:
+                if not skip_data and keep(index):
                     parts[ext] = tar.extractfile(member).read()
                 else:
                     parts[ext] = b""
-            if key is not None and index >= skip:
+            if key is not None and keep(index):
                 yield key, parts
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise ShardError(f"{url}: truncated or corrupted tar ({type(e).__name__}: {e})") from e
@@ -604,6 +612,20 @@ def iter_tar_rows(fsref: FSRef, shard: Shard, start: int, stop: int, *, latents:
     if n < stop:
         raise ShardError(f"{url}: ended after {n} samples but {shard.num_rows} were expected (index.json); "
                          "the file is truncated")
+
+
+def take_tar_rows(fsref: FSRef, shard: Shard, rows: list[int], *, latents: bool = False,
+                  codebook_size: int | None = None) -> list[dict[str, Any]]:
+    """Sample dicts for the sorted, distinct sample indices ``rows`` of a tar (the others are scanned, not decoded)."""
+    url = fsref.url(shard.path)
+    if not rows:
+        return []
+    out = [_tar_sample(key, parts, f"{url} (sample {key})", latents, codebook_size)
+           for key, parts in _iter_tar_groups(fsref, shard.path, wanted=frozenset(rows))]
+    if len(out) < len(rows):
+        raise ShardError(f"{url}: ended before sample {rows[-1]} but {shard.num_rows} samples were expected "
+                         "(commit record or index.json); the file is truncated")
+    return out
 
 
 def _npy(data: bytes, where: str) -> np.ndarray:
@@ -653,12 +675,17 @@ class BlockReader:
     """Reads row ranges of one shard set in one process, keeping the last Parquet file open: consecutive blocks of a
     worker's plan usually come from the same shard, so each shard's footer is fetched once per pass."""
 
+    FOOTERS = 256  # Parquet footers kept per process: a shuffled epoch revisits each shard once per row group
+
     def __init__(self, shardset: ShardSet, latents: bool = False):
         self.shardset, self.latents = shardset, latents
         self._open: tuple[str, Any, pq.ParquetFile] | None = None
         self._codebook_size = shardset.codebook_size
+        self._footers: dict[str, Any] = {}
+        self._group: tuple[str, int, pa.Table] | None = None  # the last row group read (pieces of it follow)
 
     def close(self) -> None:
+        self._group = None
         if self._open is not None:
             self._open[1].close()
             self._open = None
@@ -669,28 +696,50 @@ class BlockReader:
             f = self.shardset.fsref.open(shard.path)
             try:
                 # verifies page CRCs when the writer stored them (write_page_checksum=True): catches bit flips
-                self._open = (shard.path, f, pq.ParquetFile(f, page_checksum_verification=True))
+                pf = pq.ParquetFile(f, page_checksum_verification=True, metadata=self._footers.get(shard.path))
             except Exception as e:  # noqa: BLE001
                 f.close()
                 raise ShardError(f"{self.shardset.url(shard)}: not a readable Parquet file ({e})") from e
+            if len(self._footers) >= self.FOOTERS:
+                self._footers.pop(next(iter(self._footers)))
+            self._footers[shard.path] = pf.metadata
+            self._open = (shard.path, f, pf)
         return self._open[2]
 
-    def rows(self, shard: Shard, group: int, lo: int, hi: int) -> Iterator[dict[str, Any]]:
-        """Samples ``[lo, hi)`` of row group ``group`` (Parquet) or of the whole tar (``group`` 0)."""
-        url = self.shardset.url(shard)
-        if shard.format == "webdataset":
-            yield from iter_tar_rows(self.shardset.fsref, shard, lo, hi, latents=self.latents,
-                                     codebook_size=self._codebook_size)
-            return
+    def _row_group(self, shard: Shard, group: int) -> pa.Table:
+        if self._group is not None and self._group[:2] == (shard.path, group):
+            return self._group[2]
         columns = [c for c in shard.columns if self.latents or c not in ("latent", "latent_shape")]
-        where = f"{url} (row group {group})"
         try:
-            table = self._parquet(shard).read_row_group(group, columns=columns, use_threads=False)
+            table = self._parquet(shard).read_row_group(group, columns=columns or None, use_threads=False)
         except ShardError:
             raise
         except Exception as e:  # noqa: BLE001 - damaged pages surface as OSError/ArrowInvalid/...
             self.close()
-            raise ShardError(f"{where}: unreadable ({type(e).__name__}: {e}); the file is truncated or corrupted") \
-                from e
-        yield from read_parquet_rows(table.slice(lo, hi - lo), where, latents=self.latents,
+            raise ShardError(f"{self.shardset.url(shard)} (row group {group}): unreadable ({type(e).__name__}: "
+                             f"{e}); the file is truncated or corrupted") from e
+        self._group = (shard.path, group, table)
+        return table
+
+    def take(self, shard: Shard, group: int, rows: list[int]) -> list[dict[str, Any]]:
+        """Samples at the sorted, distinct ``rows`` of row group ``group`` (Parquet) or of the whole tar (0)."""
+        if shard.format == "webdataset":
+            return take_tar_rows(self.shardset.fsref, shard, rows, latents=self.latents,
+                                 codebook_size=self._codebook_size)
+        table = self._row_group(shard, group)
+        if rows and rows[-1] >= table.num_rows:
+            raise ShardError(f"{self.shardset.url(shard)} (row group {group}): {table.num_rows} rows, but the "
+                             f"listing says row {rows[-1]} exists; the shard changed since it was listed")
+        picked = table.slice(rows[0], 1) if len(rows) == 1 else table.take(pa.array(rows, pa.int64()))
+        return read_parquet_rows(picked, f"{self.shardset.url(shard)} (row group {group})", latents=self.latents,
+                                 codebook_size=self._codebook_size)
+
+    def rows(self, shard: Shard, group: int, lo: int, hi: int) -> Iterator[dict[str, Any]]:
+        """Samples ``[lo, hi)`` of row group ``group`` (Parquet) or of the whole tar (``group`` 0)."""
+        if shard.format == "webdataset":
+            yield from iter_tar_rows(self.shardset.fsref, shard, lo, hi, latents=self.latents,
+                                     codebook_size=self._codebook_size)
+            return
+        yield from read_parquet_rows(self._row_group(shard, group).slice(lo, hi - lo),
+                                     f"{self.shardset.url(shard)} (row group {group})", latents=self.latents,
                                      codebook_size=self._codebook_size)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from gq_pipeline.dataset import ShuffleOrder, TokenDataset, TokenLoader, consumed_per_worker
+from gq_pipeline.dataset import EpochOrder, TokenDataset, TokenLoader
 from gq_pipeline.shards import FingerprintMismatchError, ShardError, list_shards
 from tests.shard_writer import make_bucket, write_token_output
 
@@ -79,78 +79,82 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(out, fmt):
     assert keys(TokenDataset(root, format=fmt, shuffle=False)) == sorted(expected)  # name order, then row order
 
 
-@pytest.mark.filterwarnings("ignore:.*do not split evenly")
-@pytest.mark.parametrize("fmt,workers,rank,world", [("parquet", 2, 0, 1), ("webdataset", 2, 0, 1), ("parquet", 0, 0, 1),
-                                                    ("webdataset", 2, 1, 3)])
-def test_resume_mid_epoch_is_exact(out, fmt, workers, rank, world):
+@pytest.mark.filterwarnings("ignore:.*do not split evenly", "ignore:This DataLoader will create")
+@pytest.mark.parametrize("fmt,workers,rank,world", [("parquet", 0, 0, 1), ("parquet", 2, 0, 1), ("parquet", 3, 0, 1),
+                                                    ("webdataset", 2, 0, 1), ("webdataset", 3, 1, 3)])
+def test_resume_after_every_number_of_batches_is_exact(out, fmt, workers, rank, world):
+    """Stop after 1..9 batches (odd counts too: a resumed DataLoader starts again at worker 0) and resume: exactly
+    the batches the uninterrupted run would have produced next, through the end of the next epoch."""
     root, _ = out
-    make = lambda: TokenDataset(root, format=fmt, seed=5, buffer_size=6, batch_size=3,  # noqa: E731
+    make = lambda: TokenDataset(root, format=fmt, seed=5, shuffle_window=6, batch_size=2,  # noqa: E731
                                 rank=rank, world_size=world)
     ds = make()
     full = []
     for epoch in range(2):
         ds.set_epoch(epoch)
-        full += keys(TokenLoader(ds, num_workers=workers))
-    # interrupted run: stop after 4 batches of epoch 0 and keep the state (JSON-serializable)
-    ds = make()
-    loader = TokenLoader(ds, num_workers=workers)
-    part = []
-    stop = 3 if world == 1 else 1  # rank 1 of 3 holds 7 samples: workers of 3 and 4
-    for i, batch in enumerate(loader):
-        part += batch["key"]
-        if i == stop:
-            state = json.loads(json.dumps(loader.state_dict()))
-            break
-    assert state["consumed"] == len(part) == 3 * (stop + 1) and state["epoch"] == 0
-    ds = make()
-    loader = TokenLoader(ds, num_workers=workers)
-    loader.load_state_dict(state)
-    for epoch in range(ds.epoch, 2):
-        ds.set_epoch(epoch)
-        part += keys(loader)
-    assert part == full
+        full.append([b["key"] for b in TokenLoader(ds, num_workers=workers)])
+    n0 = len(full[0])
+    assert n0 == ds.num_batches()
+    if world == 1:
+        assert sorted(k for b in full[0] for k in b) == sorted(k for b in full[1] for k in b)
+    for stop in range(1, min(10, n0 + 1)):
+        ds = make()
+        loader = TokenLoader(ds, num_workers=workers)
+        part = []
+        for batch in loader:
+            part.append(batch["key"])
+            if len(part) == stop:
+                state = json.loads(json.dumps(loader.state_dict()))  # JSON-serializable
+                break
+        ds = make()
+        loader = TokenLoader(ds, num_workers=workers)
+        loader.load_state_dict(state)
+        for epoch in range(ds.epoch, 2):
+            ds.set_epoch(epoch)
+            part += [b["key"] for b in loader]
+        assert part == full[0] + full[1], f"stop after {stop} batches"
 
 
-def test_resume_checks_workers_settings_and_epoch_end(out):
+def test_resume_with_another_worker_count_and_settings_checks(out):
     root, _ = out
     ds = TokenDataset(root, batch_size=3)
+    whole = keys(TokenLoader(ds, num_workers=0))
     loader = TokenLoader(ds, num_workers=2)
     it = iter(loader)
-    next(it)
+    got = keys([next(it)])
     state = loader.state_dict()
     del it
+    assert state["epoch"] == 0 and state["position"] == 3
     other = TokenDataset(root, batch_size=3)
     other.load_state_dict(state)
-    with pytest.raises(ValueError, match="same num_workers"):
-        list(TokenLoader(other, num_workers=0))
+    assert got + keys(TokenLoader(other, num_workers=3)) == whole  # the order does not depend on workers
+    other = TokenDataset(root, batch_size=5)  # nor on the batch size: the state is a position
+    other.load_state_dict(state)
+    assert got + keys(TokenLoader(other, num_workers=2)) == whole
     with pytest.raises(ValueError, match="seed was 0, now 1"):
         TokenDataset(root, batch_size=3, seed=1).load_state_dict(state)
-    done = dict(state, consumed=20)
+    with pytest.raises(ValueError, match="version 1 states"):
+        TokenDataset(root).load_state_dict(dict(state, version=1))
+    done = dict(state, position=20)
     ds.load_state_dict(done)
-    assert ds.epoch == 1 and ds.state_dict()["consumed"] == 0
+    assert ds.epoch == 1 and ds.state_dict()["position"] == 0
     with pytest.raises(TypeError, match="batching"):
         TokenLoader(ds, batch_size=4)
     with pytest.raises(ValueError, match="persistent_workers"):
         TokenLoader(ds, num_workers=1, persistent_workers=True)
 
 
-def test_consumed_per_worker_models_round_robin():
-    # worker lengths 5 and 4, batches of 2: w0 w1 w0 w1 w0(2) w1(2) w0(1)
-    assert consumed_per_worker(6, [5, 4], 2) == [4, 2]
-    assert consumed_per_worker(8, [5, 4], 2) == [4, 4]
-    assert consumed_per_worker(9, [5, 4], 2) == [5, 4]
-    with pytest.raises(ValueError, match="boundary"):
-        consumed_per_worker(3, [5, 4], 2)
-
-
-def test_shuffle_order_skip_replays_exactly():
-    full = list(ShuffleOrder(50, 8, key=7))
-    assert sorted(full) == list(range(50)) and full != list(range(50))
-    o = ShuffleOrder(50, 8, key=7)
-    o.skip(20)
-    assert list(o) == full[20:]
-    assert all(o.needed(p) == (p in full[20:]) for p in range(50))
-    assert list(ShuffleOrder(10, 1, key=7)) == list(range(10))
+def test_epoch_order_is_a_permutation_mixing_blocks(out):
+    ds = TokenDataset(out[0], shuffle_window=6)
+    order = ds.order(0)
+    q = np.arange(order.n)
+    src = order.source_index(q)
+    assert sorted(src.tolist()) == list(range(20)) and src.tolist() != list(range(20))
+    assert all(int(order.window_starts[k + 1] - order.window_starts[k]) >= 6
+               for k in range(len(order.window_starts) - 2))  # every window but the last holds >= 6 samples
+    assert ds.order(1).source_index(q).tolist() != src.tolist()
+    same = EpochOrder(ds.shards, 0, 0, True, 6)
+    assert same.source_index(q).tolist() == src.tolist()  # a pure function of (shards, seed, epoch, window)
 
 
 def test_fields_latents_and_flatten(out):
@@ -303,15 +307,16 @@ def test_resume_skips_delivered_blocks_without_reading(out, monkeypatch):
     root, _ = out
     ds = TokenDataset(root, shuffle=False)
     want = keys(ds)[12:]
-    state = ds.state_dict(consumed=12, num_workers=0)
+    state = ds.state_dict(consumed=12)
+    assert state["position"] == 12
     reads = []
-    real = shards_mod.BlockReader.rows
+    real = shards_mod.BlockReader.take
 
-    def counting(self, shard, group, lo, hi):
-        reads.append((shard.name, group, lo, hi))
-        return real(self, shard, group, lo, hi)
+    def counting(self, shard, group, rows):
+        reads.append((shard.name, group, tuple(rows)))
+        return real(self, shard, group, rows)
 
-    monkeypatch.setattr(shards_mod.BlockReader, "rows", counting)
+    monkeypatch.setattr(shards_mod.BlockReader, "take", counting)
     ds.load_state_dict(state)
     rest = keys(ds)
     assert rest == want
