@@ -9,13 +9,15 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["tokenize", "preprocess_image", "SampleError", "ERROR_KINDS", "TokenDataset", "TokenLoader"]
+__all__ += ["TokenMixture"]
 
 _LAZY = {"tokenize": ("gq_pipeline.job", "tokenize"),
          "preprocess_image": ("gq_pipeline.preprocess", "preprocess_image"),
          "SampleError": ("gq_pipeline.records", "SampleError"),
          "ERROR_KINDS": ("gq_pipeline.records", "ERROR_KINDS"),
          "TokenDataset": ("gq_pipeline.dataset", "TokenDataset"),
-         "TokenLoader": ("gq_pipeline.dataset", "TokenLoader")}
+         "TokenLoader": ("gq_pipeline.dataset", "TokenLoader"),
+         "TokenMixture": ("gq_pipeline.mixture", "TokenMixture")}
 
 
 def __getattr__(name: str):

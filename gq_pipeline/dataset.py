@@ -46,7 +46,8 @@ __all__ = ["TokenDataset", "TokenLoader", "collate", "EpochOrder", "shuffle_qual
 _GOLDEN = 0x9E3779B97F4A7C15
 STATE_FORMAT = "gq.TokenDataset"
 STATE_VERSION = 2
-DEFAULT_WINDOW = 4096
+DEFAULT_WINDOW = 8192      # samples per shuffle window: bounds what a worker holds decoded (its share of one)
+DEFAULT_BLOCK_ROWS = 256   # rows per shuffle block: a 1024-row group becomes 4 blocks, so a window spans ~32 units
 
 
 # ---------------------------------------------------------------------------------------------- randomness
@@ -222,6 +223,9 @@ class OrderedStream(IterableDataset):
     def _finish(self, sample: dict[str, Any], source: int) -> dict[str, Any]:
         return sample
 
+    def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(batch)
+
     # -- plan
     @property
     def num_samples(self) -> int:
@@ -301,7 +305,7 @@ class OrderedStream(IterableDataset):
                     for x, s in zip(rest.tolist(), samples):
                         cache[x] = s
                 batch = [self._finish(cache.pop(j), int(src[j])) for j in range(a, b)]
-                yield collate(batch) if self.batch_size else batch[0]
+                yield self._collate(batch) if self.batch_size else batch[0]
         finally:
             for reader in readers.values():
                 reader.close()
@@ -376,7 +380,7 @@ class TokenDataset(OrderedStream):
     def __init__(self, url: str | list[str], format: str = "auto", shuffle: bool = True, seed: int = 0,
                  shuffle_window: int = DEFAULT_WINDOW, rank: int | None = None, world_size: int | None = None, *,
                  batch_size: int | None = None, flatten: bool = False, latents: bool = False, drop_last: bool = False,
-                 pad: bool = False, block_rows: int | None = None, storage_options: dict | None = None,
+                 pad: bool = False, block_rows: int | None = DEFAULT_BLOCK_ROWS, storage_options: dict | None = None,
                  buffer_size: int | None = None):
         super().__init__()
         if buffer_size is not None:  # the name of the window before the order became global

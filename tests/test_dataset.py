@@ -323,3 +323,34 @@ def test_resume_skips_delivered_blocks_without_reading(out, monkeypatch):
     starts = np.cumsum([0] + [g for s in ds.shards.shards for g in s.row_groups])
     assert len(reads) == sum(1 for a, b in zip(starts[:-1], starts[1:]) if b > 12)  # only blocks past position 12
     assert len(reads) < len(starts) - 1
+
+
+def test_shuffle_quality_on_class_sorted_output(tmp_path):
+    """Each shard holds one class (as for class-sorted folders). Batches must mix many classes: a global
+    permutation gives ~14 of 16 per batch of 32; a buffer over row groups gave 1-2."""
+    from gq_pipeline.dataset import shuffle_quality
+
+    root = str(tmp_path)
+    write_token_output(root, (128,) * 16, row_group_size=64, formats=("parquet",))
+    natural = {k: i for i, k in enumerate(sorted(list_keys(root)))}  # shard-name then row order
+
+    def measure(workers=0, **kw):
+        batches = [b["key"] for b in TokenLoader(TokenDataset(root, batch_size=32, **kw), num_workers=workers)]
+        units = [[k.rsplit("-", 1)[0] for k in b] for b in batches]
+        return shuffle_quality(units, np.array([natural[k] for b in batches for k in b]))
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(16), 128)
+    ideal = np.mean([np.mean([len(set(p[i:i + 32])) for i in range(0, 2048, 32)])
+                     for p in (rng.permutation(labels) for _ in range(50))])
+    assert 13.5 < ideal < 14.5
+    q = measure(workers=2, shuffle_window=1024, block_rows=16)
+    assert q["distinct_per_batch"] >= 0.8 * ideal and abs(q["spearman"]) < 0.15, q
+    plain = measure(shuffle=False)
+    assert plain["distinct_per_batch"] == 1.0 and plain["spearman"] > 0.99
+    whole_groups = measure(shuffle_window=128)  # 2 row groups per window: at most 2 classes per batch
+    assert whole_groups["distinct_per_batch"] <= 2.0 < q["distinct_per_batch"]
+
+
+def list_keys(root):
+    return [s["key"] for s in TokenDataset(root, shuffle=False)]

@@ -97,3 +97,80 @@ def test_disagreeing_rank_states_are_refused(out):
         make(root, 0, 3).load_state_dict(bad)
     with pytest.raises(ValueError, match="seed was 11, now 12"):
         TokenDataset(root, seed=12, shuffle_window=8).load_state_dict(states[0])
+
+
+# ---------------------------------------------------------------------------------------------- mixtures
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory):
+    a = str(tmp_path_factory.mktemp("mix_a"))
+    b = str(tmp_path_factory.mktemp("mix_b"))
+    ka = write_token_output(a, (40, 35, 25, 50), row_group_size=10, formats=("parquet",))       # 150 samples
+    kb = write_token_output(b, (20, 23, 17), row_group_size=8, formats=("parquet",), unit_offset=50)  # 60
+    return a, b, set(ka), set(kb)
+
+
+def mixture(two_sets, rank=0, world=1, **kw):
+    from gq_pipeline.mixture import TokenMixture
+
+    a, b = two_sets[:2]
+    return TokenMixture([TokenDataset(a, seed=1, shuffle_window=32, block_rows=5),
+                         TokenDataset(b, seed=2, shuffle_window=16)], weights=[0.7, 0.3], seed=3,
+                        rank=rank, world_size=world, batch_size=kw.pop("batch_size", 8), **kw)
+
+
+def test_mixture_proportions_and_exactly_once_per_pass(two_sets):
+    _, _, ka, kb = two_sets
+    mix = mixture(two_sets)
+    assert mix.epoch_samples == 200 and mix.per_epoch == [140, 60]  # one pass over B (60 / 0.3)
+    stream = []
+    for epoch in range(3):
+        mix.set_epoch(epoch)
+        batches = list(TokenLoader(mix, num_workers=2))
+        keys = [k for b in batches for k in b["key"]]
+        dsets = [d for b in batches for d in b["dataset"].tolist()]
+        assert len(keys) == 200
+        n_a = sum(1 for d in dsets if d == 0)
+        assert abs(n_a - 0.7 * 200) <= 3 * (200 * 0.7 * 0.3) ** 0.5  # binomial tolerance
+        for half in (slice(0, 100), slice(100, 200)):  # prefixes keep the weights too
+            assert abs(sum(1 for d in dsets[half] if d == 0) - 70) <= 3 * (100 * 0.21) ** 0.5
+        assert all((k in ka) == (d == 0) and (k in kb) == (d == 1) for k, d in zip(keys, dsets))
+        stream += keys
+    b_stream = [k for k in stream if k in kb]
+    a_stream = [k for k in stream if k in ka]
+    for i in range(0, len(b_stream), 60):  # every pass over B: each sample exactly once
+        assert sorted(b_stream[i:i + 60]) == sorted(kb)
+    assert sorted(a_stream[:150]) == sorted(ka) and len(set(a_stream[150:300])) == 150
+
+
+@pytest.mark.parametrize("new_world,workers", [(1, 0), (3, 2)])
+def test_mixture_resumes_elastically_exactly_once(two_sets, new_world, workers):
+    whole = sorted(k for b in TokenLoader(mixture(two_sets)) for k in b["key"])
+    before, states = [], []
+    for rank in range(2):
+        loader = TokenLoader(mixture(two_sets, rank, 2), num_workers=2)
+        for i, batch in enumerate(loader):
+            before += batch["key"]
+            if i == 4:
+                break
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    assert states[0]["position"] == states[1]["position"] == 80
+    after = []
+    for rank in range(new_world):
+        mix = mixture(two_sets, rank, new_world)
+        mix.load_state_dict(states)
+        after += [k for b in TokenLoader(mix, num_workers=workers) for k in b["key"]]
+    assert sorted(before + after) == whole
+
+
+def test_mixture_refuses_other_codebooks_unless_told(two_sets, tmp_path):
+    from gq_pipeline.mixture import TokenMixture
+    from gq_pipeline.shards import FingerprintMismatchError
+
+    write_token_output(str(tmp_path), (5, 5), codebook_fp="c" * 16, model_fp="3" * 16, formats=("parquet",))
+    a, other = TokenDataset(two_sets[0]), TokenDataset(str(tmp_path))
+    with pytest.raises(FingerprintMismatchError, match="different codebooks"):
+        TokenMixture([a, other], weights=[0.5, 0.5])
+    mix = TokenMixture([a, other], weights=[0.5, 0.5], allow_mixed_codebooks=True, batch_size=4)
+    assert sum(len(b["key"]) for b in mix) == mix.epoch_samples == 20
+    with pytest.raises(ValueError, match="one weight per dataset"):
+        TokenMixture([a], weights=[0.5, 0.5])
