@@ -16,8 +16,8 @@ _LAZY = {"tokenize": ("gq_pipeline.job", "tokenize"),
          "SampleError": ("gq_pipeline.records", "SampleError"),
          "ERROR_KINDS": ("gq_pipeline.records", "ERROR_KINDS"),
          "TokenDataset": ("gq_pipeline.dataset", "TokenDataset"),
-         "TokenLoader": ("gq_pipeline.dataset", "TokenLoader"),
-         "TokenMixture": ("gq_pipeline.mixture", "TokenMixture")}
+         "TokenLoader": ("gq_pipeline.dataset", "TokenLoader")}
+_LAZY["TokenMixture"] = ("gq_pipeline.mixture", "TokenMixture")
 
 
 def __getattr__(name: str):
