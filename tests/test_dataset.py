@@ -287,6 +287,35 @@ def test_train_ar_under_torchrun_ddp(learnable):
     assert out["steps"] == 10 and out["last_loss"] < out["first_loss"]
 
 
+@pytest.fixture(scope="module")
+def learnable_b(tmp_path_factory):
+    from tests.shard_writer import counting_tokens
+
+    root = str(tmp_path_factory.mktemp("learnable_b"))
+    write_token_output(root, (18, 12), tokens_fn=counting_tokens, formats=("parquet",), unit_offset=40, seed=1)
+    return root
+
+
+def test_train_ar_mixture_on_two_ranks_resumes_on_one(learnable, learnable_b, tmp_path):
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ckpt = str(tmp_path / "mix.pt")
+    mix = ["--shards", learnable, learnable_b, "--weights", "0.7", "0.3", "--batch-size", "4", "--checkpoint", ckpt]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    first = _run([torchrun, "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+                  EXAMPLE, *mix, "--steps", "6"])
+    # mixture epoch: min(40 / 0.7, 30 / 0.3) = 57 samples; 6 steps x 2 ranks x 4 = position 48
+    assert (first["steps"], first["world_size"], first["epoch"], first["position"]) == (6, 2, 0, 48)
+    resumed = _run([EXAMPLE, *mix, "--steps", "10", "--resume", "--num-workers", "2"])
+    # one rank: 9 samples end epoch 0 (batches 4, 4, 1), then one batch of epoch 1
+    assert (resumed["steps"], resumed["world_size"], resumed["epoch"], resumed["position"]) == (10, 1, 1, 4)
+    assert resumed["last_loss"] < first["first_loss"]
+
+
 def test_tar_sample_passthrough_columns_and_json():
     import io as _io
 
