@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gq_pipeline.shards import BlockReader, ShardError, ShardSet, list_shards
+from gq_pipeline.shards import BlockReader, ShardError, ShardSet, list_shards, row_token_shapes
 
-__all__ = ["TokenDataset", "TokenLoader", "collate", "EpochOrder", "shuffle_quality"]
+__all__ = ["TokenDataset", "TokenLoader", "collate", "pad_collate", "EpochOrder", "shuffle_quality"]
 
 _GOLDEN = 0x9E3779B97F4A7C15
 STATE_FORMAT = "gq.TokenDataset"
@@ -94,11 +94,10 @@ class EpochOrder:
         self.blocks = blocks
         self.block_starts = np.concatenate([[0], np.cumsum(blocks[:, 3])]).astype(np.int64)
         self.n = int(self.block_starts[-1])
-        bounds = [0]
-        if shuffle:
-            for s in self.block_starts[1:-1]:
-                if s - bounds[-1] >= window:
-                    bounds.append(int(s))
+        bounds = [0]  # windows also without shuffling: they bound what a worker reads ahead and holds
+        for s in self.block_starts[1:-1]:
+            if s - bounds[-1] >= window:
+                bounds.append(int(s))
         bounds.append(self.n)
         self.window_starts = np.array(bounds, dtype=np.int64)
         self._perm_cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -178,6 +177,31 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def pad_collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
+    """Batch samples of different token shapes (``--crop none``): ``tokens`` padded with ``pad_id`` to the largest
+    ``h``/``w`` (or length, when flattened) of the batch, ``mask`` (bool, True on real tokens: ``[B, H, W]``, or
+    ``[B, L]``), ``token_shape`` (int64 ``[B, 3]``, the real shapes); a ``latent`` is padded with zeros the same way."""
+    shapes = [tuple(s["tokens"].shape) for s in samples]
+    dims = max(len(sh) for sh in shapes)
+    full = tuple(max(sh[d] for sh in shapes) for d in range(dims))
+    tokens = torch.full((len(samples), *full), pad_id, dtype=samples[0]["tokens"].dtype)
+    mask = torch.zeros((len(samples), *full[-2:]) if dims == 3 else (len(samples), *full), dtype=torch.bool)
+    for i, (s, sh) in enumerate(zip(samples, shapes)):
+        tokens[(i, *[slice(0, n) for n in sh])] = s["tokens"]
+        mask[(i, *[slice(0, n) for n in sh[-2:]])] = True
+    latent = None
+    if all("latent" in s for s in samples):
+        lshape = tuple(max(s["latent"].shape[d] for s in samples) for d in range(samples[0]["latent"].dim()))
+        latent = torch.zeros((len(samples), *lshape), dtype=samples[0]["latent"].dtype)
+        for i, s in enumerate(samples):
+            latent[(i, *[slice(0, n) for n in s["latent"].shape])] = s["latent"]
+    rest = collate([{k: v for k, v in s.items() if k not in ("tokens", "latent")} for s in samples])
+    rest.update(tokens=tokens, mask=mask, token_shape=torch.tensor([list(sh) for sh in shapes], dtype=torch.int64))
+    if latent is not None:
+        rest["latent"] = latent
+    return rest
+
+
 # ---------------------------------------------------------------------------------------------- rank/worker/resume
 class OrderedStream(IterableDataset):
     """What :class:`TokenDataset` and ``TokenMixture`` share: a global order per epoch (``_epoch_length``,
@@ -224,7 +248,7 @@ class OrderedStream(IterableDataset):
         return sample
 
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate(batch)
+        return (getattr(self, "collate_fn", None) or collate)(batch)
 
     # -- plan
     @property
@@ -237,8 +261,16 @@ class OrderedStream(IterableDataset):
         left = max(0, n - start)
         return start + (left - left % r if self.drop_last else math.ceil(left / r) * r if self.pad else left)
 
+    def _item_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Variable items (shape buckets): (starts, stops) of every item of the epoch in position space. The state's
+        position then counts items, not samples. None: items are runs of ``batch_size`` positions."""
+        return None
+
     def _rank_items(self, epoch: int, start: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(item starts, item stops, full rounds) of this rank for the epoch's positions from ``start``."""
+        plan = self._item_plan(epoch)
+        if plan is not None:
+            return self._rank_plan_items(plan, start)
         b, r, rank = self.batch_size or 1, self.world_size, self.rank
         end = self._end(epoch, start)
         full = (end - start) // (r * b)
@@ -250,6 +282,18 @@ class OrderedStream(IterableDataset):
             t = start + full * r * b
             starts, stops = np.append(starts, t + lo), np.append(stops, t + hi)
         return starts, stops, full
+
+    def _rank_plan_items(self, plan: tuple[np.ndarray, np.ndarray], start: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Whole items dealt round-robin to ranks from item ``start``; drop_last/pad act on items."""
+        m, r = len(plan[0]), self.world_size
+        left = max(0, m - start)
+        total = left - left % r if self.drop_last else math.ceil(left / r) * r if self.pad else left
+        full = total // r
+        idx = start + np.arange(full, dtype=np.int64) * r + self.rank
+        if self.rank < total - full * r:
+            idx = np.append(idx, start + full * r + self.rank)
+        idx = idx % max(1, m)  # pad: wrap to the first items of the epoch
+        return plan[0][idx], plan[1][idx], full
 
     def rank_range(self) -> tuple[int, int]:
         """Samples this rank yields in the current epoch (from its resume point) as ``(0, count)``."""
@@ -318,7 +362,8 @@ class OrderedStream(IterableDataset):
         n_items = self.num_batches_from(self._base)
         if self._done >= n_items:
             return self.epoch + 1, 0
-        return self.epoch, self._base + min(self._done, full) * self.world_size * (self.batch_size or 1)
+        unit = 1 if self._item_plan(self.epoch) is not None else self.batch_size or 1
+        return self.epoch, self._base + min(self._done, full) * self.world_size * unit
 
     def num_batches_from(self, start: int) -> int:
         return len(self._rank_items(self.epoch, start)[0])
@@ -381,8 +426,11 @@ class TokenDataset(OrderedStream):
                  shuffle_window: int = DEFAULT_WINDOW, rank: int | None = None, world_size: int | None = None, *,
                  batch_size: int | None = None, flatten: bool = False, latents: bool = False, drop_last: bool = False,
                  pad: bool = False, block_rows: int | None = DEFAULT_BLOCK_ROWS, storage_options: dict | None = None,
+                 bucket_by_shape: bool = False, collate_fn=None, latent_dtype: torch.dtype = torch.float32,
                  buffer_size: int | None = None):
         super().__init__()
+        if bucket_by_shape and not batch_size:
+            raise ValueError("bucket_by_shape needs batch_size: the buckets are batches of one token_shape")
         if buffer_size is not None:  # the name of the window before the order became global
             shuffle_window = buffer_size
         if shuffle_window < 1 or (block_rows is not None and block_rows < 1):
@@ -394,11 +442,16 @@ class TokenDataset(OrderedStream):
         self.shuffle, self.seed = bool(shuffle), int(seed)
         self.shuffle_window, self.block_rows = int(shuffle_window), block_rows
         self.flatten, self.latents = flatten, latents
+        self.bucket_by_shape, self.collate_fn, self.latent_dtype = bool(bucket_by_shape), collate_fn, latent_dtype
+        self._shape_ids: list[np.ndarray] | None = None
+        self._buckets: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         if latents and self.format == "parquet" and any("latent" not in s.columns for s in self.shards.shards):
             bad = next(s for s in self.shards.shards if "latent" not in s.columns)
             raise ShardError(f"{self.shards.url(bad)}: no 'latent' column (tokenize with --latents to store latents)")
         self._init_stream(rank, world_size, batch_size, drop_last, pad)
         self._orders: OrderedDict[int, EpochOrder] = OrderedDict()
+        if self.bucket_by_shape:  # read once here, so DataLoader workers inherit it
+            self._row_shapes()
         n, r = self.shards.num_samples, self.world_size
         if r > 1 and n % r and not (drop_last or pad):
             warnings.warn(f"{n} samples do not split evenly over {r} ranks (counts differ by one); under DDP pass "
@@ -417,10 +470,67 @@ class TokenDataset(OrderedStream):
                 self._orders.popitem(last=False)
         return self._orders[epoch]
 
+    @property
+    def num_samples(self) -> int:
+        return self.shards.num_samples if self.bucket_by_shape else super().num_samples
+
     def _epoch_length(self, epoch: int) -> int:
-        return self.shards.num_samples
+        return len(self._bucketed(epoch)[1]) if self.bucket_by_shape else self.shards.num_samples
+
+    def _row_shapes(self) -> list[np.ndarray]:
+        """Per shard, a small shape id per row (ids index ``self.shapes``)."""
+        if self._shape_ids is None:
+            per_shard = [row_token_shapes(self.shards, s) for s in self.shards.shards]
+            allrows = np.concatenate(per_shard) if per_shard else np.zeros((0, 3), np.int64)
+            self.shapes, ids = np.unique(allrows, axis=0, return_inverse=True)
+            ids = ids.reshape(-1)
+            cuts = np.cumsum([len(x) for x in per_shard])[:-1]
+            self._shape_ids = np.split(ids, cuts)
+        return self._shape_ids
+
+    def _bucketed(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(order position of each bucketed position, batch starts, batch stops): inside each window the samples
+        are grouped by shape (keeping the window's random order), cut into batches of ``batch_size`` (the last of a
+        shape may be short), and the window's batches are permuted so shapes interleave."""
+        if epoch in self._buckets:
+            return self._buckets[epoch]
+        order, b = self.order(epoch), self.batch_size
+        ids = np.concatenate(self._row_shapes()) if self.shards.shards else np.zeros(0, np.int64)
+        row0 = np.concatenate([[0], np.cumsum([s.num_rows for s in self.shards.shards])])
+        group0 = [np.concatenate([[0], np.cumsum(s.row_groups)]) for s in self.shards.shards]
+        block0 = np.array([row0[s] + group0[s][g] + lo for s, g, lo, _ in order.blocks.tolist()], dtype=np.int64)
+        perm: list[np.ndarray] = []
+        for k in range(len(order.window_starts) - 1):
+            q = np.arange(order.window_starts[k], order.window_starts[k + 1])
+            blk, row = order.locate(q, k)
+            shape = ids[block0[blk] + row]
+            by_shape = np.argsort(shape, kind="stable")  # keeps the window's random order inside each shape
+            q, shape = q[by_shape], shape[by_shape]
+            edges = []
+            for sid in np.unique(shape):
+                lo, hi = int(np.searchsorted(shape, sid)), int(np.searchsorted(shape, sid, side="right"))
+                edges += [(a, min(a + b, hi)) for a in range(lo, hi, b)]
+            pick = _permutation(len(edges), _key("buckets", self.seed, epoch, k)) if self.shuffle else \
+                range(len(edges))
+            perm += [q[edges[j][0]:edges[j][1]] for j in pick]
+        flat = np.concatenate(perm) if perm else np.zeros(0, np.int64)
+        sizes = np.array([len(p) for p in perm], dtype=np.int64)
+        stops = np.cumsum(sizes)
+        result = (flat, stops - sizes, stops)
+        self._buckets[epoch] = result
+        while len(self._buckets) > 2:
+            self._buckets.popitem(last=False)
+        return result
+
+    def _item_plan(self, epoch: int):
+        if not self.bucket_by_shape:
+            return None
+        _, starts, stops = self._bucketed(epoch)
+        return starts, stops
 
     def _locate(self, epoch, p):
+        if self.bucket_by_shape:
+            p = self._bucketed(epoch)[0][p]
         q = p % max(1, self.shards.num_samples)  # pad: positions past N wrap to the start of the order
         zero = np.zeros(len(p), dtype=np.int64)
         return zero, zero + epoch, q, self.order(epoch).windows_of(q)
@@ -454,12 +564,17 @@ class TokenDataset(OrderedStream):
     def _finish(self, sample: dict[str, Any], source: int) -> dict[str, Any]:
         if self.flatten:
             sample["tokens"] = sample["tokens"].reshape(-1)
+        if "latent" in sample and self.latent_dtype != sample["latent"].dtype:
+            sample["latent"] = sample["latent"].to(self.latent_dtype)  # float16 is the stored precision: exact
         return sample
 
     def _settings(self) -> dict[str, Any]:
-        return {"seed": self.seed, "shuffle": self.shuffle, "shuffle_window": self.shuffle_window,
-                "block_rows": self.block_rows, "num_samples": self.shards.num_samples,
-                "shards": self.shards.digest()}
+        out = {"seed": self.seed, "shuffle": self.shuffle, "shuffle_window": self.shuffle_window,
+               "block_rows": self.block_rows, "num_samples": self.shards.num_samples,
+               "shards": self.shards.digest()}
+        if self.bucket_by_shape:  # the position then counts batches of this size
+            out.update(bucket_by_shape=True, batch_size=self.batch_size)
+        return out
 
 
 class TokenLoader(DataLoader):

@@ -671,6 +671,29 @@ def _tar_sample(key: str, parts: dict[str, bytes], where: str, latents: bool,
     return sample
 
 
+def row_token_shapes(shardset: ShardSet, shard: Shard) -> np.ndarray:
+    """``[rows, 3]`` token shape ``(G, h, w)`` of every sample of ``shard`` in row order, for shape bucketing.
+
+    Free when the commit record gives the shard a single shape; else the ``token_shape`` column alone is read
+    (a few bytes per row), or a tar is scanned."""
+    if len(shard.token_shapes) == 1:
+        return np.tile(np.asarray(shard.token_shapes[0][:3], dtype=np.int64), (shard.num_rows, 1))
+    url = shardset.url(shard)
+    if shard.format == "parquet":
+        try:
+            with shardset.fsref.open(shard.path) as f:
+                col = pq.read_table(f, columns=["token_shape"]).column("token_shape").combine_chunks()
+        except Exception as e:  # noqa: BLE001
+            raise ShardError(f"{url}: cannot read the token_shape column ({type(e).__name__}: {e})") from e
+        out = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, 3)
+    else:
+        rows = take_tar_rows(shardset.fsref, shard, list(range(shard.num_rows)), codebook_size=shardset.codebook_size)
+        out = np.array([tuple(r["tokens"].shape) for r in rows], dtype=np.int64).reshape(-1, 3)
+    if len(out) != shard.num_rows:
+        raise ShardError(f"{url}: {len(out)} token shapes for {shard.num_rows} rows")
+    return out
+
+
 class BlockReader:
     """Reads row ranges of one shard set in one process, keeping the last Parquet file open: consecutive blocks of a
     worker's plan usually come from the same shard, so each shard's footer is fetched once per pass."""

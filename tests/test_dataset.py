@@ -383,3 +383,64 @@ def test_shuffle_quality_on_class_sorted_output(tmp_path):
 
 def list_keys(root):
     return [s["key"] for s in TokenDataset(root, shuffle=False)]
+
+
+@pytest.fixture(scope="module")
+def mixed_shapes(tmp_path_factory):
+    """A --crop none style output: token grids of three shapes, shards mixing them."""
+    root = str(tmp_path_factory.mktemp("shapes"))
+    expected = {}
+    for u, shape in enumerate([(1, 4, 4), (1, 4, 6), (1, 6, 4)]):
+        expected.update(write_token_output(root, (7, 5), token_shape=shape, unit_offset=10 * u, row_group_size=3,
+                                           latents=True, seed=u))
+    return root, expected
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_shape_buckets_give_single_shape_batches_exactly_once_and_resume(mixed_shapes, fmt):
+    root, expected = mixed_shapes
+    make = lambda **kw: TokenDataset(root, format=fmt, batch_size=4, bucket_by_shape=True, seed=2,  # noqa: E731
+                                     shuffle_window=12, **kw)
+    batches = list(TokenLoader(make(), num_workers=2))
+    for b in batches:
+        assert b["tokens"].shape[1:] == expected[b["key"][0]]["tokens"].shape  # one shape per batch
+        for k, t in zip(b["key"], b["tokens"]):
+            assert np.array_equal(t.numpy(), expected[k]["tokens"])
+    assert sorted(keys(batches)) == sorted(expected)
+    assert len({tuple(b["tokens"].shape[1:]) for b in batches[:4]}) > 1  # shapes interleave
+    ds = make()
+    loader = TokenLoader(ds, num_workers=2)
+    part = []
+    for b in loader:
+        part.append(b["key"])
+        if len(part) == 3:
+            break
+    state = loader.state_dict()
+    assert state["position"] == 3  # counts batches when bucketing
+    rest = []
+    for rank in range(2):  # elastic: continue on two ranks
+        other = make(rank=rank, world_size=2)
+        other.load_state_dict(state)
+        rest += [b["key"] for b in TokenLoader(other, num_workers=0)]
+    assert sorted(k for b in part + rest for k in b) == sorted(expected)
+
+
+def test_pad_collate_masks_and_float16_latents(mixed_shapes):
+    from gq_pipeline.dataset import pad_collate
+
+    root, expected = mixed_shapes
+    ds = TokenDataset(root, batch_size=6, collate_fn=pad_collate, latents=True, latent_dtype=torch.float16)
+    for b in ds:
+        assert b["tokens"].shape[0] == b["mask"].shape[0] == len(b["key"]) and b["latent"].dtype == torch.float16
+        for i, k in enumerate(b["key"]):
+            g, h, w = expected[k]["tokens"].shape
+            assert b["token_shape"][i].tolist() == [g, h, w]
+            assert b["mask"][i].sum() == h * w and b["mask"][i, :h, :w].all()
+            assert np.array_equal(b["tokens"][i, :, :h, :w].numpy(), expected[k]["tokens"])
+            assert (b["tokens"][i][:, ~b["mask"][i]] == 0).all()
+            assert np.array_equal(b["latent"][i, :, :h, :w].numpy(), expected[k]["latent"])  # stored float16
+
+
+def test_bucket_by_shape_needs_batch_size(mixed_shapes):
+    with pytest.raises(ValueError, match="needs batch_size"):
+        TokenDataset(mixed_shapes[0], bucket_by_shape=True)
