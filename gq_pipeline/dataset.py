@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gq_pipeline.shards import BlockReader, ShardError, ShardSet, list_shards, row_token_shapes
+from gq_pipeline.shards import BlockReader, ShardCache, ShardError, ShardSet, list_shards, row_token_shapes
 
 __all__ = ["TokenDataset", "TokenLoader", "collate", "pad_collate", "EpochOrder", "shuffle_quality"]
 
@@ -418,6 +418,9 @@ class TokenDataset(OrderedStream):
 
     ``shuffle_window`` (samples) bounds the sample-level shuffle and the decoded samples a worker holds; ``block_rows``
     splits Parquet row groups into smaller shuffle blocks (better mixing, each row group read once per piece).
+    ``bucket_by_shape`` makes every batch one ``token_shape``; ``collate_fn=pad_collate`` pads mixed shapes instead.
+    ``columns`` keeps only those pass-through fields (Parquet reads only those columns); ``retries`` retries transient
+    read failures; ``cache_dir``/``cache_bytes`` copy remote shards into a node-local, size-bounded cache.
     ``rank``/``world_size`` default to torch.distributed's when it is initialized (else 0/1). Call :meth:`set_epoch`
     before each epoch. See the module docstring for the order, the split and the elastic resume.
     """
@@ -427,7 +430,8 @@ class TokenDataset(OrderedStream):
                  batch_size: int | None = None, flatten: bool = False, latents: bool = False, drop_last: bool = False,
                  pad: bool = False, block_rows: int | None = DEFAULT_BLOCK_ROWS, storage_options: dict | None = None,
                  bucket_by_shape: bool = False, collate_fn=None, latent_dtype: torch.dtype = torch.float32,
-                 buffer_size: int | None = None):
+                 columns: list[str] | None = None, retries: int = 3, cache_dir: str | None = None,
+                 cache_bytes: int | None = None, buffer_size: int | None = None):
         super().__init__()
         if bucket_by_shape and not batch_size:
             raise ValueError("bucket_by_shape needs batch_size: the buckets are batches of one token_shape")
@@ -444,6 +448,8 @@ class TokenDataset(OrderedStream):
         self.flatten, self.latents = flatten, latents
         self.bucket_by_shape, self.collate_fn, self.latent_dtype = bool(bucket_by_shape), collate_fn, latent_dtype
         self._shape_ids: list[np.ndarray] | None = None
+        self.columns, self.retries = (None if columns is None else list(columns)), int(retries)
+        self.cache = ShardCache(cache_dir, cache_bytes) if cache_dir else None
         self._buckets: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         if latents and self.format == "parquet" and any("latent" not in s.columns for s in self.shards.shards):
             bad = next(s for s in self.shards.shards if "latent" not in s.columns)
@@ -540,7 +546,7 @@ class TokenDataset(OrderedStream):
         order = self.order(epoch)
         reader = readers.get(source)
         if reader is None:
-            reader = readers[source] = BlockReader(self.shards, self.latents)
+            reader = readers[source] = BlockReader(self.shards, self.latents, self.columns, self.retries, self.cache)
         blocks, rows = order.locate(q, window)
         shards = self.shards.shards
         out: list[dict[str, Any] | None] = [None] * len(q)

@@ -24,9 +24,11 @@ import os
 import posixpath
 import re
 import tarfile
+import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import fsspec
@@ -40,7 +42,8 @@ from gq_pipeline.commitset import WIDS_INDEX, read_records, staged_files, staged
 from gq_pipeline.records import FORMAT_VERSION as _WRITTEN_FORMAT_VERSION
 
 __all__ = ["ShardError", "FingerprintMismatchError", "FSRef", "Shard", "ShardSet", "list_shards", "read_manifest",
-           "read_error_tables", "read_parquet_rows", "iter_tar_rows", "tokens_to_int64", "FORMAT_VERSION"]
+           "read_error_tables", "read_parquet_rows", "iter_tar_rows", "tokens_to_int64", "FORMAT_VERSION",
+           "BlockReader", "ShardCache", "is_transient", "row_token_shapes", "take_tar_rows"]
 
 FORMAT_VERSION = str(_WRITTEN_FORMAT_VERSION)  # as stored in the gq.format_version metadata string
 TOKEN_COLUMNS = ("tokens", "token_shape", "latent", "latent_shape")
@@ -694,18 +697,98 @@ def row_token_shapes(shardset: ShardSet, shard: Shard) -> np.ndarray:
     return out
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether a read failure is worth retrying: connection resets, timeouts, throttling and 5xx answers, not a
+    missing object, a denied one or damaged data."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        status = getattr(exc, "status", None) or getattr(exc, "code", None)
+        if isinstance(status, int) and (status >= 500 or status in (408, 429)):
+            return True
+        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in (
+                "ClientOSError", "ClientPayloadError", "ServerDisconnectedError", "ServerTimeoutError",
+                "ReadTimeoutError", "EndpointConnectionError", "ConnectionClosedError", "IncompleteRead"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class ShardCache:
+    """Whole shard files copied to a local folder, shared by every worker and rank of a node, at most ``max_bytes``
+    in all (least recently used files go first; the file just fetched always stays). Copies land under a temporary
+    name and are renamed into place, so a reader never sees a partial file; gq shards are immutable (their names
+    carry the unit id and model), so a cached copy never goes stale."""
+
+    def __init__(self, directory: str, max_bytes: int | None = None):
+        self.directory, self.max_bytes = os.path.abspath(directory), max_bytes
+        os.makedirs(self.directory, exist_ok=True)
+
+    def path_for(self, url: str) -> str:
+        return os.path.join(self.directory, hashlib.sha256(url.encode()).hexdigest()[:16] + "-" +
+                            posixpath.basename(url))
+
+    def fetch(self, fsref: FSRef, remote: str) -> str:
+        local = self.path_for(fsref.url(remote))
+        if os.path.exists(local):
+            os.utime(local)  # recently used
+            return local
+        tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            fsref.fs.get_file(remote, tmp)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self._evict(keep=local)
+        return local
+
+    def _evict(self, keep: str) -> None:
+        if self.max_bytes is None:
+            return
+        files = []
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            if ".tmp-" in name or path == keep:
+                continue
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:  # another process evicted it
+                continue
+            files.append((st.st_mtime, st.st_size, path))
+        total = sum(f[1] for f in files) + os.path.getsize(keep)
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            try:
+                os.remove(path)  # a reader that has it open keeps reading (POSIX)
+            except FileNotFoundError:
+                pass
+            total -= size
+
+
 class BlockReader:
     """Reads row ranges of one shard set in one process, keeping the last Parquet file open: consecutive blocks of a
-    worker's plan usually come from the same shard, so each shard's footer is fetched once per pass."""
+    worker's plan usually come from the same shard, so each shard's footer is fetched once per pass.
+
+    ``columns``: the pass-through fields to keep (None: all); ``key`` and the token columns are always read.
+    ``retries``: attempts after a transient failure (with exponential back-off); ``cache``: a :class:`ShardCache` that
+    remote shards are copied into and read from."""
 
     FOOTERS = 256  # Parquet footers kept per process: a shuffled epoch revisits each shard once per row group
 
-    def __init__(self, shardset: ShardSet, latents: bool = False):
+    def __init__(self, shardset: ShardSet, latents: bool = False, columns: list[str] | None = None,
+                 retries: int = 3, cache: ShardCache | None = None, backoff: float = 0.2):
         self.shardset, self.latents = shardset, latents
+        self.columns = None if columns is None else set(columns) | {"key"}
+        self.retries, self.cache, self.backoff = int(retries), cache, backoff
         self._open: tuple[str, Any, pq.ParquetFile] | None = None
         self._codebook_size = shardset.codebook_size
         self._footers: dict[str, Any] = {}
         self._group: tuple[str, int, pa.Table] | None = None  # the last row group read (pieces of it follow)
+        self._local = FSRef("file")
 
     def close(self) -> None:
         self._group = None
@@ -713,10 +796,17 @@ class BlockReader:
             self._open[1].close()
             self._open = None
 
+    def _where(self, shard: Shard) -> tuple[FSRef, str]:
+        """Where to read ``shard`` from: its cached copy when a cache is set and the shard is remote."""
+        if self.cache is None or self.shardset.fsref.protocol in ("file", "local"):
+            return self.shardset.fsref, shard.path
+        return self._local, self.cache.fetch(self.shardset.fsref, shard.path)
+
     def _parquet(self, shard: Shard) -> pq.ParquetFile:
         if self._open is None or self._open[0] != shard.path:
             self.close()
-            f = self.shardset.fsref.open(shard.path)
+            ref, path = self._where(shard)
+            f = ref.open(path)
             try:
                 # verifies page CRCs when the writer stored them (write_page_checksum=True): catches bit flips
                 pf = pq.ParquetFile(f, page_checksum_verification=True, metadata=self._footers.get(shard.path))
@@ -732,7 +822,8 @@ class BlockReader:
     def _row_group(self, shard: Shard, group: int) -> pa.Table:
         if self._group is not None and self._group[:2] == (shard.path, group):
             return self._group[2]
-        columns = [c for c in shard.columns if self.latents or c not in ("latent", "latent_shape")]
+        columns = [c for c in shard.columns if (self.latents or c not in ("latent", "latent_shape"))
+                   and (self.columns is None or c in self.columns or c in TOKEN_COLUMNS)]
         try:
             table = self._parquet(shard).read_row_group(group, columns=columns or None, use_threads=False)
         except ShardError:
@@ -744,11 +835,32 @@ class BlockReader:
         self._group = (shard.path, group, table)
         return table
 
+    def _retrying(self, what: str, fn):
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001
+                if attempt == self.retries or not is_transient(e):
+                    raise
+                self.close()
+                warnings.warn(f"{what}: transient read failure ({type(e).__name__}: {e}); retry {attempt + 1} of "
+                              f"{self.retries}", stacklevel=3)
+                time.sleep(self.backoff * 2 ** attempt)
+
     def take(self, shard: Shard, group: int, rows: list[int]) -> list[dict[str, Any]]:
         """Samples at the sorted, distinct ``rows`` of row group ``group`` (Parquet) or of the whole tar (0)."""
+        return self._retrying(f"{self.shardset.url(shard)} (row group {group})",
+                              lambda: self._take(shard, group, rows))
+
+    def _take(self, shard: Shard, group: int, rows: list[int]) -> list[dict[str, Any]]:
         if shard.format == "webdataset":
-            return take_tar_rows(self.shardset.fsref, shard, rows, latents=self.latents,
-                                 codebook_size=self._codebook_size)
+            ref, path = self._where(shard)
+            out = take_tar_rows(ref, replace(shard, path=path), rows, latents=self.latents,
+                                codebook_size=self._codebook_size)
+            if self.columns is not None:
+                keep = self.columns | {"tokens", "latent"}
+                out = [{k: v for k, v in r.items() if k in keep} for r in out]
+            return out
         table = self._row_group(shard, group)
         if rows and rows[-1] >= table.num_rows:
             raise ShardError(f"{self.shardset.url(shard)} (row group {group}): {table.num_rows} rows, but the "
@@ -756,13 +868,3 @@ class BlockReader:
         picked = table.slice(rows[0], 1) if len(rows) == 1 else table.take(pa.array(rows, pa.int64()))
         return read_parquet_rows(picked, f"{self.shardset.url(shard)} (row group {group})", latents=self.latents,
                                  codebook_size=self._codebook_size)
-
-    def rows(self, shard: Shard, group: int, lo: int, hi: int) -> Iterator[dict[str, Any]]:
-        """Samples ``[lo, hi)`` of row group ``group`` (Parquet) or of the whole tar (``group`` 0)."""
-        if shard.format == "webdataset":
-            yield from iter_tar_rows(self.shardset.fsref, shard, lo, hi, latents=self.latents,
-                                     codebook_size=self._codebook_size)
-            return
-        yield from read_parquet_rows(self._row_group(shard, group).slice(lo, hi - lo),
-                                     f"{self.shardset.url(shard)} (row group {group})", latents=self.latents,
-                                     codebook_size=self._codebook_size)

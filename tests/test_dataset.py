@@ -444,3 +444,106 @@ def test_pad_collate_masks_and_float16_latents(mixed_shapes):
 def test_bucket_by_shape_needs_batch_size(mixed_shapes):
     with pytest.raises(ValueError, match="needs batch_size"):
         TokenDataset(mixed_shapes[0], bucket_by_shape=True)
+
+
+# ---------------------------------------------------------------------------------------------- remote shards
+def test_column_projection_keeps_tokens_and_asked_fields(out):
+    root, expected = out
+    for fmt in FORMATS:
+        s = next(iter(TokenDataset(root, format=fmt, shuffle=False, columns=["txt"])))
+        assert set(s) == {"key", "tokens", "txt"}
+        assert s["txt"] == expected[s["key"]]["txt"] and np.array_equal(s["tokens"].numpy(),
+                                                                        expected[s["key"]]["tokens"])
+
+
+def test_local_cache_is_used_and_bounded(moto_s3, s3, tmp_path):
+    make_bucket(moto_s3, "cached")
+    expected = write_token_output("s3://cached/run", SIZES, row_group_size=3, storage_options=moto_s3,
+                                  formats=("parquet",))
+    sizes = [s3.size(p) for p in s3.ls("cached/run/parquet")]
+    cache = str(tmp_path / "cache")
+    ds = TokenDataset("s3://cached/run", storage_options=moto_s3, cache_dir=cache, batch_size=4)
+    assert sorted(keys(TokenLoader(ds, num_workers=2))) == sorted(expected)
+    assert len(os.listdir(cache)) == len(sizes)  # every shard copied once, no temporaries left
+    s3.rm("cached/run/parquet", recursive=True)  # the next epoch reads from the cache alone
+    ds.set_epoch(1)
+    assert sorted(keys(TokenLoader(ds, num_workers=2))) == sorted(expected)
+    bound = str(tmp_path / "bounded")
+    write_token_output("s3://cached/run2", SIZES, row_group_size=3, storage_options=moto_s3, formats=("parquet",))
+    small = TokenDataset("s3://cached/run2", storage_options=moto_s3, cache_dir=bound, cache_bytes=2 * max(sizes),
+                         batch_size=4)
+    assert sorted(keys(small)) == sorted(expected)
+    held = sum(os.path.getsize(os.path.join(bound, f)) for f in os.listdir(bound))
+    assert 0 < held <= 2 * max(sizes) and len(os.listdir(bound)) < len(sizes)
+
+
+class _FlakyRangeHandler:
+    """A static file server with HTTP Range support whose next ``fail`` GETs answer 503 (a throttled store)."""
+
+    fail = 0
+    gets = 0
+
+    @classmethod
+    def make(cls, directory):
+        import http.server
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=directory, **kw)
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                cls.gets += 1
+                if cls.fail > 0:
+                    cls.fail -= 1
+                    self.send_error(503, "slow down")
+                    return
+                path = self.translate_path(self.path)
+                if not os.path.isfile(path):
+                    self.send_error(404)
+                    return
+                data = open(path, "rb").read()
+                rng = self.headers.get("Range")
+                if rng:
+                    a, _, b = rng.split("=", 1)[1].partition("-")
+                    a, b = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
+                    data = data[a:b + 1]
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+def test_transient_errors_are_retried(tmp_path):
+    import http.server
+    import threading
+
+    root = str(tmp_path)
+    expected = write_token_output(root, SIZES, row_group_size=3, formats=("parquet",))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyRangeHandler.make(root))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        urls = [f"{base}/parquet/{os.path.basename(p)}" for p in sorted(glob.glob(f"{root}/parquet/*.parquet"))]
+        ds = TokenDataset(urls, batch_size=4, seed=3)
+        want = keys(TokenDataset(root, batch_size=4, seed=3))
+        _FlakyRangeHandler.fail = 2
+        with pytest.warns(UserWarning, match="transient read failure"):
+            got = keys(ds)
+        assert got == want and _FlakyRangeHandler.fail == 0
+        down = TokenDataset(urls, batch_size=4, retries=1)
+        _FlakyRangeHandler.fail = 10**6  # a store that stays down: the error names the shard after the retries
+        with pytest.raises(ShardError, match=r"\.parquet"):
+            with pytest.warns(UserWarning, match="retry 1 of 1"):
+                list(down)
+    finally:
+        _FlakyRangeHandler.fail = 0
+        server.shutdown()
