@@ -254,7 +254,7 @@ class OrderedStream(IterableDataset):
     @property
     def num_samples(self) -> int:
         """Samples in one epoch across all ranks (after drop_last/pad), from the start of the epoch."""
-        return self._end(self.epoch, 0) if hasattr(self, "epoch") else self._epoch_length(0)
+        return self._end(self.epoch, 0)
 
     def _end(self, epoch: int, start: int) -> int:
         n, r = self._epoch_length(epoch), self.world_size
@@ -295,10 +295,10 @@ class OrderedStream(IterableDataset):
         idx = idx % max(1, m)  # pad: wrap to the first items of the epoch
         return plan[0][idx], plan[1][idx], full
 
-    def rank_range(self) -> tuple[int, int]:
-        """Samples this rank yields in the current epoch (from its resume point) as ``(0, count)``."""
+    def rank_samples(self) -> int:
+        """Samples this rank yields in the current epoch (from its resume point)."""
         starts, stops, _ = self._rank_items(self.epoch, self._start)
-        return 0, int((stops - starts).sum())
+        return int((stops - starts).sum())
 
     def num_batches(self, num_workers: int = 0) -> int:
         """Items this rank yields in the current epoch (from its resume point); the same for any ``num_workers``."""
@@ -358,15 +358,11 @@ class OrderedStream(IterableDataset):
     def _position(self) -> tuple[int, int]:
         """(epoch, position) the ranks have consumed up to, assuming every rank handed out as many items as this one
         (true under DDP, where each step is a collective)."""
-        _, _, full = self._rank_items(self.epoch, self._base)
-        n_items = self.num_batches_from(self._base)
-        if self._done >= n_items:
+        starts, _, full = self._rank_items(self.epoch, self._base)
+        if self._done >= len(starts):
             return self.epoch + 1, 0
         unit = 1 if self._item_plan(self.epoch) is not None else self.batch_size or 1
         return self.epoch, self._base + min(self._done, full) * self.world_size * unit
-
-    def num_batches_from(self, start: int) -> int:
-        return len(self._rank_items(self.epoch, start)[0])
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
         """``{epoch, position}`` in the global order, plus the settings that shape the order. The same on every rank

@@ -41,18 +41,21 @@ class TokenMixture(OrderedStream):
     def __init__(self, datasets: Sequence[TokenDataset], weights: Sequence[float], seed: int = 0,
                  num_samples: int | None = None, rank: int | None = None, world_size: int | None = None, *,
                  batch_size: int | None = None, drop_last: bool = False, pad: bool = False,
-                 allow_mixed_codebooks: bool = False):
+                 allow_mixed_codebooks: bool = False, collate_fn=None):
         super().__init__()
         self.sources = list(datasets)
         if not self.sources or len(self.sources) != len(weights):
             raise ValueError(f"give one weight per dataset: {len(self.sources)} dataset(s), {len(weights)} weight(s)")
         if not all(isinstance(d, TokenDataset) for d in self.sources):
             raise TypeError("TokenMixture mixes TokenDataset instances")
+        if any(d.bucket_by_shape for d in self.sources):
+            raise ValueError("TokenMixture does not bucket by shape: build the sources without bucket_by_shape "
+                             "(use collate_fn=pad_collate on the mixture's batches instead)")
         w = np.asarray(weights, dtype=np.float64)
         if not np.all(np.isfinite(w)) or np.any(w <= 0):
             raise ValueError(f"weights must be positive, got {list(weights)}")
         self.weights = (w / w.sum()).tolist()
-        self.seed = int(seed)
+        self.seed, self.collate_fn = int(seed), collate_fn
         if not allow_mixed_codebooks:
             _check_one_codebook(self.sources)
         sizes = [d.shards.num_samples for d in self.sources]
@@ -117,7 +120,7 @@ class TokenMixture(OrderedStream):
 
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         common = set(batch[0]).intersection(*batch[1:])
-        return collate([{k: v for k, v in s.items() if k in common} for s in batch])
+        return (self.collate_fn or collate)([{k: v for k, v in s.items() if k in common} for s in batch])
 
     def _settings(self) -> dict[str, Any]:
         return {"seed": self.seed, "weights": self.weights, "num_samples": self.epoch_samples,
