@@ -2,10 +2,14 @@
 
     python examples/train_ar.py --shards OUTPUT --steps 300
     torchrun --nproc_per_node=2 examples/train_ar.py --shards s3://bucket/tokens --steps 300   # DDP (gloo on CPU)
+    torchrun --nproc_per_node=2 examples/train_ar.py --shards IMAGENET LAION --weights 0.7 0.3 --checkpoint ck.pt
+    python examples/train_ar.py --shards IMAGENET LAION --weights 0.7 0.3 --checkpoint ck.pt --resume  # 1 rank now
 
-It shows the reading side of the pipeline end to end: TokenDataset splits the shards over ranks and workers
-(``drop_last`` under DDP so every rank runs the same number of steps), batches are int64 ``[B, G*h*w]``, and
-``--checkpoint``/``--resume`` save and restore the model, the optimizer and the exact position in the data.
+It shows the reading side of the pipeline end to end: TokenDataset (or TokenMixture, for several ``--shards``) splits
+one global sample order over ranks and workers (``drop_last`` under DDP so every rank runs the same number of steps),
+batches are int64 ``[B, G*h*w]``, and ``--checkpoint``/``--resume`` save and restore the model, the optimizer and the
+exact position in the data. The data state is a position in the global order, so a run resumes with another number
+of ranks or ``--num-workers``.
 Token grids of real models are long (16x32x32 for 256 px); ``--max-len`` keeps a prefix so the demo stays CPU-sized.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
 from gq_pipeline.dataset import TokenDataset, TokenLoader  # noqa: E402
+from gq_pipeline.mixture import TokenMixture  # noqa: E402
 
 
 class TinyGPT(nn.Module):
@@ -50,7 +55,9 @@ class TinyGPT(nn.Module):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shards", required=True, help="gq tokenize output (local path or fsspec URL)")
+    p.add_argument("--shards", required=True, nargs="+",
+                   help="gq tokenize output(s) (local path or fsspec URL); several are mixed by --weights")
+    p.add_argument("--weights", type=float, nargs="*", help="mixture weights, one per --shards (default: equal)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16, help="per rank")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -77,7 +84,12 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
 
     # rank/world_size come from torch.distributed; drop_last gives every rank the same number of batches
-    data = TokenDataset(args.shards, seed=args.seed, batch_size=args.batch_size, flatten=True, drop_last=ddp)
+    if len(args.shards) == 1:
+        data = TokenDataset(args.shards[0], seed=args.seed, batch_size=args.batch_size, flatten=True, drop_last=ddp)
+    else:
+        weights = args.weights or [1.0] * len(args.shards)
+        sources = [TokenDataset(url, seed=args.seed + i, flatten=True) for i, url in enumerate(args.shards)]
+        data = TokenMixture(sources, weights, seed=args.seed, batch_size=args.batch_size, drop_last=ddp)
     loader = TokenLoader(data, num_workers=args.num_workers)
     vocab = data.codebook_size or args.vocab
     if not vocab:
@@ -89,13 +101,13 @@ def main(argv=None) -> int:
         ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(json.loads(ckpt["data"][rank]))
+        loader.load_state_dict([json.loads(s) for s in ckpt["data"]])  # every saved rank's state: checked to agree
         step = ckpt["step"]
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
 
     losses = []
     if len(loader) == 0:
-        raise SystemExit(f"rank {rank} has no samples: the shards hold {data.shards.num_samples}")
+        raise SystemExit(f"rank {rank} has no samples: an epoch holds {data.num_samples}")
     while step < args.steps:  # epochs; a restored state starts inside its epoch
         for batch in loader:
             tokens = batch["tokens"][:, : args.max_len].to(device)
@@ -125,7 +137,9 @@ def main(argv=None) -> int:
     if rank == 0 and losses:
         k = max(1, min(5, len(losses) // 4))
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-        print(json.dumps({"steps": step, "first_loss": first, "last_loss": last}), flush=True)
+        state = loader.state_dict()
+        print(json.dumps({"steps": step, "first_loss": first, "last_loss": last, "world_size": data.world_size,
+                          "epoch": state["epoch"], "position": state["position"]}), flush=True)
     if ddp:
         dist.destroy_process_group()
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["tokenize", "preprocess_image", "preprocess_pil", "preprocess_array", "SampleError", "ERROR_KINDS",
-           "TokenDataset", "TokenLoader", "GQTokenizer", "GQShardSink"]
+           "TokenDataset", "TokenLoader", "TokenMixture", "GQTokenizer", "GQShardSink"]
 
 _LAZY = {"tokenize": ("gq_pipeline.job", "tokenize"),
          "preprocess_image": ("gq_pipeline.preprocess", "preprocess_image"),
@@ -22,7 +22,8 @@ _LAZY = {"tokenize": ("gq_pipeline.job", "tokenize"),
          "SampleError": ("gq_pipeline.records", "SampleError"),
          "ERROR_KINDS": ("gq_pipeline.records", "ERROR_KINDS"),
          "TokenDataset": ("gq_pipeline.dataset", "TokenDataset"),
-         "TokenLoader": ("gq_pipeline.dataset", "TokenLoader")}
+         "TokenLoader": ("gq_pipeline.dataset", "TokenLoader"),
+         "TokenMixture": ("gq_pipeline.mixture", "TokenMixture")}
 
 
 def __getattr__(name: str):

@@ -24,9 +24,11 @@ import os
 import posixpath
 import re
 import tarfile
+import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import fsspec
@@ -40,7 +42,8 @@ from gq_pipeline.commitset import WIDS_INDEX, read_records, staged_files, staged
 from gq_pipeline.records import FORMAT_VERSION as _WRITTEN_FORMAT_VERSION
 
 __all__ = ["ShardError", "FingerprintMismatchError", "FSRef", "Shard", "ShardSet", "list_shards", "read_manifest",
-           "read_error_tables", "read_parquet_rows", "iter_tar_rows", "tokens_to_int64", "FORMAT_VERSION"]
+           "read_error_tables", "read_parquet_rows", "iter_tar_rows", "tokens_to_int64", "FORMAT_VERSION",
+           "BlockReader", "ShardCache", "is_transient", "row_token_shapes", "take_tar_rows"]
 
 FORMAT_VERSION = str(_WRITTEN_FORMAT_VERSION)  # as stored in the gq.format_version metadata string
 TOKEN_COLUMNS = ("tokens", "token_shape", "latent", "latent_shape")
@@ -560,11 +563,17 @@ def read_parquet_rows(table: pa.Table, where: str, *, latents: bool = False,
     return rows
 
 
-def _iter_tar_groups(fsref: FSRef, path: str, skip_data: bool = False,
-                     skip: int = 0) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample in tar order; the first ``skip`` samples are passed over undecoded."""
+def _iter_tar_groups(fsref: FSRef, path: str, skip_data: bool = False, skip: int = 0,
+                     wanted: frozenset[int] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample in tar order; the first ``skip`` samples are passed over undecoded, and
+    with ``wanted`` only those sample indices are yielded (the scan stops after the last one)."""
     url = fsref.url(path)
     key, parts, index = None, {}, 0
+    last = max(wanted) if wanted else None
+
+    def keep(i: int) -> bool:
+        return i >= skip and (wanted is None or i in wanted)
+
     try:
         with fsref.open(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
@@ -577,15 +586,17 @@ def _iter_tar_groups(fsref: FSRef, path: str, skip_data: bool = False,
                 k = posixpath.join(d, stem) if d else stem
                 if k != key:
                     if key is not None:
-                        if index >= skip:
+                        if keep(index):
                             yield key, parts
                         index += 1
+                        if last is not None and index > last:
+                            return
                     key, parts = k, {}
-                if not skip_data and index >= skip:
+                if not skip_data and keep(index):
                     parts[ext] = tar.extractfile(member).read()
                 else:
                     parts[ext] = b""
-            if key is not None and index >= skip:
+            if key is not None and keep(index):
                 yield key, parts
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise ShardError(f"{url}: truncated or corrupted tar ({type(e).__name__}: {e})") from e
@@ -604,6 +615,20 @@ def iter_tar_rows(fsref: FSRef, shard: Shard, start: int, stop: int, *, latents:
     if n < stop:
         raise ShardError(f"{url}: ended after {n} samples but {shard.num_rows} were expected (index.json); "
                          "the file is truncated")
+
+
+def take_tar_rows(fsref: FSRef, shard: Shard, rows: list[int], *, latents: bool = False,
+                  codebook_size: int | None = None) -> list[dict[str, Any]]:
+    """Sample dicts for the sorted, distinct sample indices ``rows`` of a tar (the others are scanned, not decoded)."""
+    url = fsref.url(shard.path)
+    if not rows:
+        return []
+    out = [_tar_sample(key, parts, f"{url} (sample {key})", latents, codebook_size)
+           for key, parts in _iter_tar_groups(fsref, shard.path, wanted=frozenset(rows))]
+    if len(out) < len(rows):
+        raise ShardError(f"{url}: ended before sample {rows[-1]} but {shard.num_rows} samples were expected "
+                         "(commit record or index.json); the file is truncated")
+    return out
 
 
 def _npy(data: bytes, where: str) -> np.ndarray:
@@ -649,48 +674,197 @@ def _tar_sample(key: str, parts: dict[str, bytes], where: str, latents: bool,
     return sample
 
 
+def row_token_shapes(shardset: ShardSet, shard: Shard) -> np.ndarray:
+    """``[rows, 3]`` token shape ``(G, h, w)`` of every sample of ``shard`` in row order, for shape bucketing.
+
+    Free when the commit record gives the shard a single shape; else the ``token_shape`` column alone is read
+    (a few bytes per row), or a tar is scanned."""
+    if len(shard.token_shapes) == 1:
+        return np.tile(np.asarray(shard.token_shapes[0][:3], dtype=np.int64), (shard.num_rows, 1))
+    url = shardset.url(shard)
+    if shard.format == "parquet":
+        try:
+            with shardset.fsref.open(shard.path) as f:
+                col = pq.read_table(f, columns=["token_shape"]).column("token_shape").combine_chunks()
+        except Exception as e:  # noqa: BLE001
+            raise ShardError(f"{url}: cannot read the token_shape column ({type(e).__name__}: {e})") from e
+        out = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, 3)
+    else:
+        rows = take_tar_rows(shardset.fsref, shard, list(range(shard.num_rows)), codebook_size=shardset.codebook_size)
+        out = np.array([tuple(r["tokens"].shape) for r in rows], dtype=np.int64).reshape(-1, 3)
+    if len(out) != shard.num_rows:
+        raise ShardError(f"{url}: {len(out)} token shapes for {shard.num_rows} rows")
+    return out
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a read failure is worth retrying: connection resets, timeouts, throttling and 5xx answers, not a
+    missing object, a denied one or damaged data."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        status = getattr(exc, "status", None) or getattr(exc, "code", None)
+        if isinstance(status, int) and (status >= 500 or status in (408, 429)):
+            return True
+        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in (
+                "ClientOSError", "ClientPayloadError", "ServerDisconnectedError", "ServerTimeoutError",
+                "ReadTimeoutError", "EndpointConnectionError", "ConnectionClosedError", "IncompleteRead"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class ShardCache:
+    """Whole shard files copied to a local folder, shared by every worker and rank of a node, at most ``max_bytes``
+    in all (least recently used files go first; the file just fetched always stays). Copies land under a temporary
+    name and are renamed into place, so a reader never sees a partial file; gq shards are immutable (their names
+    carry the unit id and model), so a cached copy never goes stale."""
+
+    def __init__(self, directory: str, max_bytes: int | None = None):
+        self.directory, self.max_bytes = os.path.abspath(directory), max_bytes
+        os.makedirs(self.directory, exist_ok=True)
+
+    def path_for(self, url: str) -> str:
+        return os.path.join(self.directory, hashlib.sha256(url.encode()).hexdigest()[:16] + "-" +
+                            posixpath.basename(url))
+
+    def fetch(self, fsref: FSRef, remote: str) -> str:
+        local = self.path_for(fsref.url(remote))
+        if os.path.exists(local):
+            os.utime(local)  # recently used
+            return local
+        tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            fsref.fs.get_file(remote, tmp)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self._evict(keep=local)
+        return local
+
+    def _evict(self, keep: str) -> None:
+        if self.max_bytes is None:
+            return
+        files = []
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            if ".tmp-" in name or path == keep:
+                continue
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:  # another process evicted it
+                continue
+            files.append((st.st_mtime, st.st_size, path))
+        total = sum(f[1] for f in files) + os.path.getsize(keep)
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            try:
+                os.remove(path)  # a reader that has it open keeps reading (POSIX)
+            except FileNotFoundError:
+                pass
+            total -= size
+
+
 class BlockReader:
     """Reads row ranges of one shard set in one process, keeping the last Parquet file open: consecutive blocks of a
-    worker's plan usually come from the same shard, so each shard's footer is fetched once per pass."""
+    worker's plan usually come from the same shard, so each shard's footer is fetched once per pass.
 
-    def __init__(self, shardset: ShardSet, latents: bool = False):
+    ``columns``: the pass-through fields to keep (None: all); ``key`` and the token columns are always read.
+    ``retries``: attempts after a transient failure (with exponential back-off); ``cache``: a :class:`ShardCache` that
+    remote shards are copied into and read from."""
+
+    FOOTERS = 256  # Parquet footers kept per process: a shuffled epoch revisits each shard once per row group
+
+    def __init__(self, shardset: ShardSet, latents: bool = False, columns: list[str] | None = None,
+                 retries: int = 3, cache: ShardCache | None = None, backoff: float = 0.2):
         self.shardset, self.latents = shardset, latents
+        self.columns = None if columns is None else set(columns) | {"key"}
+        self.retries, self.cache, self.backoff = int(retries), cache, backoff
         self._open: tuple[str, Any, pq.ParquetFile] | None = None
         self._codebook_size = shardset.codebook_size
+        self._footers: dict[str, Any] = {}
+        self._group: tuple[str, int, pa.Table] | None = None  # the last row group read (pieces of it follow)
+        self._local = FSRef("file")
 
     def close(self) -> None:
+        self._group = None
         if self._open is not None:
             self._open[1].close()
             self._open = None
 
+    def _where(self, shard: Shard) -> tuple[FSRef, str]:
+        """Where to read ``shard`` from: its cached copy when a cache is set and the shard is remote."""
+        if self.cache is None or self.shardset.fsref.protocol in ("file", "local"):
+            return self.shardset.fsref, shard.path
+        return self._local, self.cache.fetch(self.shardset.fsref, shard.path)
+
     def _parquet(self, shard: Shard) -> pq.ParquetFile:
         if self._open is None or self._open[0] != shard.path:
             self.close()
-            f = self.shardset.fsref.open(shard.path)
+            ref, path = self._where(shard)
+            f = ref.open(path)
             try:
                 # verifies page CRCs when the writer stored them (write_page_checksum=True): catches bit flips
-                self._open = (shard.path, f, pq.ParquetFile(f, page_checksum_verification=True))
+                pf = pq.ParquetFile(f, page_checksum_verification=True, metadata=self._footers.get(shard.path))
             except Exception as e:  # noqa: BLE001
                 f.close()
                 raise ShardError(f"{self.shardset.url(shard)}: not a readable Parquet file ({e})") from e
+            if len(self._footers) >= self.FOOTERS:
+                self._footers.pop(next(iter(self._footers)))
+            self._footers[shard.path] = pf.metadata
+            self._open = (shard.path, f, pf)
         return self._open[2]
 
-    def rows(self, shard: Shard, group: int, lo: int, hi: int) -> Iterator[dict[str, Any]]:
-        """Samples ``[lo, hi)`` of row group ``group`` (Parquet) or of the whole tar (``group`` 0)."""
-        url = self.shardset.url(shard)
-        if shard.format == "webdataset":
-            yield from iter_tar_rows(self.shardset.fsref, shard, lo, hi, latents=self.latents,
-                                     codebook_size=self._codebook_size)
-            return
-        columns = [c for c in shard.columns if self.latents or c not in ("latent", "latent_shape")]
-        where = f"{url} (row group {group})"
+    def _row_group(self, shard: Shard, group: int) -> pa.Table:
+        if self._group is not None and self._group[:2] == (shard.path, group):
+            return self._group[2]
+        columns = [c for c in shard.columns if (self.latents or c not in ("latent", "latent_shape"))
+                   and (self.columns is None or c in self.columns or c in TOKEN_COLUMNS)]
         try:
-            table = self._parquet(shard).read_row_group(group, columns=columns, use_threads=False)
+            table = self._parquet(shard).read_row_group(group, columns=columns or None, use_threads=False)
         except ShardError:
             raise
         except Exception as e:  # noqa: BLE001 - damaged pages surface as OSError/ArrowInvalid/...
             self.close()
-            raise ShardError(f"{where}: unreadable ({type(e).__name__}: {e}); the file is truncated or corrupted") \
-                from e
-        yield from read_parquet_rows(table.slice(lo, hi - lo), where, latents=self.latents,
-                                     codebook_size=self._codebook_size)
+            raise ShardError(f"{self.shardset.url(shard)} (row group {group}): unreadable ({type(e).__name__}: "
+                             f"{e}); the file is truncated or corrupted") from e
+        self._group = (shard.path, group, table)
+        return table
+
+    def _retrying(self, what: str, fn):
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001
+                if attempt == self.retries or not is_transient(e):
+                    raise
+                self.close()
+                warnings.warn(f"{what}: transient read failure ({type(e).__name__}: {e}); retry {attempt + 1} of "
+                              f"{self.retries}", stacklevel=3)
+                time.sleep(self.backoff * 2 ** attempt)
+
+    def take(self, shard: Shard, group: int, rows: list[int]) -> list[dict[str, Any]]:
+        """Samples at the sorted, distinct ``rows`` of row group ``group`` (Parquet) or of the whole tar (0)."""
+        return self._retrying(f"{self.shardset.url(shard)} (row group {group})",
+                              lambda: self._take(shard, group, rows))
+
+    def _take(self, shard: Shard, group: int, rows: list[int]) -> list[dict[str, Any]]:
+        if shard.format == "webdataset":
+            ref, path = self._where(shard)
+            out = take_tar_rows(ref, replace(shard, path=path), rows, latents=self.latents,
+                                codebook_size=self._codebook_size)
+            if self.columns is not None:
+                keep = self.columns | {"tokens", "latent"}
+                out = [{k: v for k, v in r.items() if k in keep} for r in out]
+            return out
+        table = self._row_group(shard, group)
+        if rows and rows[-1] >= table.num_rows:
+            raise ShardError(f"{self.shardset.url(shard)} (row group {group}): {table.num_rows} rows, but the "
+                             f"listing says row {rows[-1]} exists; the shard changed since it was listed")
+        picked = table.slice(rows[0], 1) if len(rows) == 1 else table.take(pa.array(rows, pa.int64()))
+        return read_parquet_rows(picked, f"{self.shardset.url(shard)} (row group {group})", latents=self.latents,
+                                 codebook_size=self._codebook_size)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from gq_pipeline.dataset import ShuffleOrder, TokenDataset, TokenLoader, consumed_per_worker
+from gq_pipeline.dataset import EpochOrder, TokenDataset, TokenLoader
 from gq_pipeline.shards import FingerprintMismatchError, ShardError, list_shards
 from tests.shard_writer import make_bucket, write_token_output
 
@@ -79,78 +79,82 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(out, fmt):
     assert keys(TokenDataset(root, format=fmt, shuffle=False)) == sorted(expected)  # name order, then row order
 
 
-@pytest.mark.filterwarnings("ignore:.*do not split evenly")
-@pytest.mark.parametrize("fmt,workers,rank,world", [("parquet", 2, 0, 1), ("webdataset", 2, 0, 1), ("parquet", 0, 0, 1),
-                                                    ("webdataset", 2, 1, 3)])
-def test_resume_mid_epoch_is_exact(out, fmt, workers, rank, world):
+@pytest.mark.filterwarnings("ignore:.*do not split evenly", "ignore:This DataLoader will create")
+@pytest.mark.parametrize("fmt,workers,rank,world", [("parquet", 0, 0, 1), ("parquet", 2, 0, 1), ("parquet", 3, 0, 1),
+                                                    ("webdataset", 2, 0, 1), ("webdataset", 3, 1, 3)])
+def test_resume_after_every_number_of_batches_is_exact(out, fmt, workers, rank, world):
+    """Stop after 1..9 batches (odd counts too: a resumed DataLoader starts again at worker 0) and resume: exactly
+    the batches the uninterrupted run would have produced next, through the end of the next epoch."""
     root, _ = out
-    make = lambda: TokenDataset(root, format=fmt, seed=5, buffer_size=6, batch_size=3,  # noqa: E731
+    make = lambda: TokenDataset(root, format=fmt, seed=5, shuffle_window=6, batch_size=2,  # noqa: E731
                                 rank=rank, world_size=world)
     ds = make()
     full = []
     for epoch in range(2):
         ds.set_epoch(epoch)
-        full += keys(TokenLoader(ds, num_workers=workers))
-    # interrupted run: stop after 4 batches of epoch 0 and keep the state (JSON-serializable)
-    ds = make()
-    loader = TokenLoader(ds, num_workers=workers)
-    part = []
-    stop = 3 if world == 1 else 1  # rank 1 of 3 holds 7 samples: workers of 3 and 4
-    for i, batch in enumerate(loader):
-        part += batch["key"]
-        if i == stop:
-            state = json.loads(json.dumps(loader.state_dict()))
-            break
-    assert state["consumed"] == len(part) == 3 * (stop + 1) and state["epoch"] == 0
-    ds = make()
-    loader = TokenLoader(ds, num_workers=workers)
-    loader.load_state_dict(state)
-    for epoch in range(ds.epoch, 2):
-        ds.set_epoch(epoch)
-        part += keys(loader)
-    assert part == full
+        full.append([b["key"] for b in TokenLoader(ds, num_workers=workers)])
+    n0 = len(full[0])
+    assert n0 == ds.num_batches()
+    if world == 1:
+        assert sorted(k for b in full[0] for k in b) == sorted(k for b in full[1] for k in b)
+    for stop in range(1, min(10, n0 + 1)):
+        ds = make()
+        loader = TokenLoader(ds, num_workers=workers)
+        part = []
+        for batch in loader:
+            part.append(batch["key"])
+            if len(part) == stop:
+                state = json.loads(json.dumps(loader.state_dict()))  # JSON-serializable
+                break
+        ds = make()
+        loader = TokenLoader(ds, num_workers=workers)
+        loader.load_state_dict(state)
+        for epoch in range(ds.epoch, 2):
+            ds.set_epoch(epoch)
+            part += [b["key"] for b in loader]
+        assert part == full[0] + full[1], f"stop after {stop} batches"
 
 
-def test_resume_checks_workers_settings_and_epoch_end(out):
+def test_resume_with_another_worker_count_and_settings_checks(out):
     root, _ = out
     ds = TokenDataset(root, batch_size=3)
+    whole = keys(TokenLoader(ds, num_workers=0))
     loader = TokenLoader(ds, num_workers=2)
     it = iter(loader)
-    next(it)
+    got = keys([next(it)])
     state = loader.state_dict()
     del it
+    assert state["epoch"] == 0 and state["position"] == 3
     other = TokenDataset(root, batch_size=3)
     other.load_state_dict(state)
-    with pytest.raises(ValueError, match="same num_workers"):
-        list(TokenLoader(other, num_workers=0))
+    assert got + keys(TokenLoader(other, num_workers=3)) == whole  # the order does not depend on workers
+    other = TokenDataset(root, batch_size=5)  # nor on the batch size: the state is a position
+    other.load_state_dict(state)
+    assert got + keys(TokenLoader(other, num_workers=2)) == whole
     with pytest.raises(ValueError, match="seed was 0, now 1"):
         TokenDataset(root, batch_size=3, seed=1).load_state_dict(state)
-    done = dict(state, consumed=20)
+    with pytest.raises(ValueError, match="version 1 states"):
+        TokenDataset(root).load_state_dict(dict(state, version=1))
+    done = dict(state, position=20)
     ds.load_state_dict(done)
-    assert ds.epoch == 1 and ds.state_dict()["consumed"] == 0
+    assert ds.epoch == 1 and ds.state_dict()["position"] == 0
     with pytest.raises(TypeError, match="batching"):
         TokenLoader(ds, batch_size=4)
     with pytest.raises(ValueError, match="persistent_workers"):
         TokenLoader(ds, num_workers=1, persistent_workers=True)
 
 
-def test_consumed_per_worker_models_round_robin():
-    # worker lengths 5 and 4, batches of 2: w0 w1 w0 w1 w0(2) w1(2) w0(1)
-    assert consumed_per_worker(6, [5, 4], 2) == [4, 2]
-    assert consumed_per_worker(8, [5, 4], 2) == [4, 4]
-    assert consumed_per_worker(9, [5, 4], 2) == [5, 4]
-    with pytest.raises(ValueError, match="boundary"):
-        consumed_per_worker(3, [5, 4], 2)
-
-
-def test_shuffle_order_skip_replays_exactly():
-    full = list(ShuffleOrder(50, 8, key=7))
-    assert sorted(full) == list(range(50)) and full != list(range(50))
-    o = ShuffleOrder(50, 8, key=7)
-    o.skip(20)
-    assert list(o) == full[20:]
-    assert all(o.needed(p) == (p in full[20:]) for p in range(50))
-    assert list(ShuffleOrder(10, 1, key=7)) == list(range(10))
+def test_epoch_order_is_a_permutation_mixing_blocks(out):
+    ds = TokenDataset(out[0], shuffle_window=6)
+    order = ds.order(0)
+    q = np.arange(order.n)
+    src = order.source_index(q)
+    assert sorted(src.tolist()) == list(range(20)) and src.tolist() != list(range(20))
+    assert all(int(order.window_starts[k + 1] - order.window_starts[k]) >= 6
+               for k in range(len(order.window_starts) - 2))  # every window but the last holds >= 6 samples
+    assert ds.order(1).source_index(q).tolist() != src.tolist()
+    same = EpochOrder(ds.shards, 0, 0, True, 6)
+    assert same.source_index(q).tolist() == src.tolist()  # a pure function of (shards, seed, epoch, window)
 
 
 def test_fields_latents_and_flatten(out):
@@ -283,6 +287,35 @@ def test_train_ar_under_torchrun_ddp(learnable):
     assert out["steps"] == 10 and out["last_loss"] < out["first_loss"]
 
 
+@pytest.fixture(scope="module")
+def learnable_b(tmp_path_factory):
+    from tests.shard_writer import counting_tokens
+
+    root = str(tmp_path_factory.mktemp("learnable_b"))
+    write_token_output(root, (18, 12), tokens_fn=counting_tokens, formats=("parquet",), unit_offset=40, seed=1)
+    return root
+
+
+def test_train_ar_mixture_on_two_ranks_resumes_on_one(learnable, learnable_b, tmp_path):
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ckpt = str(tmp_path / "mix.pt")
+    mix = ["--shards", learnable, learnable_b, "--weights", "0.7", "0.3", "--batch-size", "4", "--checkpoint", ckpt]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    first = _run([torchrun, "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+                  EXAMPLE, *mix, "--steps", "6"])
+    # mixture epoch: min(40 / 0.7, 30 / 0.3) = 57 samples; 6 steps x 2 ranks x 4 = position 48
+    assert (first["steps"], first["world_size"], first["epoch"], first["position"]) == (6, 2, 0, 48)
+    resumed = _run([EXAMPLE, *mix, "--steps", "10", "--resume", "--num-workers", "2"])
+    # one rank: 9 samples end epoch 0 (batches 4, 4, 1), then one batch of epoch 1
+    assert (resumed["steps"], resumed["world_size"], resumed["epoch"], resumed["position"]) == (10, 1, 1, 4)
+    assert resumed["last_loss"] < first["first_loss"]
+
+
 def test_tar_sample_passthrough_columns_and_json():
     import io as _io
 
@@ -303,18 +336,214 @@ def test_resume_skips_delivered_blocks_without_reading(out, monkeypatch):
     root, _ = out
     ds = TokenDataset(root, shuffle=False)
     want = keys(ds)[12:]
-    state = ds.state_dict(consumed=12, num_workers=0)
+    state = ds.state_dict(consumed=12)
+    assert state["position"] == 12
     reads = []
-    real = shards_mod.BlockReader.rows
+    real = shards_mod.BlockReader.take
 
-    def counting(self, shard, group, lo, hi):
-        reads.append((shard.name, group, lo, hi))
-        return real(self, shard, group, lo, hi)
+    def counting(self, shard, group, rows):
+        reads.append((shard.name, group, tuple(rows)))
+        return real(self, shard, group, rows)
 
-    monkeypatch.setattr(shards_mod.BlockReader, "rows", counting)
+    monkeypatch.setattr(shards_mod.BlockReader, "take", counting)
     ds.load_state_dict(state)
     rest = keys(ds)
     assert rest == want
     starts = np.cumsum([0] + [g for s in ds.shards.shards for g in s.row_groups])
     assert len(reads) == sum(1 for a, b in zip(starts[:-1], starts[1:]) if b > 12)  # only blocks past position 12
     assert len(reads) < len(starts) - 1
+
+
+def test_shuffle_quality_on_class_sorted_output(tmp_path):
+    """Each shard holds one class (as for class-sorted folders). Batches must mix many classes: a global
+    permutation gives ~14 of 16 per batch of 32; a buffer over row groups gave 1-2."""
+    from gq_pipeline.dataset import shuffle_quality
+
+    root = str(tmp_path)
+    write_token_output(root, (128,) * 16, row_group_size=64, formats=("parquet",))
+    natural = {k: i for i, k in enumerate(sorted(list_keys(root)))}  # shard-name then row order
+
+    def measure(workers=0, **kw):
+        batches = [b["key"] for b in TokenLoader(TokenDataset(root, batch_size=32, **kw), num_workers=workers)]
+        units = [[k.rsplit("-", 1)[0] for k in b] for b in batches]
+        return shuffle_quality(units, np.array([natural[k] for b in batches for k in b]))
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(16), 128)
+    ideal = np.mean([np.mean([len(set(p[i:i + 32])) for i in range(0, 2048, 32)])
+                     for p in (rng.permutation(labels) for _ in range(50))])
+    assert 13.5 < ideal < 14.5
+    q = measure(workers=2, shuffle_window=1024, block_rows=16)
+    assert q["distinct_per_batch"] >= 0.8 * ideal and abs(q["spearman"]) < 0.15, q
+    plain = measure(shuffle=False)
+    assert plain["distinct_per_batch"] == 1.0 and plain["spearman"] > 0.99
+    whole_groups = measure(shuffle_window=128)  # 2 row groups per window: at most 2 classes per batch
+    assert whole_groups["distinct_per_batch"] <= 2.0 < q["distinct_per_batch"]
+
+
+def list_keys(root):
+    return [s["key"] for s in TokenDataset(root, shuffle=False)]
+
+
+@pytest.fixture(scope="module")
+def mixed_shapes(tmp_path_factory):
+    """A --crop none style output: token grids of three shapes, shards mixing them."""
+    root = str(tmp_path_factory.mktemp("shapes"))
+    expected = {}
+    for u, shape in enumerate([(1, 4, 4), (1, 4, 6), (1, 6, 4)]):
+        expected.update(write_token_output(root, (7, 5), token_shape=shape, unit_offset=10 * u, row_group_size=3,
+                                           latents=True, seed=u))
+    return root, expected
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_shape_buckets_give_single_shape_batches_exactly_once_and_resume(mixed_shapes, fmt):
+    root, expected = mixed_shapes
+    make = lambda **kw: TokenDataset(root, format=fmt, batch_size=4, bucket_by_shape=True, seed=2,  # noqa: E731
+                                     shuffle_window=12, **kw)
+    batches = list(TokenLoader(make(), num_workers=2))
+    for b in batches:
+        assert b["tokens"].shape[1:] == expected[b["key"][0]]["tokens"].shape  # one shape per batch
+        for k, t in zip(b["key"], b["tokens"]):
+            assert np.array_equal(t.numpy(), expected[k]["tokens"])
+    assert sorted(keys(batches)) == sorted(expected)
+    assert len({tuple(b["tokens"].shape[1:]) for b in batches[:4]}) > 1  # shapes interleave
+    ds = make()
+    loader = TokenLoader(ds, num_workers=2)
+    part = []
+    for b in loader:
+        part.append(b["key"])
+        if len(part) == 3:
+            break
+    state = loader.state_dict()
+    assert state["position"] == 3  # counts batches when bucketing
+    rest = []
+    for rank in range(2):  # elastic: continue on two ranks
+        other = make(rank=rank, world_size=2)
+        other.load_state_dict(state)
+        rest += [b["key"] for b in TokenLoader(other, num_workers=0)]
+    assert sorted(k for b in part + rest for k in b) == sorted(expected)
+
+
+def test_pad_collate_masks_and_float16_latents(mixed_shapes):
+    from gq_pipeline.dataset import pad_collate
+
+    root, expected = mixed_shapes
+    ds = TokenDataset(root, batch_size=6, collate_fn=pad_collate, latents=True, latent_dtype=torch.float16)
+    for b in ds:
+        assert b["tokens"].shape[0] == b["mask"].shape[0] == len(b["key"]) and b["latent"].dtype == torch.float16
+        for i, k in enumerate(b["key"]):
+            g, h, w = expected[k]["tokens"].shape
+            assert b["token_shape"][i].tolist() == [g, h, w]
+            assert b["mask"][i].sum() == h * w and b["mask"][i, :h, :w].all()
+            assert np.array_equal(b["tokens"][i, :, :h, :w].numpy(), expected[k]["tokens"])
+            assert (b["tokens"][i][:, ~b["mask"][i]] == 0).all()
+            assert np.array_equal(b["latent"][i, :, :h, :w].numpy(), expected[k]["latent"])  # stored float16
+
+
+def test_bucket_by_shape_needs_batch_size(mixed_shapes):
+    with pytest.raises(ValueError, match="needs batch_size"):
+        TokenDataset(mixed_shapes[0], bucket_by_shape=True)
+
+
+# ---------------------------------------------------------------------------------------------- remote shards
+def test_column_projection_keeps_tokens_and_asked_fields(out):
+    root, expected = out
+    for fmt in FORMATS:
+        s = next(iter(TokenDataset(root, format=fmt, shuffle=False, columns=["txt"])))
+        assert set(s) == {"key", "tokens", "txt"}
+        assert s["txt"] == expected[s["key"]]["txt"] and np.array_equal(s["tokens"].numpy(),
+                                                                        expected[s["key"]]["tokens"])
+
+
+def test_local_cache_is_used_and_bounded(moto_s3, s3, tmp_path):
+    make_bucket(moto_s3, "cached")
+    expected = write_token_output("s3://cached/run", SIZES, row_group_size=3, storage_options=moto_s3,
+                                  formats=("parquet",))
+    sizes = [s3.size(p) for p in s3.ls("cached/run/parquet")]
+    cache = str(tmp_path / "cache")
+    ds = TokenDataset("s3://cached/run", storage_options=moto_s3, cache_dir=cache, batch_size=4)
+    assert sorted(keys(TokenLoader(ds, num_workers=2))) == sorted(expected)
+    assert len(os.listdir(cache)) == len(sizes)  # every shard copied once, no temporaries left
+    s3.rm("cached/run/parquet", recursive=True)  # the next epoch reads from the cache alone
+    ds.set_epoch(1)
+    assert sorted(keys(TokenLoader(ds, num_workers=2))) == sorted(expected)
+    bound = str(tmp_path / "bounded")
+    write_token_output("s3://cached/run2", SIZES, row_group_size=3, storage_options=moto_s3, formats=("parquet",))
+    small = TokenDataset("s3://cached/run2", storage_options=moto_s3, cache_dir=bound, cache_bytes=2 * max(sizes),
+                         batch_size=4)
+    assert sorted(keys(small)) == sorted(expected)
+    held = sum(os.path.getsize(os.path.join(bound, f)) for f in os.listdir(bound))
+    assert 0 < held <= 2 * max(sizes) and len(os.listdir(bound)) < len(sizes)
+
+
+class _FlakyRangeHandler:
+    """A static file server with HTTP Range support whose next ``fail`` GETs answer 503 (a throttled store)."""
+
+    fail = 0
+    gets = 0
+
+    @classmethod
+    def make(cls, directory):
+        import http.server
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=directory, **kw)
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                cls.gets += 1
+                if cls.fail > 0:
+                    cls.fail -= 1
+                    self.send_error(503, "slow down")
+                    return
+                path = self.translate_path(self.path)
+                if not os.path.isfile(path):
+                    self.send_error(404)
+                    return
+                data = open(path, "rb").read()
+                rng = self.headers.get("Range")
+                if rng:
+                    a, _, b = rng.split("=", 1)[1].partition("-")
+                    a, b = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
+                    data = data[a:b + 1]
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+def test_transient_errors_are_retried(tmp_path):
+    import http.server
+    import threading
+
+    root = str(tmp_path)
+    expected = write_token_output(root, SIZES, row_group_size=3, formats=("parquet",))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyRangeHandler.make(root))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        urls = [f"{base}/parquet/{os.path.basename(p)}" for p in sorted(glob.glob(f"{root}/parquet/*.parquet"))]
+        ds = TokenDataset(urls, batch_size=4, seed=3)
+        want = keys(TokenDataset(root, batch_size=4, seed=3))
+        _FlakyRangeHandler.fail = 2
+        with pytest.warns(UserWarning, match="transient read failure"):
+            got = keys(ds)
+        assert got == want and _FlakyRangeHandler.fail == 0
+        down = TokenDataset(urls, batch_size=4, retries=1)
+        _FlakyRangeHandler.fail = 10**6  # a store that stays down: the error names the shard after the retries
+        with pytest.raises(ShardError, match=r"\.parquet"):
+            with pytest.warns(UserWarning, match="retry 1 of 1"):
+                list(down)
+    finally:
+        _FlakyRangeHandler.fail = 0
+        server.shutdown()

@@ -354,3 +354,19 @@ def test_two_rank_zero3_checkpoint_reads_like_deepspeeds_own_consolidation(tmp_p
     for k, v in theirs.items():
         assert torch.equal(mine[k], v.float()), k
     assert same_tokens(load_model(str(run)), GQModel.from_pretrained(run / "bundle"))
+
+
+def test_old_checkpoints_with_omegaconf_nodes_load_weights_only(tmp_path):
+    """Before engines.ds_config merged plain containers, DeepSpeed pickled the OmegaConf nodes of deepspeed.config
+    into its model-states files: those files still load without --trust-checkpoint, and no OmegaConf code runs."""
+    from omegaconf import OmegaConf
+
+    from gq_model.safe_load import load_torch_file
+
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    cfg = OmegaConf.create({"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    torch.save({"module": {"w": torch.ones(2)}, "ds_config": cfg, "nested": cfg.zero_optimization}, path)
+    found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    assert any(g.startswith("omegaconf") for g in found)
+    got = load_torch_file(str(path))
+    assert torch.equal(got["module"]["w"], torch.ones(2))

@@ -53,9 +53,15 @@ CLUSTER_SCRIPT = textwrap.dedent("""
 
     t = threading.Thread(target=run)
     t.start()
+    def worker_alive_on(node):  # the GCS actor table (ray.util.state needs the dashboard, off here)
+        return any(a["State"] == "ALIVE" and a["Address"]["NodeID"] == node.unique_id
+                   and "UnitWorkerActor" in a["ActorClassName"] for a in ray._private.state.actors().values())
+
     if mode == "remove_node":
-        deadline = time.time() + 120
-        while len(glob.glob(os.path.join(out, "units", "*.json"))) < 3 and time.time() < deadline and t.is_alive():
+        # remove the node once its worker is up and units are being committed, so it dies with work in flight
+        deadline = time.time() + 180
+        while t.is_alive() and time.time() < deadline and not (
+                len(glob.glob(os.path.join(out, "units", "*.json"))) >= 3 and worker_alive_on(other)):
             time.sleep(0.02)
         result["committed_at_removal"] = len(glob.glob(os.path.join(out, "units", "*.json")))
         cluster.remove_node(other, allow_graceful=False)
@@ -106,12 +112,12 @@ def _check_exactly_once(out: str, images: list[bytes], model) -> None:
 
 @pytest.mark.slow
 def test_a_worker_node_removed_mid_run_is_survived_in_the_same_run(tmp_path, tiny_model, tiny_model_dir):
-    src, images = _folder(tmp_path, 48)
+    src, images = _folder(tmp_path, 160)  # 80 units: enough to outlast the second worker's start on 2 cores
     res = _run_cluster(tmp_path, tiny_model_dir, src, "remove_node")
     assert "error" not in res, res
     s = res["summary"]
-    assert 3 <= res["committed_at_removal"] < 24, res  # the node really went away mid-run
-    assert s["units_failed"] == [] and s["units_committed"] == 24
+    assert 3 <= res["committed_at_removal"] < 80, res  # the node really went away mid-run, its worker busy
+    assert s["units_failed"] == [] and s["units_committed"] == 80
     assert s["throughput"]["faults"]["workers_lost"] >= 1, s["throughput"]["faults"]
     _check_exactly_once(res["out"], images, tiny_model)
 
