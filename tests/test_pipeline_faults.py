@@ -54,7 +54,7 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     t = threading.Thread(target=run)
     t.start()
     def worker_alive_on(node):  # the GCS actor table (ray.util.state needs the dashboard, off here)
-        return any(a["State"] == "ALIVE" and a["Address"]["NodeID"] == node.unique_id
+        return any(a["State"] == "ALIVE" and a["Address"]["NodeID"] == node.node_id
                    and "UnitWorkerActor" in a["ActorClassName"] for a in ray._private.state.actors().values())
 
     if mode == "remove_node":
