@@ -22,10 +22,11 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from gq_pipeline.preprocess import (CROP_MODES, DEFAULT_MAX_PIXELS, preprocess_array_uint8, preprocess_pil_uint8,
-                                    preprocess_uint8, to_model_input)
+                                    preprocess_uint8)
 from gq_pipeline.records import FORMAT_VERSION, IMAGE_EXTENSIONS, SampleError, tokens_fit_uint16
+from gq_pipeline.stages import clean_message, encode_uint8  # the one model call, shared with gq tokenize
 
-__all__ = ["GQTokenizer", "OUTPUT_COLUMNS", "PREPROCESS_MODES", "encode_uint8", "preprocess_settings",
+__all__ = ["GQTokenizer", "OUTPUT_COLUMNS", "PREPROCESS_MODES", "preprocess_settings",
            "parse_error"]
 
 # Columns GQTokenizer adds (docs/plugin.md, "Column contract"); latent/latent_shape only with latents=True.
@@ -46,33 +47,6 @@ def parse_error(value: str) -> tuple[str, str]:
     """``"kind: message"`` (the ``gq_error`` column) -> (kind, message)."""
     kind, _, message = value.partition(": ")
     return kind, message
-
-
-def encode_uint8(model, images: np.ndarray, device, *, autocast: bool, latents: bool, token_dtype
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """uint8 ``[B,3,H,W]`` -> (tokens ``[B,G,h,w]`` as ``token_dtype``, μ ``[B,C,h,w]`` float16 or None).
-
-    The model call of ``gq tokenize``'s model stage (``stages.TokenizerActor._run``): float conversion with
-    ``to_model_input``, encoder (bf16 autocast on CUDA when asked), float32 moments, the quantizer; ViT ``[B,L,*]``
-    outputs laid out as ``[B,*,h,w]``.
-    """
-    import torch
-
-    x = to_model_input(images).to(device, non_blocking=True)
-    with torch.no_grad():  # not inference_mode: a multi-threaded search kernel may update tensors in place
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            mu, logvar = model.encode_moments(x)
-        mu, logvar = mu.float(), logvar.float()
-        idx, _ = model.quantizer.quantize(mu, logvar)
-    if model.config.arch == "vit":
-        b, _, g = idx.shape
-        f = model.downsample_factor
-        h, w = images.shape[2] // f, images.shape[3] // f
-        idx = idx.permute(0, 2, 1).reshape(b, g, h, w)
-        mu = mu.permute(0, 2, 1).reshape(b, mu.shape[2], h, w)
-    tokens = idx.cpu().numpy().astype(token_dtype)
-    lat = mu.to(torch.float16).cpu().numpy() if latents else None
-    return tokens, lat
 
 
 _FORKED = False  # set in a child forked from this process (HF num_proc workers)
@@ -100,8 +74,6 @@ class _Row:
 
 
 def _error_text(e: SampleError) -> str:
-    from gq_pipeline.stages import clean_message
-
     return f"{e.kind}: {clean_message(e.message)}"
 
 
@@ -247,8 +219,6 @@ class GQTokenizer:
 
     def tokenize_values(self, values: Iterable[Any]) -> list[_Row]:
         """Image cells -> one result per cell (never raises for a bad cell; raises if the model fails on all)."""
-        from gq_pipeline.stages import clean_message
-
         rows: list[_Row] = []
         arrays: dict[int, np.ndarray] = {}
         for i, v in enumerate(values):

@@ -22,7 +22,7 @@ from gq_pipeline.records import INT32_MAX, ROW_ERROR, ROW_OK, SampleError, is_ut
 from gq_pipeline.sources import RawSample
 
 __all__ = ["TOKEN_SCHEMA", "decode_sample", "rows_to_table", "ModelRunner", "model_payload", "lower_thread_priority",
-           "is_out_of_memory"]
+           "is_out_of_memory", "encode_uint8"]
 
 _COMMON = [("unit", pa.string()), ("idx", pa.int64()), ("kind", pa.string()), ("key", pa.string()),
            ("source", pa.string()), ("member", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
@@ -126,6 +126,33 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
+def encode_uint8(model, images: np.ndarray, device, *, autocast: bool, latents: bool, token_dtype
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 ``[B,3,H,W]`` -> (tokens ``[B,G,h,w]`` as ``token_dtype``, μ ``[B,C,h,w]`` float16 or None).
+
+    The one model call of gq: ``gq tokenize``'s workers (``ModelRunner``) and the plugin (``GQTokenizer``) both use
+    it, so their tokens are the same bits. Float conversion with ``to_model_input``, encoder (bf16 autocast on CUDA
+    when asked), float32 moments, the quantizer; ViT ``[B,L,*]`` outputs laid out as ``[B,*,h,w]``.
+    """
+    import torch
+
+    x = to_model_input(images).to(device, non_blocking=True)
+    with torch.no_grad():  # not inference_mode: a multi-threaded search kernel may update tensors in place
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            mu, logvar = model.encode_moments(x)
+        mu, logvar = mu.float(), logvar.float()
+        idx, _ = model.quantizer.quantize(mu, logvar)
+    if model.config.arch == "vit":
+        b, _, g = idx.shape
+        f = model.downsample_factor
+        h, w = images.shape[2] // f, images.shape[3] // f
+        idx = idx.permute(0, 2, 1).reshape(b, g, h, w)
+        mu = mu.permute(0, 2, 1).reshape(b, mu.shape[2], h, w)
+    tokens = idx.cpu().numpy().astype(token_dtype)
+    lat = mu.to(torch.float16).cpu().numpy() if latents else None
+    return tokens, lat
+
+
 class ModelRunner:
     """The encoder and codebook search on one device, applied to decoded rows in batches of ``batch_size``.
 
@@ -168,25 +195,8 @@ class ModelRunner:
         return cls(model.to(device).eval(), **kwargs)
 
     def _run(self, images: np.ndarray):
-        import torch
-
-        x = to_model_input(images).to(self.device, non_blocking=True)
-        # no_grad, not inference_mode: inference tensors cannot be updated in place from other threads, which a
-        # multi-threaded search kernel may do.
-        with torch.no_grad():
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                mu, logvar = self.model.encode_moments(x)
-            mu, logvar = mu.float(), logvar.float()
-            idx, _ = self.model.quantizer.quantize(mu, logvar)
-        if self.model.config.arch == "vit":  # [B, L, G] -> [B, G, h, w]; [B, L, C] -> [B, C, h, w]
-            b, length, g = idx.shape
-            f = self.model.downsample_factor
-            h, w = images.shape[2] // f, images.shape[3] // f
-            idx = idx.permute(0, 2, 1).reshape(b, g, h, w)
-            mu = mu.permute(0, 2, 1).reshape(b, mu.shape[2], h, w)
-        tokens = idx.cpu().numpy().astype(self.token_dtype)
-        lat = mu.to(torch.float16).cpu().numpy() if self.latents else None
-        return tokens, lat
+        return encode_uint8(self.model, images, self.device, autocast=self.autocast, latents=self.latents,
+                            token_dtype=self.token_dtype)
 
     def _run_fitting(self, images: np.ndarray):
         """``_run`` in pieces no larger than the batch size that fits; halves it on out-of-memory."""
