@@ -27,7 +27,7 @@ from gq_pipeline.lease import OutputLease
 from gq_pipeline.manifest import OutputStore, manifest_unit_entry
 from gq_pipeline.model_loader import load_model
 from gq_pipeline.plan_store import PLAN_DIR
-from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
+from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS, preprocess_settings
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
 from gq_pipeline.sources import ignored_counts, ignored_note, plan_units
@@ -282,9 +282,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         if image_size != fixed or crop != "center":
             raise ValueError(f"this ViT model takes {fixed}x{fixed} images only: use --image-size {fixed} "
                              f"--crop center")
-    preprocess = {"image_size": int(image_size), "crop": crop, "resize": "PIL bicubic, shorter side",
-                  "multiple_of": factor, "alpha": "composite on white", "max_pixels": int(max_pixels),
-                  "encoder_precision": precision}  # bf16 changes ~2% of tokens: never mixed in one output
+    preprocess = preprocess_settings(gq, image_size, crop, precision, max_pixels)
     c = gq.config
     ctx = ShardContext(model_fingerprint=gq.model_fingerprint, codebook_fingerprint=gq.fingerprint,
                        codebook_size=c.codebook_size, group=c.group, seed=c.seed, beta=c.beta, arch=c.arch,

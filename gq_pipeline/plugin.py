@@ -22,25 +22,17 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from gq_pipeline.preprocess import (CROP_MODES, DEFAULT_MAX_PIXELS, preprocess_array_uint8, preprocess_pil_uint8,
-                                    preprocess_uint8)
+                                    preprocess_settings, preprocess_uint8)
 from gq_pipeline.records import FORMAT_VERSION, IMAGE_EXTENSIONS, SampleError, tokens_fit_uint16
 from gq_pipeline.stages import clean_message, encode_uint8  # the one model call, shared with gq tokenize
 
-__all__ = ["GQTokenizer", "OUTPUT_COLUMNS", "PREPROCESS_MODES", "preprocess_settings",
-           "parse_error"]
+__all__ = ["GQTokenizer", "OUTPUT_COLUMNS", "PREPROCESS_MODES", "parse_error"]
 
 # Columns GQTokenizer adds (docs/plugin.md, "Column contract"); latent/latent_shape only with latents=True.
 OUTPUT_COLUMNS = ("tokens", "token_shape", "gq_error", "gq_model", "gq_width", "gq_height")
 LATENT_COLUMNS = ("latent", "latent_shape")
 PREPROCESS_MODES = ("gq", "none")
 PRECISIONS = ("fp32", "bf16")
-
-
-def preprocess_settings(model, image_size: int, crop: str, precision: str, max_pixels: int) -> dict[str, Any]:
-    """The ``gq.preprocess`` record of docs/token-format.md, as ``gq tokenize`` writes it for the same settings."""
-    return {"image_size": int(image_size), "crop": crop, "resize": "PIL bicubic, shorter side",
-            "multiple_of": model.downsample_factor, "alpha": "composite on white", "max_pixels": int(max_pixels),
-            "encoder_precision": precision}
 
 
 def parse_error(value: str) -> tuple[str, str]:

@@ -33,7 +33,7 @@ import io
 import threading
 import warnings
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -335,3 +335,11 @@ def preprocess_array(arr: np.ndarray, image_size: int, crop: str = "center", *,
     """Decoded uint8 pixels -> float32 ``[3,H,W]`` in [-1, 1]: ``to_model_input(preprocess_array_uint8(...)[0])``."""
     return to_model_input(preprocess_array_uint8(arr, image_size, crop, max_pixels=max_pixels,
                                                  multiple_of=multiple_of)[0])
+
+
+def preprocess_settings(model, image_size: int, crop: str, precision: str, max_pixels: int) -> dict[str, Any]:
+    """The ``preprocess`` record every shard, commit record and manifest carries (docs/token-format.md): what made
+    these pixels, so that an output never mixes policies. bf16 changes ~2 % of tokens, hence the precision."""
+    return {"image_size": int(image_size), "crop": crop, "resize": "PIL bicubic, shorter side",
+            "multiple_of": model.downsample_factor, "alpha": "composite on white", "max_pixels": int(max_pixels),
+            "encoder_precision": precision}

@@ -22,7 +22,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from gq_pipeline.manifest import SUBDIRS, IncompatibleOutputError, OutputStore, manifest_unit_entry
-from gq_pipeline.plugin import (LATENT_COLUMNS, OUTPUT_COLUMNS, GQTokenizer, parse_error, preprocess_settings)
+from gq_pipeline.plugin import LATENT_COLUMNS, OUTPUT_COLUMNS, GQTokenizer, parse_error
+from gq_pipeline.preprocess import preprocess_settings
 from gq_pipeline.records import ERROR_KINDS, FORMAT_VERSION, RESERVED_COLUMNS, make_key, make_unit_id
 from gq_pipeline.writers import ShardContext
 
