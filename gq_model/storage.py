@@ -292,6 +292,15 @@ def read_versioned(fs, path: str) -> tuple[bytes, str] | None:
     return data, _sha(data)
 
 
+def _local_at_version(path: str, version: str) -> bool:
+    """A local file exists and holds the bytes of ``version`` (call under the directory's ``_DirLock``)."""
+    try:
+        with open(path, "rb") as f:
+            return _sha(f.read()) == version
+    except FileNotFoundError:
+        return False
+
+
 def replace_if_match(fs, path: str, data: bytes, version: str) -> str | None:
     """Overwrite ``path`` with ``data`` only if it is still at ``version``; returns the new version, or None if the
     object changed or vanished meanwhile (someone else wrote it)."""
@@ -299,11 +308,7 @@ def replace_if_match(fs, path: str, data: bytes, version: str) -> str | None:
     if kind == "local":
         path = _local(path)
         with _DirLock(os.path.dirname(path) or "."):
-            try:
-                with open(path, "rb") as f:
-                    if _sha(f.read()) != version:
-                        return None
-            except FileNotFoundError:
+            if not _local_at_version(path, version):
                 return None
             os.replace(_write_tmp(path, data), path)
         return _sha(data)
@@ -344,13 +349,9 @@ def delete_if_match(fs, path: str, version: str) -> bool:
     if kind == "local":
         path = _local(path)
         with _DirLock(os.path.dirname(path) or "."):
-            try:
-                with open(path, "rb") as f:
-                    if _sha(f.read()) != version:
-                        return False
-                os.unlink(path)
-            except FileNotFoundError:
+            if not _local_at_version(path, version):
                 return False
+            os.unlink(path)
         return True
     if kind == "s3":
         bucket, key = _bucket_key(fs, path)
