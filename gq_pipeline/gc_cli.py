@@ -19,14 +19,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from gq_pipeline.lease import LeaseHeldError, describe_owner, read_lease
+
 __all__ = ["GcReport", "LeaseHeldError", "collect_garbage", "add_parser", "run"]
 
-LEASE = "_lease.json"
 DATA_DIRS = ("parquet", "webdataset", "errors")
-
-
-class LeaseHeldError(RuntimeError):
-    """A run holds the output's lease: its staged files may be in use."""
 
 
 @dataclass
@@ -47,19 +44,16 @@ class GcReport:
         return self.orphans + self.stale_staging + self.temporaries
 
 
-def _lease_state(fs, root: str, now: float) -> dict | None:
-    """The lease, if one is live (``expires_at`` later than ``now``); an unreadable lease counts as live."""
-    path = posixpath.join(root, LEASE)
-    try:
-        blob = fs.cat_file(path)
-    except FileNotFoundError:
+def _live_lease(fs, root: str, now: float) -> dict | None:
+    """The output's lease (``gq_pipeline.lease``) if it is live, ``expires_at`` later than ``now``; an unreadable
+    lease counts as live."""
+    lease = read_lease(fs, root)
+    if lease is None:
         return None
     try:
-        lease = json.loads(blob)
-        expires = float(lease["expires_at"])
-    except (ValueError, KeyError, TypeError):
+        return lease if float(lease["expires_at"]) > now else None
+    except (KeyError, TypeError, ValueError):
         return {"owner": "?", "expires_at": None, "unreadable": True}
-    return lease if expires > now else None
 
 
 def _ls(fs, path: str) -> list[str]:
@@ -80,13 +74,14 @@ def collect_garbage(output: str, *, dry_run: bool = False, force: bool = False,
     root = root.rstrip("/")
     fs.invalidate_cache()
     url = to_url(fs, root)
-    lease = _lease_state(fs, root, time.time())
+    lease = _live_lease(fs, root, time.time())
     if lease is not None and not force:
         when = lease.get("expires_at")
         until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when)) if when else "unknown (unreadable lease)"
-        raise LeaseHeldError(f"{url} is leased by {lease.get('owner', '?')} until {until}: a run may be writing "
-                             f"there, and its staged files would be removed. Wait for it, or pass --force if that "
-                             f"run is known to be dead")
+        owner = describe_owner(lease) if isinstance(lease.get("owner"), dict) else str(lease.get("owner", "?"))
+        raise LeaseHeldError(f"{url} is leased by {owner} until {until}: a run may be writing there, and its staged "
+                             f"files would be removed. Wait for it, or pass --force if that run is known to be dead",
+                             lease)
     records = read_records(fs, root)
     if records is None:
         raise FileNotFoundError(f"{url}: not a gq tokenize output (no {UNITS}/ folder); gc removes only files that "
