@@ -409,9 +409,9 @@ def write_markdown(results: dict, path: str) -> None:
         lines += [f"**gq tokenize vs a plain DataLoader loop** ({tp['images']} JPEGs of 300-480 px -> "
                   f"{tp['image_size']}², batch {tp['batch_size']}; the loop: `DataLoader(num_workers=1)` + "
                   "`model.tokenize` with torch on all cores + one Parquet write; gq tokenize: default settings "
-                  f"(placement `{b['gq']['model_placement']}`), Ray already started; "
-                  "`--model-placement actors` (one actor with all but half a CPU, its start-up and warm-up "
-                  "included) for comparison):",
+                  f"(placement `{b['gq']['model_placement']}`: this process, two decode threads), Ray already "
+                  "started; `--model-placement actors` (one worker actor holding the node's CPUs, its start-up and "
+                  "warm-up included) for comparison):",
                   "", "| run | loop img/s | gq tokenize img/s | ratio | start-up s (loop / gq) | steady-state ratio "
                       "| actors img/s | ratio | loop, 1 thread | gq, 1 thread (`--cpus-per-worker 1`) | ratio "
                       "| tokens identical | load avg |",
