@@ -222,7 +222,7 @@ def _train_checkpoint(out: Path, stage: int, precision: str) -> Path:
                  "run.progress=false", "run.threads=1", f"deepspeed.zero_stage={stage}",
                  f"deepspeed.precision={precision}", "data.holdout=1", "data.repeat=1", "data.batch_size=2",
                  "loss.disc.enabled=false"]
-    if stage == 3:  # partition even the tiny parameters; deepspeed.config makes DeepSpeed pickle OmegaConf nodes too
+    if stage == 3:  # partition even the tiny parameters (the zero_optimization override keeps stage 3 too)
         overrides += ["deepspeed.config.zero_optimization.stage=3",
                       "deepspeed.config.zero_optimization.stage3_param_persistence_threshold=0"]
     train(TINY, overrides, train_images=imgs)
@@ -255,9 +255,11 @@ def test_deepspeed_checkpoint_loads_weights_only_at_every_zero_stage(ds_runs, st
         assert any(n.endswith("zero_pp_rank_0_mp_rank_00_optim_states.pt") for n in names), names
     if stage == 3:  # really partitioned: ZeRO-3 names its model states per rank
         assert "zero_pp_rank_0_mp_rank_00_model_states.pt" in names
-        # and, with deepspeed.config set, DeepSpeed pickled OmegaConf nodes: the stand-ins must let them through
+        # deepspeed.config reaches DeepSpeed as plain containers (engines.ds_config), so nothing of OmegaConf is
+        # pickled any more; checkpoints of earlier gq versions that hold OmegaConf nodes load through the stand-ins
+        # (test_old_checkpoints_with_omegaconf_nodes_load_weights_only)
         found = torch.serialization.get_unsafe_globals_in_checkpoint(tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-        assert "omegaconf.dictconfig.DictConfig" in found
+        assert not any(g.startswith("omegaconf") for g in found), found
     own_bundle = GQModel.from_pretrained(run / "bundle")
     for spec in (run, run / "checkpoints", tag):  # run dir, checkpoints dir, tag dir
         assert describe_spec(str(spec)) == "deepspeed"
