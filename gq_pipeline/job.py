@@ -15,7 +15,6 @@ docs/architecture.md ("Pipeline") and docs/scaling.md.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -487,8 +486,7 @@ def _worker_pool(gq, spec: WorkSpec, resources: dict[str, Any], precision: str, 
         torch.set_num_threads(max(1, int(math.ceil(resources["cpus_per_worker"] - 1e-9))))
         proc = UnitProcessor(spec, ModelRunner(gq.eval(), batch_size=spec.batch_size, precision="fp32",
                                                latents=latents))
-        pool = LocalPool(proc.process, concurrency=2, cancel=proc.cancel)
-        pool.stats = lambda: [proc.stats()]  # type: ignore[attr-defined]
+        pool = LocalPool(proc.process, concurrency=2, cancel=proc.cancel, stats=proc.stats)
         try:
             yield pool
         finally:

@@ -320,8 +320,6 @@ class GQTokenizer:
         return out
 
     def _call_arrow(self, table):
-        import pyarrow as pa
-
         self._check_columns(table.column_names)
         return self._append_arrow(table, self.tokenize_values(_arrow_cells(table.column(self.image_column))))
 

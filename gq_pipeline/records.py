@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 __all__ = ["FORMAT_VERSION", "tokens_fit_uint16", "ERROR_KINDS", "SampleError", "make_key", "make_unit_id", "ROW_OK",
-           "ROW_ERROR", "ROW_END", "checked_dimension", "printable", "is_utf8", "INT32_MAX", "RESERVED_COLUMNS",
+           "ROW_ERROR", "checked_dimension", "printable", "is_utf8", "INT32_MAX", "RESERVED_COLUMNS",
            "IMAGE_EXTENSIONS", "TAR_EXTENSIONS", "PARQUET_EXTENSIONS"]
 
 # Token shard format version (docs/token-format.md): writers stamp it, readers refuse newer ones.
@@ -30,7 +30,7 @@ ERROR_KINDS = ("decode", "empty", "too_large", "unsupported", "read", "model", "
 INT32_MAX = 2**31 - 1
 
 # Row kinds flowing from the read stage through the model stage to the driver.
-ROW_OK, ROW_ERROR, ROW_END = "ok", "error", "end"
+ROW_OK, ROW_ERROR = "ok", "error"
 
 # Output columns of a token shard; input pass-through columns with these names get an ``input_`` prefix.
 RESERVED_COLUMNS = ("key", "source", "member", "tokens", "token_shape", "width", "height", "latent", "latent_shape",

@@ -104,9 +104,11 @@ class LocalPool:
     """Units processed by threads of this process (the driver placement): ``concurrency`` units in flight, so the
     next unit decodes while the current one is on the model."""
 
-    def __init__(self, process: Callable[[dict], dict], concurrency: int = 2, cancel: Callable[[], None] = None):
+    def __init__(self, process: Callable[[dict], dict], concurrency: int = 2, cancel: Callable[[], None] = None,
+                 stats: Callable[[], dict] | None = None):
         self._process = process
         self._cancel = cancel
+        self._stats = stats
         self._ex = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="gq-unit")
         self._inflight: dict[Any, tuple[dict, int]] = {}
         self.concurrency = concurrency
@@ -132,6 +134,10 @@ class LocalPool:
             except Exception as e:
                 out.append((unit, attempt, _failed(unit, e)))
         return out
+
+    def stats(self) -> list[dict[str, Any]]:
+        """The processor's accumulated statistics, in the shape ``ActorPool.stats`` gives them."""
+        return [self._stats()] if self._stats is not None else []
 
     def close(self) -> None:
         """Stop: queued units never start, running ones are cancelled at their next sample or batch."""

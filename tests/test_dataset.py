@@ -539,6 +539,7 @@ def test_transient_errors_are_retried(tmp_path):
         with pytest.warns(UserWarning, match="transient read failure"):
             got = keys(ds)
         assert got == want and _FlakyRangeHandler.fail == 0
+        assert sorted(got) == sorted(expected)
         down = TokenDataset(urls, batch_size=4, retries=1)
         _FlakyRangeHandler.fail = 10**6  # a store that stays down: the error names the shard after the retries
         with pytest.raises(ShardError, match=r"\.parquet"):

@@ -1,6 +1,5 @@
 """The whole flow on real files: images -> gq_pipeline.tokenize (Ray) -> TokenDataset / gq decode -> same tokens and
 images as calling the model directly."""
-import io
 
 import numpy as np
 import torch

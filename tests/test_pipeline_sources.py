@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from gq_pipeline.records import make_key
-from gq_pipeline.sources import Unit, UnitInfo, UnitReadError, iter_samples, plan_units
+from gq_pipeline.sources import Unit, UnitInfo, iter_samples, plan_units
 from tests.conftest import make_image_parquet, make_wds_tar, rgb_bytes, write_messy_folder
 
 
