@@ -13,7 +13,7 @@ from torch import nn
 from gq_model.codebook import codebook_fingerprint, gaussian_codebook
 from kernels import gq_search, prepare_features
 
-__all__ = ["GaussianQuantizer", "to_groups", "from_groups", "check_moments"]
+__all__ = ["GaussianQuantizer", "to_groups", "from_groups", "check_moments", "straight_through"]
 
 _LAYOUTS = ("strided", "contiguous")
 
@@ -57,6 +57,31 @@ def from_groups(rows: torch.Tensor, dim: int, layout: str = "strided") -> torch.
         rows = rows.transpose(-1, -2)
     x = rows.reshape(*rows.shape[:-2], rows.shape[-2] * rows.shape[-1])
     return x.permute(0, 3, 1, 2).contiguous() if dim == 4 else x.contiguous()
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized latent, as is. Backward: the incoming gradient goes to the sample unchanged."""
+
+    @staticmethod
+    def forward(ctx, sample: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        return quantized.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def straight_through(sample: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """Straight-through estimator of the reference's STE variant (``GaussianQuantRegularizer2``, ``use_ste``).
+
+    The value is exactly ``quantized`` (the codewords the decoder will see at inference); the gradient with respect to
+    ``sample`` (mu + sigma * eps) is the identity, so the encoder trains through mu and sigma as in a Gaussian VAE.
+    The reference writes ``sample - sample.detach() + quantized``, which has the same gradient but whose value is
+    ``quantized`` only up to float rounding; a custom autograd function makes it exact.
+    """
+    if sample.shape != quantized.shape:
+        raise ValueError(f"sample and quantized shapes differ: {tuple(sample.shape)} vs {tuple(quantized.shape)}")
+    return _StraightThrough.apply(sample, quantized.to(dtype=sample.dtype, device=sample.device))
 
 
 class GaussianQuantizer(nn.Module):

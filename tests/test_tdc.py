@@ -1,3 +1,4 @@
+import math
 import os
 import socket
 
@@ -7,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gq_model import TDCRegularizer
-from gq_model.tdc import kl_bits_per_group
+from gq_model.quantizer import GaussianQuantizer, straight_through
+from gq_model.tdc import TDC_VARIANTS, kl_bits_per_group
 from tests.oracles import tdc_reference_step
 
 
@@ -142,3 +144,157 @@ def test_gradient_accumulation_pools_micro_batch_statistics():
     # the next step starts a fresh pool; an evaluation call (accumulate=False) never touches it
     pooled(*hi, update=False, accumulate=False)
     assert pooled._pending is None
+
+
+# --------------------------------------------------------------------------- gq2 (GaussianQuantRegularizer2) variant
+def _hand_posterior():
+    """[B=2, C=4, H=1, W=2] posterior whose contiguous groups (m=2: channels {0,1} and {2,3}) fall below, inside and
+    above the 4 +- 0.5 bit band of K=16, and whose strided groups ({0,2}, {1,3}) would give other values."""
+    mu = torch.tensor([[[[3.0, 2.0]], [[0.0, 1.0]], [[0.5, 0.2]], [[0.5, 2.4]]],
+                       [[[1.7, 0.1]], [[1.6, 0.3]], [[2.6, 0.0]], [[1.0, 0.0]]]])
+    logvar = torch.tensor([[[[0.0, -0.5]], [[0.2, 0.0]], [[-1.0, 0.0]], [[0.0, 0.1]]],
+                           [[[0.0, 0.0]], [[0.0, -0.2]], [[0.3, 0.0]], [[-0.4, -2.0]]]])
+    return mu, logvar
+
+
+def _hand_group_bits(mu, logvar, m):
+    """Per-group KL in bits with contiguous groups, as plain Python loops: {(b, h, w, j): bits}."""
+    b_, c_, h_, w_ = mu.shape
+    out = {}
+    for b in range(b_):
+        for h in range(h_):
+            for w in range(w_):
+                for j in range(c_ // m):
+                    total = 0.0
+                    for a in range(m):
+                        c = j * m + a
+                        u, lv = float(mu[b, c, h, w]), float(logvar[b, c, h, w])
+                        total += 1.4426 * 0.5 * (u * u + math.exp(lv) - 1.0 - lv)
+                    out[(b, h, w, j)] = total
+    return out
+
+
+def _gq2(**kw):
+    return TDCRegularizer(codebook_size=16, group=2, tolerance=0.5, lam_factor=1.01, **TDC_VARIANTS["gq2"], **kw)
+
+
+def test_gq2_loss_matches_a_hand_computation():
+    mu, logvar = _hand_posterior()
+    bits = _hand_group_bits(mu, logvar, 2)
+    target, tol = 4.0, 0.5
+    bands = ["above" if r > target + tol else "below" if r < target - tol else "in" for r in bits.values()]
+    assert {"above", "below", "in"} <= set(bands), bands  # the posterior exercises all three weights
+    lam, lam_min, lam_max = 2.0, 0.25, 3.0
+    weighted = [(lam_max if r > target + tol else lam_min if r < target - tol else 1.0) * r for r in bits.values()]
+    expected_gq2 = lam * sum(weighted) / len(weighted)  # mean over all 2*1*2*2 = 8 groups
+    expected_sum = lam * sum(weighted) / mu.shape[0]  # what the v1 reduction gives for the same groups
+
+    tdc = _gq2()
+    for name, v in (("lam", lam), ("lam_min", lam_min), ("lam_max", lam_max)):
+        getattr(tdc, name).fill_(v)
+    loss, stats = tdc(mu, logvar, update=True)
+    assert loss.item() == pytest.approx(expected_gq2, rel=1e-6)
+    assert (stats["lam"], stats["lam_min"], stats["lam_max"]) == (lam, lam_min, lam_max)
+    # the controllers see the contiguous groups' statistics ...
+    values = list(bits.values())
+    assert (stats["bits_mean"], stats["bits_min"], stats["bits_max"]) == pytest.approx(
+        (sum(values) / len(values), min(values), max(values)), rel=1e-6)
+    # ... and step by the usual rule: mean 3.19 < 4 -> lam / f; a group above 4.5 -> lam_max * f; one below 3.5 ->
+    # lam_min / f
+    assert sum(values) / len(values) < target and max(values) > target + tol and min(values) < target - tol
+    assert (tdc.lam.item(), tdc.lam_max.item(), tdc.lam_min.item()) == pytest.approx(
+        (lam / 1.01, lam_max * 1.01, lam_min / 1.01))
+
+    v1_sum = TDCRegularizer(codebook_size=16, group=2, layout="contiguous", reduction="sum_per_image")
+    for name, v in (("lam", lam), ("lam_min", lam_min), ("lam_max", lam_max)):
+        getattr(v1_sum, name).fill_(v)
+    assert v1_sum(mu, logvar, update=False)[0].item() == pytest.approx(expected_sum, rel=1e-6)
+    # the strided grouping pairs other channels: a different loss for the same posterior
+    strided = TDCRegularizer(codebook_size=16, group=2, **{**TDC_VARIANTS["gq2"], "layout": "strided"})
+    for name, v in (("lam", lam), ("lam_min", lam_min), ("lam_max", lam_max)):
+        getattr(strided, name).fill_(v)
+    assert strided(mu, logvar, update=False)[0].item() != pytest.approx(expected_gq2, rel=1e-3)
+
+
+def test_gq2_gradient_is_the_mean_reduced_weighted_kl():
+    mu, logvar = _hand_posterior()
+    mu.requires_grad_(True)
+    tdc = _gq2()
+    tdc.lam_max.fill_(3.0)
+    loss, _ = tdc(mu, logvar, update=False)
+    loss.backward()
+    # d/dmu of lam * mean(w * R): w * 1.4426 * mu / n_groups per channel (the weights are constants, as in the reference)
+    mu0 = mu.detach()
+    bits = _hand_group_bits(mu0, logvar, 2)
+    expected = torch.zeros_like(mu0)
+    for (b, h, w, j), r in bits.items():
+        wgt = 3.0 if r > 4.5 else 1.0  # lam_max above the band; 1 inside it, and lam_min (still 1.0) below it
+        for a in range(2):
+            expected[b, j * 2 + a, h, w] = wgt * 1.4426 * float(mu0[b, j * 2 + a, h, w]) / len(bits)
+    assert torch.allclose(mu.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_gq2_controller_ranges():
+    tdc = _gq2()
+    assert (tdc.lam_min_range, tdc.lam_max_range) == ((1e-7, 1.0), (1.0, 1e7))
+    tdc.lam_max.fill_(5e6)
+    tdc.lam_min.fill_(2e-7)
+    mu, logvar = _hand_posterior()  # groups above and below the band
+    for _ in range(200):
+        tdc(mu, logvar, update=True)
+    assert tdc.lam_max.item() == pytest.approx(1e7) and tdc.lam_min.item() == pytest.approx(1e-7)
+
+
+# --------------------------------------------------------------------------- release-era lam_max behaviour
+@pytest.mark.parametrize("variant", ["gq", "gq2"])
+def test_lam_max_only_grows_is_the_release_era_rule(variant):
+    """With lam_max_only_grows, "no group above the band" leaves lam_max unchanged instead of dividing it by f."""
+    kw = {k: v for k, v in TDC_VARIANTS[variant].items()}
+    zero = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)  # 0 bits per group: nothing above the 4-bit band
+    high = _batch(7, shape=(1, 4, 2, 2), scale=6.0)           # far above it
+    fixed = TDCRegularizer(codebook_size=16, group=4, lam_factor=2.0, **kw)
+    buggy = TDCRegularizer(codebook_size=16, group=4, lam_factor=2.0, lam_max_only_grows=True, **kw)
+    for t in (fixed, buggy):
+        t.lam_max.fill_(8.0)
+    history = {"fixed": [], "buggy": []}
+    for x in [zero] * 2 + [high] * 3 + [zero] * 3:
+        for name, t in (("fixed", fixed), ("buggy", buggy)):
+            t(*x, update=True)
+            history[name].append(t.lam_max.item())
+    assert history["fixed"] == [4.0, 2.0, 4.0, 8.0, 16.0, 8.0, 4.0, 2.0]
+    assert history["buggy"] == [8.0, 8.0, 16.0, 32.0, 64.0, 64.0, 64.0, 64.0]
+    # the other two controllers follow the same rule either way
+    assert (fixed.lam.item(), fixed.lam_min.item()) == (buggy.lam.item(), buggy.lam_min.item())
+    # still capped at the variant's maximum
+    cap = kw["lam_max_range"][1]
+    buggy.lam_max.fill_(cap / 1.5)
+    buggy(*high, update=True)
+    assert buggy.lam_max.item() == cap
+    assert TDCRegularizer(codebook_size=16, group=4).lam_max_only_grows is False  # off by default
+
+
+def test_reduction_and_layout_are_checked():
+    with pytest.raises(ValueError, match="reduction"):
+        TDCRegularizer(codebook_size=16, group=4, reduction="sum")
+    with pytest.raises(ValueError, match="layout"):
+        TDCRegularizer(codebook_size=16, group=4, layout="interleaved")
+
+
+# --------------------------------------------------------------------------- straight-through estimator
+def test_straight_through_value_is_the_codeword_and_gradient_is_identity():
+    g = torch.Generator().manual_seed(5)
+    mu = torch.randn(2, 4, 3, 3, generator=g).requires_grad_(True)
+    logvar = (torch.randn(2, 4, 3, 3, generator=g) - 1.0).requires_grad_(True)
+    quantizer = GaussianQuantizer(codebook_size=256, group=4, layout="contiguous")
+    _, zq = quantizer.quantize(mu.detach(), logvar.detach())
+    eps = torch.randn(mu.shape, generator=g)
+    std = torch.exp(0.5 * logvar)
+    out = straight_through(mu + std * eps, zq)
+    assert torch.equal(out, zq)  # exactly the codewords: the forward is a copy, no arithmetic
+    assert out.requires_grad and not zq.requires_grad
+    upstream = torch.randn(mu.shape, generator=g)
+    (out * upstream).sum().backward()
+    assert torch.allclose(mu.grad, upstream)  # d out / d mu = identity
+    assert torch.allclose(logvar.grad, upstream * eps * 0.5 * std.detach(), rtol=1e-5, atol=1e-7)  # through the sample
+    with pytest.raises(ValueError, match="shapes differ"):
+        straight_through(mu, zq[:1])

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gq_model.config import GQConfig
 
-__all__ = ["DEFAULTS", "load_config", "to_container", "build_gq_config", "tdc_settings", "validate"]
+__all__ = ["DEFAULTS", "load_config", "to_container", "build_gq_config", "tdc_settings", "tdc_variant", "validate"]
 
 DEFAULTS: dict[str, Any] = {
     "model": {
@@ -33,7 +33,12 @@ DEFAULTS: dict[str, Any] = {
         "learn_logvar": True,
         "logvar_init": 0.0,
         "kl_weight": 0.1,
-        "tdc": {"tolerance": None, "lam_factor": None},  # null: the model preset's (the reference's 0.5, 1.01)
+        # gq: the reference's GaussianQuantRegularizer (decoder sees mu + sigma*eps, KL summed per image);
+        # gq2: its GaussianQuantRegularizer2 (decoder sees the quantized latent through a straight-through estimator,
+        # KL averaged over groups; needs model.layout=contiguous)
+        "regularizer": "gq",
+        "tdc": {"tolerance": None, "lam_factor": None,  # null: the model preset's (the reference's 0.5, 1.01)
+                "lam_max_only_grows": False},           # true: the release-era bug (lam_max never decreases)
         "disc": {
             "enabled": True, "start": 10001, "weight": 0.75, "max_weight": 1.0e4, "loss": "hinge",
             "ndf": 160, "n_layers": 6, "actnorm": True, "lr": None, "betas": None,
@@ -182,9 +187,31 @@ def tdc_settings(cfg: DictConfig | Mapping) -> dict[str, float]:
     return {"tolerance": pick("tolerance", 0.5), "lam_factor": pick("lam_factor", 1.01)}
 
 
+def tdc_variant(cfg: DictConfig | Mapping) -> dict[str, Any]:
+    """The TDCRegularizer keywords that ``loss.regularizer`` and ``loss.tdc.lam_max_only_grows`` select (the channel
+    layout comes from the model: :func:`validate` checks it is the one the regularizer needs)."""
+    from gq_model.tdc import TDC_VARIANTS
+
+    loss = to_container(cfg)["loss"]
+    name = loss.get("regularizer") or "gq"
+    if name not in TDC_VARIANTS:
+        raise ValueError(f"loss.regularizer must be one of {sorted(TDC_VARIANTS)}, got {name!r}")
+    kwargs = {k: v for k, v in TDC_VARIANTS[name].items() if k != "layout"}
+    kwargs["lam_max_only_grows"] = bool((loss.get("tdc") or {}).get("lam_max_only_grows", False))
+    return kwargs
+
+
 def validate(cfg: DictConfig) -> None:
     """Cheap consistency checks with messages that say what to change."""
-    build_gq_config(cfg)
+    from gq_model.tdc import TDC_VARIANTS
+
+    gc = build_gq_config(cfg)
+    tdc_variant(cfg)
+    if not isinstance(cfg.loss.tdc.lam_max_only_grows, bool):
+        raise ValueError(f"loss.tdc.lam_max_only_grows must be true or false, got {cfg.loss.tdc.lam_max_only_grows!r}")
+    if cfg.loss.regularizer == "gq2" and gc.layout != TDC_VARIANTS["gq2"]["layout"]:
+        raise ValueError("loss.regularizer=gq2 (the reference's GaussianQuantRegularizer2) groups channels "
+                         f"contiguously, but the model's layout is {gc.layout!r}: set model.layout=contiguous")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.zero_stage must be 0..3, got {cfg.deepspeed.zero_stage}")
     if cfg.deepspeed.disc_zero_stage not in (None, 0, 1, 2, 3):

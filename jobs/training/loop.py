@@ -3,7 +3,8 @@
 Per generator step (and per micro-batch when accumulating gradients):
 
 1. **generator**: the discriminator's parameters are frozen (requires_grad off), the generator engine encodes the
-   batch, decodes mu + sigma * eps, and minimizes nll + kl_weight * TDC (+ adaptive GAN and VF terms); TDC's
+   batch, decodes mu + sigma * eps (``loss.regularizer=gq2``: its codewords, through a straight-through estimator),
+   and minimizes nll + kl_weight * TDC (+ adaptive GAN and VF terms); TDC's
    controllers are updated once per generator optimizer step (``update=True`` only on the accumulation boundary),
    from statistics all-reduced across ranks, so every rank holds the same lambdas;
 2. **discriminator** (from ``loss.disc.start`` on): hinge loss on (x, x_hat.detach()), its own engine and optimizer.
@@ -35,7 +36,7 @@ from gq_model.losses import NLayerDiscriminator, build_lpips, load_feature_model
 from gq_model.losses.lpips import WeightsUnavailable, resolve_lpips_files
 from gq_model.tdc import kl_bits_per_group
 from jobs.training import checkpoint as ckpt
-from jobs.training.config import build_gq_config, load_config, tdc_settings, to_container
+from jobs.training.config import build_gq_config, load_config, tdc_settings, tdc_variant, to_container
 from jobs.training.data import BatchStream, ImageTransform, SampleIndex, SampleReader, build_index, load_images, \
     make_loader
 from jobs.training.engines import broadcast_module, make_engine, setup_distributed
@@ -134,7 +135,7 @@ class Trainer:
             lpips = build_lpips(resolved=lpips_files, storage_options=self.storage_options).to(d.device)
         gc = self.gq_config
         self.tdc = TDCRegularizer(codebook_size=gc.codebook_size, group=gc.group, logvar_range=gc.logvar_range,
-                                  layout=gc.layout, **tdc_settings(cfg)).to(d.device)
+                                  layout=gc.layout, **tdc_settings(cfg), **tdc_variant(cfg)).to(d.device)
         self.loss = GQLoss(cfg, self.tdc, lpips, vf_model)
 
         o = cfg.optim

@@ -5,7 +5,9 @@ Generator objective (gq-reference.md §4.1, configurable):
     nll  = sum_elements(rec / e^s + s) / B,   rec = |x - x_hat| + w_p * LPIPS(x, x_hat)  (LPIPS broadcast per image)
     L_G  = nll + 0.1 * TDC_KL + d_w * (-mean D(x_hat)) [+ vf_w * VF]
 
-with s a learnable scalar log-variance, x_hat decoded from the reparameterized sample mu + sigma * eps, d_w the
+with s a learnable scalar log-variance, x_hat decoded from the reparameterized sample mu + sigma * eps (with
+``loss.regularizer: gq2``: from its quantized codewords through a straight-through estimator, so the value is the
+codeword and the gradient reaches mu and sigma as if it were the sample), d_w the
 adaptive weight on the decoder's last layer (x 0.75, zero before ``disc.start``) and vf_w the adaptive VF weight on
 the encoder's last layer (x 0.2). The discriminator minimizes the hinge loss on (x, x_hat.detach()).
 
@@ -24,6 +26,7 @@ from torch import nn
 
 from gq_model import GQModel, TDCRegularizer
 from gq_model.losses import VFAlignmentLoss, adaptive_weight, feature_grid, hinge_d_loss, vanilla_d_loss
+from gq_model.quantizer import straight_through
 
 __all__ = ["GeneratorModule", "LayerProbe", "GQLoss"]
 
@@ -76,7 +79,11 @@ class GeneratorModule(nn.Module):
             raise RuntimeError("GeneratorModule.attach(loss, disc) must be called before training forwards")
         std = torch.exp(0.5 * logvar.clamp(*m.config.logvar_range))
         z = mu + std * torch.randn_like(mu)
-        x_hat = m.decode_latent(z)
+        if loss_fn.straight_through:  # gq2: decode the codewords, train the encoder through the sample
+            _, zq = m.quantizer.quantize(mu.detach().float(), logvar.detach().float())
+            x_hat = m.decode_latent(straight_through(z, zq))
+        else:
+            x_hat = m.decode_latent(z)
         zp = self.vf_proj(z) if self.vf_proj is not None else None
         disc = self._disc
         disc_fn = (lambda xh: disc(xh.to(x.dtype))) if (disc_active and disc is not None) else None
@@ -142,6 +149,7 @@ class GQLoss(nn.Module):
             raise ValueError("loss.perceptual_weight > 0 needs an LPIPS module (set loss.perceptual_weight=0 to "
                              "train without the perceptual loss)")
         self.kl_weight = float(loss.kl_weight)
+        self.straight_through = loss.get("regularizer", "gq") == "gq2"
         self.disc_enabled = bool(loss.disc.enabled)
         self.disc_start = int(loss.disc.start)
         self.disc_weight = float(loss.disc.weight)
