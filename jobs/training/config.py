@@ -196,8 +196,11 @@ def tdc_variant(cfg: DictConfig | Mapping) -> dict[str, Any]:
     name = loss.get("regularizer") or "gq"
     if name not in TDC_VARIANTS:
         raise ValueError(f"loss.regularizer must be one of {sorted(TDC_VARIANTS)}, got {name!r}")
+    only_grows = (loss.get("tdc") or {}).get("lam_max_only_grows", False)
+    if not isinstance(only_grows, bool):
+        raise ValueError(f"loss.tdc.lam_max_only_grows must be true or false, got {only_grows!r}")
     kwargs = {k: v for k, v in TDC_VARIANTS[name].items() if k != "layout"}
-    kwargs["lam_max_only_grows"] = bool((loss.get("tdc") or {}).get("lam_max_only_grows", False))
+    kwargs["lam_max_only_grows"] = only_grows
     return kwargs
 
 
@@ -207,8 +210,6 @@ def validate(cfg: DictConfig) -> None:
 
     gc = build_gq_config(cfg)
     tdc_variant(cfg)
-    if not isinstance(cfg.loss.tdc.lam_max_only_grows, bool):
-        raise ValueError(f"loss.tdc.lam_max_only_grows must be true or false, got {cfg.loss.tdc.lam_max_only_grows!r}")
     if cfg.loss.regularizer == "gq2" and gc.layout != TDC_VARIANTS["gq2"]["layout"]:
         raise ValueError("loss.regularizer=gq2 (the reference's GaussianQuantRegularizer2) groups channels "
                          f"contiguously, but the model's layout is {gc.layout!r}: set model.layout=contiguous")
