@@ -152,3 +152,17 @@ def test_generator_decodes_codewords_only_with_gq2(path, ste):
     loss.backward()
     enc_grad = gen.model.encoder.conv_out.weight.grad
     assert enc_grad is not None and float(enc_grad.abs().sum()) > 0
+
+
+def test_gq2_trains_under_deepspeed_and_exports_a_contiguous_model(tmp_path):
+    """The STE and the mean-reduced TDC through a DeepSpeed engine; the exported bundle keeps the contiguous
+    layout, so its tokens are read back with the grouping it was trained with."""
+    out = str(tmp_path / "gq2")
+    overrides = [o for o in TINY if not o.startswith(("deepspeed.enabled", "run.export_bundle", "run.image_every"))]
+    summary = train(GQ2, overrides + [f"run.out_dir={out}", "deepspeed.enabled=true", "deepspeed.zero_stage=0",
+                                      "run.image_every=2", "run.export_bundle=true"])
+    assert summary["step"] == 2
+    rows = read_step_metrics(out)
+    assert all(r["lam_max"] >= 1.0 for r in rows.values())
+    model = GQModel.from_pretrained(summary["bundle"])
+    assert model.config.layout == "contiguous" and model.quantizer.layout == "contiguous"
