@@ -175,7 +175,8 @@ class DINOv2(nn.Module):
                         if tuple(given[k].shape) != ours[k])
         problems = []
         if missing:
-            problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:8])}"
+                            f"{' ...' if len(missing) > 8 else ''}")
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:8])}"
                             f"{' ...' if len(unexpected) > 8 else ''}")

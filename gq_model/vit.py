@@ -15,17 +15,18 @@ Assumptions where the key list leaves forward details open (gq-reference.md §3.
 * MLP activation is exact ``nn.GELU`` (not QuickGELU / tanh approximation); LayerNorm eps is torch's
   default 1e-5.
 * Decoder head: ``ln_post -> ffn = Linear(width, 3072) + Tanh -> conv_out Linear -> unpatchify``
-  (§3.3).  The reference fixes the head's hidden width at 3072 whatever the model width: it is no config key, and
-  it equals ``4*width`` only at width 768, so a reference ViT of any other width has ``decoder.ffn.0`` of shape
-  ``[3072, width]`` (``FFN_HIDDEN``; ``ffn_hidden`` overrides it only for models of our own).
+  (§3.3).  The reference's head hidden width is 3072 whatever the model width (the default of BSQ-ViT's
+  ``dim_ffn_output``, which no GQ config sets); it equals ``4*width`` only at width 768, so a reference ViT of any
+  other width has ``decoder.ffn.0`` of shape ``[3072, width]`` (``FFN_HIDDEN``; ``dim_ffn_output`` or our
+  ``ffn_hidden`` override it).
 * ``drop_rate`` is the dropout after each block's ``mlp.c_proj`` (BSQ-ViT's ``mlp.drop2``; it has no weights, so
   no state-dict key).  All reference configs use 0.0.
 
 Initialisation (:func:`init_vit_parameters`) follows BSQ-ViT's ``init_parameters``: positional embeddings
 ``N(0, 0.02)``; ``trunc_normal_(std=0.02)`` on the encoder's ``conv1``, on every block weight except the LayerNorms
 (``attn.in_proj_weight``, ``attn.out_proj.weight``, ``mlp.c_fc.weight``, ``mlp.c_proj.weight``) and on the decoder's
-``ffn.0`` and ``conv_out`` weights; every block bias zero; LayerNorm weights stay 1.  Not touched, so PyTorch's defaults:
-``quant_embed``, ``post_quant_embed`` and the ``ffn.0`` / ``conv_out`` biases.  ``trunc_normal_`` is timm's and
+``ffn.0`` and ``conv_out`` weights; every block bias zero; LayerNorm weights stay 1.  Not touched, so PyTorch's
+defaults: ``quant_embed``, ``post_quant_embed`` and the ``ffn.0`` / ``conv_out`` biases.  ``trunc_normal_`` is timm's and
 torch's convention: the bounds ``a=-2, b=2`` are *absolute*, i.e. 100 std at std 0.02, so in practice the draw is an
 untruncated N(0, 0.02).  Without this, the positional embedding would keep ``width**-0.5 * randn`` (std 0.125 at
 width 64) and the Linear layers PyTorch's Kaiming-uniform.

@@ -395,3 +395,9 @@ def test_implemented_option_values_are_accepted(arch, option, value):
     small = SMALL if arch == "unet" else VIT_SMALL
     for cls in CLASSES[arch]:
         cls(**small, **{option: value})
+
+
+def test_vit_dim_ffn_output_is_the_reference_name_of_the_head_width():
+    dec = vit.TransformerDecoder(**VIT_SMALL, dim_ffn_output=256)
+    assert dec.ffn[0].out_features == 256 and dec.conv_out.in_features == 256
+    assert vit.TransformerDecoder(**VIT_SMALL).ffn[0].out_features == vit.FFN_HIDDEN

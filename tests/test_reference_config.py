@@ -199,7 +199,8 @@ def test_decoder_only_option_in_the_decoder_section_is_refused():
                                            ("use_vf: dinov2\n    reverse_proj: false", "reverse_proj=False"),
                                            ("use_vf: dinov2", "reverse_proj=None")])
 def test_vf_options_refused_unless_dinov2_with_reverse_proj(params, match):
-    text = unet_yaml().replace("  params:\n    regularizer_config:", f"  params:\n    {params}\n    regularizer_config:")
+    head = "  params:\n    regularizer_config:"
+    text = unet_yaml().replace(head, f"  params:\n    {params}\n    regularizer_config:")
     with pytest.raises(ValueError, match=match):
         load_reference_config(text)
     ok = unet_yaml().replace("  params:\n    regularizer_config:",

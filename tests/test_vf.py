@@ -61,7 +61,8 @@ def _hand_forward(state: dict[str, torch.Tensor], x: torch.Tensor, heads: int, d
         hd = d // heads
         q, k, v = (u.reshape(b, -1, heads, hd).transpose(1, 2) for u in (q, k, v))
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1) @ v
-        att = att.transpose(1, 2).reshape(b, -1, d) @ state[pre + "attn.proj.weight"].t() + state[pre + "attn.proj.bias"]
+        att = att.transpose(1, 2).reshape(b, -1, d)
+        att = att @ state[pre + "attn.proj.weight"].t() + state[pre + "attn.proj.bias"]
         t = t + state[pre + "ls1.gamma"] * att
         h = ln(t, pre + "norm2")
         m = F.gelu(h @ state[pre + "mlp.fc1.weight"].t() + state[pre + "mlp.fc1.bias"])
@@ -82,7 +83,8 @@ def test_vitl14_layout_and_parameter_count():
     assert tuple(sd["pos_embed"].shape) == (1, 1370, 1024) and tuple(sd["cls_token"].shape) == (1, 1, 1024)
     assert tuple(sd["patch_embed.proj.weight"].shape) == (1024, 3, 14, 14)
     assert tuple(sd["blocks.23.attn.qkv.weight"].shape) == (3072, 1024)
-    assert tuple(sd["blocks.0.ls1.gamma"].shape) == (1024,) and tuple(sd["blocks.0.mlp.fc1.weight"].shape) == (4096, 1024)
+    assert tuple(sd["blocks.0.ls1.gamma"].shape) == (1024,)
+    assert tuple(sd["blocks.0.mlp.fc1.weight"].shape) == (4096, 1024)
     assert len(sd) == 4 + 24 * 14 + 2
 
 
