@@ -17,6 +17,12 @@ Targets are matched by ``module.Class`` suffix (``unet.Encoder``, ``vit.Transfor
 its arguments ``codebook_size``/``dim`` instead of ``n_samples``/``group`` (gq-reference.md §1.6, §9.3).
 Anything else (FSQ/LFQ/VQ regularizers, the deleted ``GaussianRegularizer``, unknown encoders) raises
 ``ValueError``: such a config cannot produce GQ tokens.
+
+Reference constructor options we do not implement (:data:`IMPLEMENTED_OPTIONS`: e.g. the UNet's ``tanh_out``,
+``resamp_with_conv``, the ViT's ``drop_path_rate``) are accepted only at the value we implement and refused otherwise,
+with the option and value named (:func:`check_model_options`): silently ignoring one would build a different network
+than the config describes.  The encoders and decoders run the same check on their own keyword arguments, so a GQConfig
+written by hand is held to it too.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["load_reference_config", "preset_config", "list_presets"]
+__all__ = ["load_reference_config", "preset_config", "list_presets", "check_model_options", "IMPLEMENTED_OPTIONS",
+           "UnsupportedOption"]
 
 _ARCH_TARGETS = {
     ("unet", "Encoder"): ("unet", ("unet", "Decoder")),
@@ -41,6 +48,64 @@ _REGULARIZERS = {
     ("gaussian", "GaussianQuantRegularizer2"): "contiguous",
 }
 _ARCH_FORMAT = {"unet": "bchw", "vit": "blc"}
+# Options of the reference's encoder/decoder constructors that change the network, with the one value we implement
+# (the reference's default).  The decoder receives the encoder's params through the YAML interpolation (and the
+# reverse), so both roles are checked against the union.  LDM UNet: ``resamp_with_conv`` (False: strided avg-pool
+# / nearest upsampling without the conv), ``tanh_out`` and ``give_pre_end`` (decoder outputs), ``use_linear_attn``,
+# ``padding_mode``.  BSQ-ViT: stochastic depth, LayerScale, attention dropout, video frames, masks, optional norms,
+# the FFN head and the logit-Laplace output.
+IMPLEMENTED_OPTIONS: dict[str, dict[str, Any]] = {
+    "unet": {"resamp_with_conv": True, "tanh_out": False, "give_pre_end": False, "use_linear_attn": False,
+             "padding_mode": "zeros"},
+    "vit": {"drop_path_rate": 0.0, "attn_drop_rate": 0.0, "ls_init_value": None, "num_frames": 1, "ln_pre": True,
+            "ln_post": True, "act_layer": "gelu", "norm_layer": "layer_norm", "mask_type": "none",
+            "use_ffn_output": True, "logit_laplace": False},
+}
+_NONE_ALIASES = {"mask_type": (None, "none")}
+
+
+class UnsupportedOption(ValueError, NotImplementedError):
+    """A reference option at a value gq does not implement: a bad config (ValueError) for a missing feature."""
+
+
+def _same(option: str, value: Any, implemented: Any) -> bool:
+    if option in _NONE_ALIASES:
+        return (value.lower() if isinstance(value, str) else value) in _NONE_ALIASES[option]
+    if implemented is None or value is None:
+        return value is implemented
+    if isinstance(implemented, bool):
+        return isinstance(value, bool) and value is implemented
+    if isinstance(implemented, str):
+        return isinstance(value, str) and value.lower() == implemented
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and float(value) == float(implemented)
+
+
+def check_model_options(arch: str, params: Mapping[str, Any], where: str = "") -> None:
+    """Refuse reference options we do not implement: :class:`UnsupportedOption` naming the option and its value.
+
+    ``params`` are encoder/decoder constructor kwargs; options absent or at the implemented value pass.
+    """
+    prefix = f"{where}: " if where else ""
+    for option, implemented in IMPLEMENTED_OPTIONS.get(arch, {}).items():
+        if option in params and not _same(option, params[option], implemented):
+            raise UnsupportedOption(
+                f"{prefix}reference option {option}={params[option]!r} is not implemented for the {arch} "
+                f"encoder/decoder (only {option}={implemented!r}); refusing rather than building a different network")
+
+
+def _check_vf_options(params: Mapping, source: str) -> None:
+    """``use_vf`` (the ``_vf`` training variant) only with DINOv2 and ``reverse_proj: true`` (the reference crashes
+    with ``reverse_proj: false``, gq-reference.md §3.4)."""
+    use_vf = params.get("use_vf")
+    if use_vf in (None, False):
+        return
+    if not (isinstance(use_vf, str) and use_vf.lower() == "dinov2"):
+        raise UnsupportedOption(f"{source}: reference option use_vf={use_vf!r} is not implemented (only 'dinov2')")
+    if params.get("reverse_proj", False) is not True:
+        raise UnsupportedOption(f"{source}: reference option reverse_proj={params.get('reverse_proj')!r} with "
+                                  f"use_vf is not implemented (only reverse_proj=True; the reference crashes on False)")
+
+
 _DEFAULTS = {"seed": 42, "beta": 1.0, "logvar_range": [-30.0, 20.0], "tolerance": 0.5, "lam_factor": 1.01}
 
 
@@ -162,6 +227,9 @@ def _parse(cfg: Mapping, source: str) -> dict[str, Any]:
             f"{source}: decoder target {dec_target!r} does not match the {arch} encoder "
             f"(expected ...{expected_decoder[0]}.{expected_decoder[1]})"
         )
+    check_model_options(arch, encoder, f"{source}: encoder_config")
+    check_model_options(arch, decoder, f"{source}: decoder_config")
+    _check_vf_options(params, source)
     if not encoder.get("double_z", True):
         raise ValueError(f"{source}: GQ needs double_z=true (the quantizer uses both mu and log-variance)")
 

@@ -125,6 +125,9 @@ def _check_padding_mode(ignore_kwargs: dict) -> None:
     mode = ignore_kwargs.get("padding_mode", "zeros")
     if mode != "zeros":
         raise NotImplementedError(f"padding_mode={mode!r} is not supported (only 'zeros')")
+    from gq_model.reference_config import check_model_options  # tanh_out, resamp_with_conv, ... likewise
+
+    check_model_options("unet", ignore_kwargs)
 
 
 class _Level(nn.Module):

@@ -304,3 +304,100 @@ def test_vit_decoder_head_is_3072_wide_at_every_width(tmp_path):
     assert torch.equal(model.decoder.conv_out.weight, state["decoder.conv_out.weight"])
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert model.detokenize(model.tokenize(x)).shape == (1, 3, 32, 32)
+
+
+# --------------------------------------------------------------------------- ViT initialisation (BSQ-ViT's)
+
+
+def _vit_pair(**kw):
+    cfg = dict(VIT_SMALL, width=256, layers=2, heads=4, image_size=64, **kw)  # 64 tokens x 256: ~16k pos-emb values
+    return vit.TransformerEncoder(**cfg), vit.TransformerDecoder(**cfg)
+
+
+def test_vit_init_statistics():
+    torch.manual_seed(0)
+    enc, dec = _vit_pair()
+    std = vit.INIT_STD
+    trunc = [enc.conv1.weight, dec.ffn[0].weight, dec.conv_out.weight]
+    for m in (enc, dec):
+        for block in m.transformer.resblocks:
+            trunc += [block.attn.in_proj_weight, block.attn.out_proj.weight, block.mlp.c_fc.weight,
+                      block.mlp.c_proj.weight]
+            for name, p in block.named_parameters():
+                if name.endswith("bias"):
+                    assert torch.count_nonzero(p) == 0, name  # every block bias is zero (LayerNorm's too)
+                elif name.startswith("ln_"):
+                    assert torch.equal(p, torch.ones_like(p)), name  # LayerNorm weights untouched
+    for p in (t.detach() for t in trunc + [enc.positional_embedding, dec.positional_embedding]):
+        n = p.numel()
+        assert n >= 16_000
+        # the sample std of n normal draws has relative standard error ~1/sqrt(2n) (<= 0.6% here): 5% is > 8 sigma
+        assert abs(float(p.std()) / std - 1) < 0.05, tuple(p.shape)
+        assert abs(float(p.mean())) < 5 * std / math.sqrt(n)
+        # torch/timm trunc_normal_ bounds are absolute (a=-2, b=2), i.e. 100 std: nothing near them is drawn, and
+        # the tails are those of an untruncated normal (a bound at 2 std would leave no value beyond 2 std).
+        assert float(p.abs().max()) < 2.0
+    beyond = torch.cat([p.detach().flatten() for p in trunc]).abs().gt(2 * std).float().mean()
+    assert 0.035 < float(beyond) < 0.056  # P(|N(0,1)| > 2) = 0.0455
+    # not touched by the reference scheme: PyTorch's Kaiming-uniform Linear defaults
+    bound, w = 1 / math.sqrt(enc.quant_embed.in_features), enc.quant_embed.weight.detach()
+    assert float(w.abs().max()) <= bound and float(w.std()) > 0.5 * bound
+    assert torch.count_nonzero(dec.conv_out.bias) > 0
+
+
+def test_vit_init_differs_from_torch_defaults_and_is_seeded():
+    torch.manual_seed(1)
+    a, _ = _vit_pair()
+    torch.manual_seed(1)
+    b, _ = _vit_pair()
+    assert torch.equal(a.positional_embedding, b.positional_embedding)
+    # the old default was width**-0.5 * randn: std 0.0625 at width 256
+    assert float(a.positional_embedding.detach().std()) < 0.025
+
+
+def test_vit_drop_rate_is_block_mlp_dropout():
+    torch.manual_seed(0)
+    block = vit.ResidualAttentionBlock(64, 4, drop=0.5)
+    assert isinstance(block.mlp.drop2, nn.Dropout) and block.mlp.drop2.p == 0.5
+    enc = vit.TransformerEncoder(**dict(VIT_SMALL, drop_rate=0.25))
+    assert all(b.mlp.drop2.p == 0.25 for b in enc.transformer.resblocks)
+    assert "mlp.drop2" not in "".join(enc.state_dict())  # no weights: the reference layout is unchanged
+
+
+# --------------------------------------------------------------------------- unimplemented reference options
+
+REJECTED = {
+    "unet": [("resamp_with_conv", False), ("tanh_out", True), ("give_pre_end", True), ("use_linear_attn", True),
+             ("padding_mode", "reflect")],
+    "vit": [("drop_path_rate", 0.1), ("attn_drop_rate", 0.1), ("ls_init_value", 1e-5), ("num_frames", 4),
+            ("ln_pre", False), ("ln_post", False), ("act_layer", "swiglu"), ("norm_layer", "rms_norm"),
+            ("mask_type", "causal"), ("use_ffn_output", False), ("logit_laplace", True)],
+}
+ACCEPTED = {
+    "unet": [("resamp_with_conv", True), ("tanh_out", False), ("give_pre_end", False), ("use_linear_attn", False)],
+    "vit": [("drop_path_rate", 0.0), ("drop_path_rate", 0), ("attn_drop_rate", 0.0), ("ls_init_value", None),
+            ("num_frames", 1), ("ln_pre", True), ("ln_post", True), ("act_layer", "GELU"),
+            ("norm_layer", "layer_norm"), ("mask_type", "none"), ("mask_type", None), ("use_ffn_output", True),
+            ("logit_laplace", False), ("dim_ffn_output", 3072)],
+}
+
+
+@pytest.mark.parametrize("arch,option,value", [(a, o, v) for a, ov in REJECTED.items() for o, v in ov])
+def test_unimplemented_options_are_refused_by_the_networks(arch, option, value):
+    small = SMALL if arch == "unet" else VIT_SMALL
+    for cls in CLASSES[arch]:
+        with pytest.raises(NotImplementedError, match=rf"{option}={value!r}"):
+            cls(**small, **{option: value})
+
+
+@pytest.mark.parametrize("arch,option,value", [(a, o, v) for a, ov in ACCEPTED.items() for o, v in ov])
+def test_implemented_option_values_are_accepted(arch, option, value):
+    small = SMALL if arch == "unet" else VIT_SMALL
+    for cls in CLASSES[arch]:
+        cls(**small, **{option: value})
+
+
+def test_vit_dim_ffn_output_is_the_reference_name_of_the_head_width():
+    dec = vit.TransformerDecoder(**VIT_SMALL, dim_ffn_output=256)
+    assert dec.ffn[0].out_features == 256 and dec.conv_out.in_features == 256
+    assert vit.TransformerDecoder(**VIT_SMALL).ffn[0].out_features == vit.FFN_HIDDEN

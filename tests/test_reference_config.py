@@ -135,3 +135,74 @@ def test_unknown_preset_and_missing_file(tmp_path):
         load_reference_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="cannot read"):
         load_reference_config(f"file://{tmp_path}/missing.yaml")
+
+
+# Reference options we do not implement are refused with their name and value, never silently dropped.
+UNSUPPORTED_UNET = [("resamp_with_conv", "false"), ("tanh_out", "true"), ("give_pre_end", "true"),
+                    ("use_linear_attn", "true")]
+UNSUPPORTED_VIT = [("drop_path_rate", "0.1"), ("attn_drop_rate", "0.1"), ("ls_init_value", "1.0e-05"),
+                   ("num_frames", "4"), ("ln_pre", "false"), ("ln_post", "false"), ("act_layer", "swiglu"),
+                   ("norm_layer", "rms_norm"), ("mask_type", "causal"), ("use_ffn_output", "false"),
+                   ("logit_laplace", "true")]
+
+
+def _vit_yaml(extra: str) -> str:
+    text = (resources.files("gq_model") / "presets" / "bsqvit_gq_0.25.yaml").read_text()
+    return text.replace("        drop_rate: 0.0\n", f"        drop_rate: 0.0\n        {extra}\n")
+
+
+@pytest.mark.parametrize("option, value", UNSUPPORTED_UNET)
+def test_unimplemented_unet_options_are_refused(option, value):
+    from gq_model.reference_config import UnsupportedOption
+
+    text = unet_yaml().replace("        dropout: 0.\n", f"        dropout: 0.\n        {option}: {value}\n")
+    with pytest.raises(UnsupportedOption, match=rf"encoder_config: reference option {option}=") as err:
+        load_reference_config(text)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, NotImplementedError)
+
+
+@pytest.mark.parametrize("option, value", UNSUPPORTED_VIT)
+def test_unimplemented_vit_options_are_refused(option, value):
+    import re
+
+    import yaml
+
+    expected = f"reference option {option}={yaml.safe_load(value)!r} is not implemented"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        load_reference_config(_vit_yaml(f"{option}: {value}"))
+
+
+@pytest.mark.parametrize("extra", ["resamp_with_conv: true", "tanh_out: false", "give_pre_end: false",
+                                   "use_linear_attn: false", "padding_mode: zeros"])
+def test_implemented_unet_option_values_parse(extra):
+    cfg = load_reference_config(unet_yaml().replace("        dropout: 0.\n", f"        dropout: 0.\n        {extra}\n"))
+    key, value = extra.split(": ")
+    assert key in cfg["encoder"] and key in cfg["decoder"]
+
+
+@pytest.mark.parametrize("extra", ["drop_path_rate: 0.0", "attn_drop_rate: 0", "ls_init_value: null",
+                                   "num_frames: 1", "ln_pre: true", "ln_post: true", "act_layer: gelu",
+                                   "norm_layer: layer_norm", "mask_type: none", "use_ffn_output: true",
+                                   "logit_laplace: false", "cross_frames: true"])
+def test_implemented_vit_option_values_parse(extra):
+    assert load_reference_config(_vit_yaml(extra))["arch"] == "vit"
+
+
+def test_decoder_only_option_in_the_decoder_section_is_refused():
+    text = unet_yaml().replace("      params: ${model.params.encoder_config.params}",
+                               "      params:\n        tanh_out: true")
+    with pytest.raises(ValueError, match="decoder_config: reference option tanh_out=True"):
+        load_reference_config(text)
+
+
+@pytest.mark.parametrize("params, match", [("use_vf: mae\n    reverse_proj: true", "use_vf='mae'"),
+                                           ("use_vf: dinov2\n    reverse_proj: false", "reverse_proj=False"),
+                                           ("use_vf: dinov2", "reverse_proj=None")])
+def test_vf_options_refused_unless_dinov2_with_reverse_proj(params, match):
+    head = "  params:\n    regularizer_config:"
+    text = unet_yaml().replace(head, f"  params:\n    {params}\n    regularizer_config:")
+    with pytest.raises(ValueError, match=match):
+        load_reference_config(text)
+    ok = unet_yaml().replace("  params:\n    regularizer_config:",
+                             "  params:\n    use_vf: dinov2\n    reverse_proj: true\n    regularizer_config:")
+    assert load_reference_config(ok)["arch"] == "unet"

@@ -102,11 +102,7 @@ class Trainer:
 
         self.storage_options = OmegaConf.to_container(cfg.data.storage_options) if cfg.data.storage_options else {}
         lpips_files = self._resolve_perceptual()  # before any data or model: missing weights stop the run here
-        self.gq_config = build_gq_config(cfg)
-        self.ga = int(cfg.deepspeed.grad_accum)
-        self._setup_data()
-
-        model = GQModel(self.gq_config)
+        # the frozen VF feature model too (e.g. DINOv2 without its local weight file stops the run here)
         vf_model, vf_dim = None, None
         if cfg.loss.vf.enabled:
             vf_model = load_feature_model(cfg.loss.vf.model, cfg.loss.vf.weights,
@@ -119,6 +115,11 @@ class Trainer:
                     from gq_model.losses import feature_grid
 
                     vf_dim = feature_grid(vf_model(torch.zeros(1, 3, size, size, device=d.device))).shape[1]
+        self.gq_config = build_gq_config(cfg)
+        self.ga = int(cfg.deepspeed.grad_accum)
+        self._setup_data()
+
+        model = GQModel(self.gq_config)
         gen = GeneratorModule(model, bool(cfg.loss.learn_logvar), float(cfg.loss.logvar_init), vf_dim).to(d.device)
         disc = None
         if cfg.loss.disc.enabled:
