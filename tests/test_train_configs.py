@@ -76,7 +76,18 @@ def test_config_loads_and_builds_at_full_size(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_trains_two_steps_at_tiny_size(path, tmp_path):
     out = str(tmp_path / "run")
-    summary = train(path, TINY + [f"run.out_dir={out}"])
+    extra = []
+    if load_config(path).loss.vf.enabled:  # the _vf recipe needs a DINOv2 file: a tiny random one in its layout
+        from gq_model.dinov2 import dinov2
+        from safetensors.torch import save_file
+        arch = dict(size=None, embed_dim=32, depth=2, num_heads=4, img_size=28)
+        weights = str(tmp_path / "dinov2.safetensors")
+        save_file({k: v.contiguous() for k, v in dinov2(**arch, random_init=True).state_dict().items()}, weights)
+        extra = ["loss.vf.model_kwargs.size=null", "loss.vf.model_kwargs.embed_dim=32",
+                 "loss.vf.model_kwargs.depth=2", "loss.vf.model_kwargs.num_heads=4",
+                 "loss.vf.model_kwargs.img_size=28", f"loss.vf.model_kwargs.weights={weights}",
+                 "loss.vf.input_size=56"]
+    summary = train(path, TINY + [f"run.out_dir={out}"] + extra)
     assert summary["step"] == 2
     rows = read_step_metrics(out)
     assert sorted(rows) == [1, 2]
