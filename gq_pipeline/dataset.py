@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from gq_pipeline.footer_cache import resolve_footer_cache
 from gq_pipeline.shards import BlockReader, ShardCache, ShardError, ShardSet, list_shards, row_token_shapes
 
 __all__ = ["TokenDataset", "TokenLoader", "collate", "pad_collate", "EpochOrder", "shuffle_quality"]
@@ -417,6 +418,9 @@ class TokenDataset(OrderedStream):
     ``bucket_by_shape`` makes every batch one ``token_shape``; ``collate_fn=pad_collate`` pads mixed shapes instead.
     ``columns`` keeps only those pass-through fields (Parquet reads only those columns); ``retries`` retries transient
     read failures; ``cache_dir``/``cache_bytes`` copy remote shards into a node-local, size-bounded cache.
+    ``footer_cache``: shards without commit records are described from their Parquet footers, read once per node
+    into a summary under ``<cache_dir>/footers`` or ``$GQ_CACHE/footers`` (see :mod:`gq_pipeline.footer_cache`):
+    None caches remote shard sets, True local ones too, False never, a string is the folder.
     ``rank``/``world_size`` default to torch.distributed's when it is initialized (else 0/1). Call :meth:`set_epoch`
     before each epoch. See the module docstring for the order, the split and the elastic resume.
     """
@@ -427,7 +431,8 @@ class TokenDataset(OrderedStream):
                  pad: bool = False, block_rows: int | None = DEFAULT_BLOCK_ROWS, storage_options: dict | None = None,
                  bucket_by_shape: bool = False, collate_fn=None, latent_dtype: torch.dtype = torch.float32,
                  columns: list[str] | None = None, retries: int = 3, cache_dir: str | None = None,
-                 cache_bytes: int | None = None, buffer_size: int | None = None):
+                 cache_bytes: int | None = None, buffer_size: int | None = None,
+                 footer_cache: str | bool | None = None):
         super().__init__()
         if bucket_by_shape and not batch_size:
             raise ValueError("bucket_by_shape needs batch_size: the buckets are batches of one token_shape")
@@ -435,7 +440,8 @@ class TokenDataset(OrderedStream):
             shuffle_window = buffer_size
         if shuffle_window < 1 or (block_rows is not None and block_rows < 1):
             raise ValueError(f"shuffle_window and block_rows must be >= 1, got {shuffle_window}, {block_rows}")
-        self.shards: ShardSet = list_shards(url, format, storage_options)
+        self.footer_cache = resolve_footer_cache(footer_cache, cache_dir)
+        self.shards: ShardSet = list_shards(url, format, storage_options, footer_cache=self.footer_cache)
         self.fingerprint = self.shards.check_fingerprints()
         self.codebook_size = self.shards.codebook_size
         self.format = self.shards.format
