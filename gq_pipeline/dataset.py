@@ -426,7 +426,7 @@ class TokenDataset(OrderedStream):
     ``columns`` keeps only those pass-through fields (Parquet reads only those columns); ``retries`` retries transient
     read failures; ``cache_dir``/``cache_bytes`` copy remote shards into a node-local, size-bounded cache.
     ``footer_cache``: shards without commit records are described from their Parquet footers, read once per node
-    into a summary under ``<cache_dir>/footers`` or ``$GQ_CACHE/footers`` (see :mod:`gq_pipeline.footer_cache`):
+    into a summary under ``$GQ_CACHE/footers`` (see :mod:`gq_pipeline.footer_cache`):
     None caches remote shard sets, True local ones too, False never, a string is the folder.
     ``rank``/``world_size`` default to torch.distributed's when it is initialized (else 0/1). Call :meth:`set_epoch`
     before each epoch. See the module docstring for the order, the split and the elastic resume.
@@ -447,7 +447,7 @@ class TokenDataset(OrderedStream):
             shuffle_window = buffer_size
         if shuffle_window < 1 or (block_rows is not None and block_rows < 1):
             raise ValueError(f"shuffle_window and block_rows must be >= 1, got {shuffle_window}, {block_rows}")
-        self.footer_cache = resolve_footer_cache(footer_cache, cache_dir)
+        self.footer_cache = resolve_footer_cache(footer_cache)
         self.shards: ShardSet = list_shards(url, format, storage_options, footer_cache=self.footer_cache)
         self.fingerprint = self.shards.check_fingerprints()
         self.codebook_size = self.shards.codebook_size

@@ -7,14 +7,16 @@ Parquet footers, and without this cache every rank of a job would read every foo
 GETs on one prefix. With it, the first process of a node to get there scans, writes a small JSON summary, and every
 other process of the node (ranks, relaunches) reads the summary instead.
 
-* **Where**: ``<cache_dir>/footers`` when ``TokenDataset`` has a ``cache_dir``, else ``$GQ_CACHE/footers`` (default
-  ``~/.cache/gq/footers``), or any folder passed as ``footer_cache``. Point it at a node-local disk.
+* **Where**: ``$GQ_CACHE/footers`` (default ``~/.cache/gq/footers``), or any folder passed as ``footer_cache``. Point
+  it at a node-local disk. Not inside ``TokenDataset``'s ``cache_dir``: that folder holds shard copies only and is
+  trimmed to its size bound file by file.
 * **Key**: sha256 of the reader's format version and the sorted ``(url, size, version tag)`` of the listing, the
   version tag being the object's ETag, generation or mtime as the file system reports it in its listing (the listing
   the reader made anyway, so checking the cache costs no request per shard). A shard added, removed, rewritten or
-  replaced makes a new key, so a stale summary is never used. Files whose file system reports no version tag are not
-  cached (always scanned): a same-size rewrite could not be told apart. Old summaries are small and are never read
-  again; delete the folder at any time.
+  replaced makes a new key, so a stale summary is never used. Where the listing lacks tags (HTTP), each file's
+  ``info`` (a HEAD) gives them. Files whose file system reports no version tag are not cached (always scanned): a
+  same-size rewrite could not be told apart. Old summaries are small and are never read again; delete the folder
+  at any time.
 * **Concurrency**: a summary is written under a temporary name and renamed into place (``os.replace``), so a reader
   never sees half of one; an exclusive ``fcntl.flock`` on ``<key>.lock`` makes the processes of a node that miss
   wait for the one scan instead of all scanning.
@@ -34,21 +36,20 @@ from gq_pipeline.shards import FORMAT_VERSION, FSRef, Shard, ShardError
 __all__ = ["FooterCache", "default_footer_dir", "resolve_footer_cache"]
 
 SUMMARY_VERSION = 1
-_TAGS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated")
+_TAGS = ("ETag", "etag", "generation", "md5Hash", "Content-MD5", "mtime", "LastModified", "Last-Modified",
+         "last_modified", "updated")
 
 Scan = Callable[[FSRef, list, bool], tuple]
 
 
-def default_footer_dir(cache_dir: str | None = None) -> str:
-    """``<cache_dir>/footers``, else ``$GQ_CACHE/footers`` (``~/.cache/gq/footers``)."""
-    if cache_dir:
-        return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "footers")
+def default_footer_dir() -> str:
+    """``$GQ_CACHE/footers`` (``~/.cache/gq/footers``)."""
     from gq_model.hub import gq_cache_dir
 
     return os.path.join(gq_cache_dir(), "footers")
 
 
-def resolve_footer_cache(option: str | bool | None, cache_dir: str | None = None) -> FooterCache | None:
+def resolve_footer_cache(option: str | bool | None) -> FooterCache | None:
     """``TokenDataset``'s ``footer_cache`` option: None (the default) caches remote shard sets only (local footers
     are cheap and a local folder is usually one rank's), True caches local ones too, False never caches, a string is
     the folder to use."""
@@ -56,7 +57,7 @@ def resolve_footer_cache(option: str | bool | None, cache_dir: str | None = None
         return None
     if isinstance(option, (str, os.PathLike)):
         return FooterCache(os.fspath(option))
-    return FooterCache(default_footer_dir(cache_dir), remote_only=option is None)
+    return FooterCache(default_footer_dir(), remote_only=option is None)
 
 
 class FooterCache:
@@ -68,8 +69,12 @@ class FooterCache:
         self.last: str | None = None
 
     def key(self, fsref: FSRef, paths: list[str]) -> str | None:
-        """The listing's key, or None when some file has no version tag (then nothing is cached)."""
-        entries = _listing(fsref, paths)
+        """The listing's key, or None when some file has no version tag or the listing fails (then nothing is
+        cached: the scan reads the files and reports their problems itself)."""
+        try:
+            entries = _listing(fsref, paths)
+        except Exception:  # noqa: BLE001 - the cache is an optimisation; the scan raises a clear error if any
+            return None
         if entries is None:
             return None
         h = hashlib.sha256(json.dumps([SUMMARY_VERSION, FORMAT_VERSION, sorted(entries)]).encode())

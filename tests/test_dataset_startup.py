@@ -144,15 +144,17 @@ def test_a_folder_without_records_has_its_footers_read_once_per_node(moto_s3, tm
     assert _open_rank(url, moto_s3, footer_dir, 0, 1)[1] == "hit"
 
 
-def test_footer_cache_stays_off_for_local_folders_unless_asked(tmp_path):
+def test_footer_cache_stays_off_for_local_folders_unless_asked(tmp_path, monkeypatch):
     from tests.shard_writer import write_token_output
 
+    monkeypatch.setenv("GQ_CACHE", str(tmp_path / "c"))
     write_token_output(str(tmp_path / "out"), (3, 2), formats=("parquet",), manifest=False)
     folder = str(tmp_path / "out" / "parquet")
     assert TokenDataset(folder).footer_cache.last == "bypass"
     assert not (tmp_path / "c" / "footers").exists()
-    first = TokenDataset(folder, footer_cache=True, cache_dir=str(tmp_path / "c"))
+    first = TokenDataset(folder, footer_cache=True, cache_dir=str(tmp_path / "shard-copies"))
     assert first.footer_cache.last == "scan" and first.footer_cache.directory == str(tmp_path / "c" / "footers")
+    assert not (tmp_path / "shard-copies" / "footers").exists()  # the shard cache holds shard copies only
     second = TokenDataset(folder, footer_cache=str(tmp_path / "c" / "footers"))
     assert second.footer_cache.last == "hit"
     assert [s.row_groups for s in second.shards.shards] == [s.row_groups for s in first.shards.shards]
