@@ -186,3 +186,41 @@ def test_collate_fills_gaps_with_none_and_keeps_full_fields_as_tensors():
     assert batch["cls"] == [1, None, 2] and batch["txt"] == [None, "x", "y"]
     full = collate([{"tokens": t, "cls": 1}, {"tokens": t, "cls": 2}])
     assert torch.equal(full["cls"], torch.tensor([1, 2]))
+
+
+def test_a_real_run_over_a_folder_a_tar_and_a_parquet_file_batches(ray_cluster, tiny_model, tmp_path):
+    """The issue's run: ``gq tokenize`` over three kinds of input, read back in both formats with batch_size=4."""
+    import gq_pipeline
+    from tests.conftest import make_image_parquet, make_wds_tar, rgb_bytes
+
+    (tmp_path / "folder").mkdir()
+    for i in range(5):
+        (tmp_path / "folder" / f"f{i}.png").write_bytes(rgb_bytes(40, 40, seed=i, fmt="PNG"))
+    samples = [{"__key__": f"t{i}", "jpg": rgb_bytes(40, 40, seed=20 + i), "txt": f"tar caption {i}", "cls": str(i)}
+               for i in range(5)]
+    (tmp_path / "in.tar").write_bytes(make_wds_tar(samples))
+    (tmp_path / "in.parquet").write_bytes(make_image_parquet(5))
+    out = str(tmp_path / "out")
+    s = gq_pipeline.tokenize(tiny_model, [str(tmp_path / "folder"), str(tmp_path / "in.tar"),
+                                          str(tmp_path / "in.parquet")], out, image_size=32, format="both",
+                             progress=False)
+    assert (s["inputs"], s["tokenized"], s["errors"]) == (15, 15, 0)
+    for fmt in ("parquet", "webdataset"):
+        ds = TokenDataset(out, format=fmt, batch_size=4, seed=0)
+        seen, mixing = 0, 0
+        for batch in TokenLoader(ds):
+            kinds = set()
+            for j, source in enumerate(batch["source"]):
+                kind = "tar" if source.endswith(".tar") else "parquet" if source.endswith(".parquet") else "folder"
+                kinds.add(kind)
+                get = lambda f: (batch[f][j] if f in batch else None)  # noqa: E731
+                assert (get("txt") is not None) == (kind == "tar"), (fmt, kind, get("txt"))
+                assert (get("caption") is not None) == (kind == "parquet"), (fmt, kind, get("caption"))
+                if kind == "tar":
+                    assert get("txt").startswith("tar caption")
+                if kind == "parquet":
+                    assert get("caption").startswith("caption")
+            assert batch["tokens"].shape[0] == len(batch["key"])
+            seen += len(batch["key"])
+            mixing += len(kinds) > 1
+        assert seen == 15 and mixing >= 1, (fmt, seen, mixing)
