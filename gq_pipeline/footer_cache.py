@@ -19,7 +19,8 @@ other process of the node (ranks, relaunches) reads the summary instead.
   at any time.
 * **Concurrency**: a summary is written under a temporary name and renamed into place (``os.replace``), so a reader
   never sees half of one; an exclusive ``fcntl.flock`` on ``<key>.lock`` makes the processes of a node that miss
-  wait for the one scan instead of all scanning.
+  wait for the one scan instead of all scanning. A scan that met an unreadable shard is not kept (the failure may
+  be transient), and a cache folder that cannot be written only costs the cache (a warning, then a direct scan).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import hashlib
 import json
 import os
 import posixpath
+import warnings
 from typing import Callable
 
 from gq_pipeline.shards import FORMAT_VERSION, FSRef, Shard, ShardError
@@ -92,15 +94,23 @@ class FooterCache:
         found = _load(summary)
         self.last = "hit"
         if found is None:
-            os.makedirs(self.directory, exist_ok=True)
-            with open(os.path.join(self.directory, key + ".lock"), "a") as lock:
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+                lock = open(os.path.join(self.directory, key + ".lock"), "a")
+            except OSError as e:  # a read-only or full cache disk: read the footers as if there were no cache
+                warnings.warn(f"footer cache {self.directory} is not usable ({e}); reading the footers directly",
+                              stacklevel=3)
+                self.last = "bypass"
+                return scan(fsref, paths, strict)
+            with lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # the others of the node wait here for the one scan
                 try:
                     found = _load(summary)
                     if found is None:
                         self.last = "scan"
                         found = scan(fsref, paths, False)
-                        _store(summary, found)
+                        if not found[1]:  # a problem may be transient (a failed GET): never keep it
+                            _store(summary, found)
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
         shards, problems = found
@@ -135,7 +145,7 @@ def _load(summary: str) -> tuple[list[Shard], list] | None:
     try:
         with open(summary) as f:
             data = json.load(f)
-    except (FileNotFoundError, ValueError):  # absent, or damaged by something outside gq: scan again
+    except (OSError, ValueError):  # absent, unreadable, or damaged by something outside gq: scan again
         return None
     if data.get("version") != SUMMARY_VERSION:
         return None
@@ -145,9 +155,16 @@ def _load(summary: str) -> tuple[list[Shard], list] | None:
 
 
 def _store(summary: str, found: tuple[list[Shard], list]) -> None:
+    """Write the summary under a temporary name, then rename it into place; a failed write only costs the cache."""
     shards, problems = found
     tmp = f"{summary}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"version": SUMMARY_VERSION, "shards": [dataclasses.asdict(s) for s in shards],
-                   "problems": [list(p) for p in problems]}, f)
-    os.replace(tmp, summary)
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"version": SUMMARY_VERSION, "shards": [dataclasses.asdict(s) for s in shards],
+                       "problems": [list(p) for p in problems]}, f)
+        os.replace(tmp, summary)
+    except OSError as e:
+        warnings.warn(f"cannot write the footer summary {summary} ({e}); the next start reads the footers again",
+                      stacklevel=4)
+        if os.path.exists(tmp):
+            os.remove(tmp)

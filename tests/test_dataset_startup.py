@@ -159,3 +159,24 @@ def test_footer_cache_stays_off_for_local_folders_unless_asked(tmp_path, monkeyp
     assert second.footer_cache.last == "hit"
     assert [s.row_groups for s in second.shards.shards] == [s.row_groups for s in first.shards.shards]
     assert TokenDataset(folder, footer_cache=False).footer_cache is None
+
+
+def test_footer_cache_keeps_no_problem_and_survives_an_unusable_folder(tmp_path):
+    from gq_pipeline.shards import ShardError
+    from tests.shard_writer import write_token_output
+
+    write_token_output(str(tmp_path / "out"), (3, 2), formats=("parquet",), manifest=False)
+    folder = tmp_path / "out" / "parquet"
+    damaged = sorted(folder.iterdir())[0]
+    good = damaged.read_bytes()
+    damaged.write_bytes(good[: len(good) // 2])  # a truncated copy
+    cache = tmp_path / "footers"
+    with pytest.raises(ShardError, match=damaged.name):
+        TokenDataset(str(folder), footer_cache=str(cache))
+    assert not list(cache.glob("*.json"))  # the failure is not remembered (it may be a transient one)
+    damaged.write_bytes(good)
+    assert TokenDataset(str(folder), footer_cache=str(cache)).shards.num_samples == 5
+    (tmp_path / "a-file").write_text("")
+    with pytest.warns(UserWarning, match="footer cache .* is not usable"):
+        ds = TokenDataset(str(folder), footer_cache=str(tmp_path / "a-file" / "footers"))
+    assert ds.footer_cache.last == "bypass" and ds.shards.num_samples == 5
