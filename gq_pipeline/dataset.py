@@ -39,7 +39,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gq_pipeline.shards import BlockReader, ShardCache, ShardError, ShardSet, list_shards, row_token_shapes
+from gq_pipeline.footer_cache import resolve_footer_cache
+from gq_pipeline.shards import (TOKEN_COLUMNS, BlockReader, ShardCache, ShardError, ShardSet, list_shards,
+                                row_token_shapes)
 
 __all__ = ["TokenDataset", "TokenLoader", "collate", "pad_collate", "EpochOrder", "shuffle_quality"]
 
@@ -159,12 +161,18 @@ def _split(n: int, parts: int, i: int) -> tuple[int, int]:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors, turn numbers into tensors, keep everything else as lists (strings, bytes, None)."""
+    """Stack tensors, turn numbers into tensors, keep everything else as lists (strings, bytes, None).
+
+    The batch has the union of its samples' fields (in first-seen order): an output whose shards carry different
+    pass-through columns (a folder's none, a tar's ``txt``/``json``/``cls``, a Parquet input's own) batches with
+    ``None`` for the samples that lack a field; such a field stays a list, since a tensor cannot hold the gaps."""
     out: dict[str, Any] = {}
-    for k in samples[0]:
-        vals = [s[k] for s in samples]
+    for k in dict.fromkeys(k for s in samples for k in s):
+        vals = [s.get(k) for s in samples]
         v0 = vals[0]
-        if isinstance(v0, torch.Tensor):
+        if any(v is None for v in vals):
+            out[k] = vals
+        elif isinstance(v0, torch.Tensor):
             try:
                 out[k] = torch.stack(vals)
             except RuntimeError as e:
@@ -417,6 +425,9 @@ class TokenDataset(OrderedStream):
     ``bucket_by_shape`` makes every batch one ``token_shape``; ``collate_fn=pad_collate`` pads mixed shapes instead.
     ``columns`` keeps only those pass-through fields (Parquet reads only those columns); ``retries`` retries transient
     read failures; ``cache_dir``/``cache_bytes`` copy remote shards into a node-local, size-bounded cache.
+    ``footer_cache``: shards without commit records are described from their Parquet footers, read once per node
+    into a summary under ``$GQ_CACHE/footers`` (see :mod:`gq_pipeline.footer_cache`):
+    None caches remote shard sets, True local ones too, False never, a string is the folder.
     ``rank``/``world_size`` default to torch.distributed's when it is initialized (else 0/1). Call :meth:`set_epoch`
     before each epoch. See the module docstring for the order, the split and the elastic resume.
     """
@@ -427,7 +438,8 @@ class TokenDataset(OrderedStream):
                  pad: bool = False, block_rows: int | None = DEFAULT_BLOCK_ROWS, storage_options: dict | None = None,
                  bucket_by_shape: bool = False, collate_fn=None, latent_dtype: torch.dtype = torch.float32,
                  columns: list[str] | None = None, retries: int = 3, cache_dir: str | None = None,
-                 cache_bytes: int | None = None, buffer_size: int | None = None):
+                 cache_bytes: int | None = None, buffer_size: int | None = None,
+                 footer_cache: str | bool | None = None):
         super().__init__()
         if bucket_by_shape and not batch_size:
             raise ValueError("bucket_by_shape needs batch_size: the buckets are batches of one token_shape")
@@ -435,7 +447,8 @@ class TokenDataset(OrderedStream):
             shuffle_window = buffer_size
         if shuffle_window < 1 or (block_rows is not None and block_rows < 1):
             raise ValueError(f"shuffle_window and block_rows must be >= 1, got {shuffle_window}, {block_rows}")
-        self.shards: ShardSet = list_shards(url, format, storage_options)
+        self.footer_cache = resolve_footer_cache(footer_cache)
+        self.shards: ShardSet = list_shards(url, format, storage_options, footer_cache=self.footer_cache)
         self.fingerprint = self.shards.check_fingerprints()
         self.codebook_size = self.shards.codebook_size
         self.format = self.shards.format
@@ -444,6 +457,7 @@ class TokenDataset(OrderedStream):
         self.flatten, self.latents = flatten, latents
         self.bucket_by_shape, self.collate_fn, self.latent_dtype = bool(bucket_by_shape), collate_fn, latent_dtype
         self._shape_ids: list[np.ndarray] | None = None
+        self._fields: tuple[str, ...] | None | bool = False  # False: not computed yet
         self.columns, self.retries = (None if columns is None else list(columns)), int(retries)
         self.cache = ShardCache(cache_dir, cache_bytes) if cache_dir else None
         self._buckets: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
@@ -563,7 +577,22 @@ class TokenDataset(OrderedStream):
             i = j
         return out  # type: ignore[return-value]
 
+    @property
+    def fields(self) -> tuple[str, ...] | None:
+        """The pass-through fields of the whole output (the union over its shards, after ``columns``), which every
+        sample carries, ``None`` where its shard lacks the column; None when unknown before reading (WebDataset
+        tars describe their fields only in their members: then a batch has the union of its own samples' fields)."""
+        if self._fields is False:
+            self._fields = None
+            if self.format == "parquet":
+                union = dict.fromkeys(c for s in self.shards.shards for c in s.columns if c not in TOKEN_COLUMNS)
+                keep = None if self.columns is None else set(self.columns) | {"key"}
+                self._fields = tuple(c for c in union if keep is None or c in keep)
+        return self._fields
+
     def _finish(self, sample: dict[str, Any], source: int) -> dict[str, Any]:
+        for f in self.fields or ():
+            sample.setdefault(f, None)  # one schema for the output, even when its shards' columns differ
         if self.flatten:
             sample["tokens"] = sample["tokens"].reshape(-1)
         if "latent" in sample and self.latent_dtype != sample["latent"].dtype:

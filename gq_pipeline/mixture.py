@@ -30,7 +30,8 @@ class TokenMixture(OrderedStream):
     """Mix :class:`TokenDataset` s by ``weights``: ``TokenMixture([ds_a, ds_b], weights=[0.7, 0.3], seed=0,
     batch_size=64)``. The sources give the shards and their own order settings (shuffle, window, seed, flatten,
     latents); their rank, world size and batching are not used: the mixture splits and batches. Each sample gets a
-    ``dataset`` field (the source's index). A batch keeps the fields every one of its samples has.
+    ``dataset`` field (the source's index). A batch has the union of the sources' fields, ``None`` for a sample whose
+    source lacks one.
 
     Sources must share one codebook (the same token id must mean the same codeword); ``allow_mixed_codebooks=True``
     lifts that for a model that learns several vocabularies and tells them apart with ``dataset``.
@@ -65,6 +66,7 @@ class TokenMixture(OrderedStream):
             raise ValueError("the mixture epoch would be empty (a source has no samples)")
         self.epoch_samples = int(num_samples)
         self.codebook_size = max((d.codebook_size or 0 for d in self.sources), default=0) or None
+        self._fields = self.fields
         self._init_stream(rank, world_size, batch_size, drop_last, pad)
         self._targets = _chunk_targets(self.epoch_samples, self.weights, CHUNK)
 
@@ -113,14 +115,20 @@ class TokenMixture(OrderedStream):
     def _read(self, source: int, epoch: int, window: int, q: np.ndarray, readers: dict) -> list[dict[str, Any]]:
         return self.sources[source]._read(source, epoch, window, q, readers)
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The pass-through fields the sources declare (see ``TokenDataset.fields``), which every sample carries."""
+        return tuple(dict.fromkeys(f for d in self.sources for f in d.fields or ()))
+
     def _finish(self, sample: dict[str, Any], source: int) -> dict[str, Any]:
         sample = self.sources[source]._finish(sample, 0)
+        for f in self._fields:
+            sample.setdefault(f, None)
         sample["dataset"] = source
         return sample
 
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        common = set(batch[0]).intersection(*batch[1:])
-        return (self.collate_fn or collate)([{k: v for k, v in s.items() if k in common} for s in batch])
+        return (self.collate_fn or collate)(batch)  # the union of the samples' fields, None where one lacks it
 
     def _settings(self) -> dict[str, Any]:
         return {"seed": self.seed, "weights": self.weights, "num_samples": self.epoch_samples,

@@ -178,10 +178,17 @@ class ShardSet:
 
 # ---------------------------------------------------------------------------------------------- listing
 def list_shards(url: str | list[str], format: str = "auto", storage_options: dict | None = None,
-                strict: bool = True) -> ShardSet:
+                strict: bool = True, footer_cache=None) -> ShardSet:
     """List and describe the shards under ``url`` (an output root, its ``parquet``/``webdataset`` folder, a glob, a
     file, ``index.json``, or a list of files). ``format`` is ``auto`` (Parquet when both exist), ``parquet`` or
-    ``webdataset``. With ``strict=False`` unreadable shards go to ``problems`` instead of raising (for inspect)."""
+    ``webdataset``. With ``strict=False`` unreadable shards go to ``problems`` instead of raising (for inspect).
+    ``footer_cache``: a :class:`~gq_pipeline.footer_cache.FooterCache` through which Parquet footers are read (once
+    per node) when no commit record describes the shards."""
+    def describe_parquet(ref, paths, strict):
+        if footer_cache is None:
+            return _describe_parquet(ref, paths, strict)
+        return footer_cache.describe(ref, paths, strict, _describe_parquet)
+
     if format not in ("auto", "parquet", "webdataset", "wds"):
         raise ValueError(f"format must be auto, parquet or webdataset, got {format!r}")
     format = "webdataset" if format == "wds" else format
@@ -191,7 +198,7 @@ def list_shards(url: str | list[str], format: str = "auto", storage_options: dic
     fsref, first = _fsref(urls[0], storage_options)
     fs = fsref.fs
     if len(urls) == 1:
-        committed = _from_commit_set(fsref, first, format, strict)
+        committed = _from_commit_set(fsref, first, format, strict, describe_parquet)
         if committed is not None:
             return committed
     paths: list[str] = []
@@ -212,13 +219,14 @@ def list_shards(url: str | list[str], format: str = "auto", storage_options: dic
     if not paths:
         raise FileNotFoundError(f"no token shards (*.parquet or webdataset *.tar) under {', '.join(map(str, urls))}")
     if format == "parquet":
-        shards, problems = _describe_parquet(fsref, paths, strict)
+        shards, problems = describe_parquet(fsref, paths, strict)
     else:
         shards, problems = _describe_tars(fsref, paths, root, index_path, strict)
     return ShardSet(fsref, format, shards, root, problems)
 
 
-def _from_commit_set(fsref: FSRef, path: str, format: str, strict: bool) -> ShardSet | None:
+def _from_commit_set(fsref: FSRef, path: str, format: str, strict: bool,
+                     describe_parquet=None) -> ShardSet | None:
     """The committed shards of a gq output, when ``path`` is its root or its ``parquet/``/``webdataset/`` folder and
     it has ``units/``; else None (the caller lists files). Footers are read only for Parquet shards whose record
     predates row groups in records."""
@@ -297,7 +305,7 @@ def _from_commit_set(fsref: FSRef, path: str, format: str, strict: bool) -> Shar
                             int(size) if size else None, meta, tuple(entry.get("columns") or ()),
                             tuple(tuple(int(v) for v in t) for t in entry.get("token_shapes") or ())))
     if footer_paths:
-        more, bad = _describe_parquet(fsref, footer_paths, strict)
+        more, bad = (describe_parquet or _describe_parquet)(fsref, footer_paths, strict)
         shards += more
         problems += bad
     if not shards and not problems:
