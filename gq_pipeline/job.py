@@ -99,7 +99,7 @@ def _ensure_ray(ray_address: str | None, num_cpus: int | None, object_store_memo
 
     kwargs: dict[str, Any] = {"log_to_driver": bool(verbose)}
     if not verbose and not ray_address:
-        kwargs["logging_level"] = logging.WARNING
+        kwargs["logging_level"] = logging.ERROR  # e.g. the token-auth and /dev/shm notices: nothing to act on
     if num_cpus:
         kwargs["num_cpus"] = int(num_cpus)
     if object_store_memory:

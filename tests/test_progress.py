@@ -161,3 +161,26 @@ def test_real_run_progress_lines_count_the_inputs(tiny_model_dir, tmp_path, caps
     assert any(c < 48 for c in counts), "no line while the run was in progress"
     assert lines[-1].startswith("[gq tokenize] 48/48 images (100%)") and "| 2 errors | 2/2 units committed" in lines[-1]
     assert "img/s" in lines[-1] and "ETA" in lines[-1]
+
+
+def test_ray_run_stderr_is_gq_lines_only(tiny_model_dir, tmp_path):
+    """With Ray (actor placement) and no --verbose, stderr holds gq's own lines only: no Ray start-up notices (the
+    token-auth WARNING), no worker log lines, no memory hints. A fresh process, so that this run starts its Ray."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import rgb_bytes
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.jpg").write_bytes(rgb_bytes(40, 48, seed=i))
+    env = dict(os.environ, RAY_ADDRESS="")
+    r = subprocess.run([sys.executable, "-m", "gq_model.cli", "tokenize", "--model", tiny_model_dir, "--input",
+                        str(src), "--output", str(tmp_path / "out"), "--image-size", "32", "--model-placement",
+                        "actors", "--num-cpus", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert lines and all(l.startswith("[gq tokenize] ") for l in lines), r.stderr
+    assert lines[-2].startswith("[gq tokenize] 4/4 images (100%)")
