@@ -159,7 +159,7 @@ class GQModel(nn.Module):
 
             warnings.warn(f"every value of this batch lies in [0, 1] (min {lo:.3g}, max {hi:.3g}): GQModel takes "
                           f"images in [-1, 1]; if these are ToTensor()-style [0, 1] images, pass x * 2 - 1",
-                          UserWarning, stacklevel=3)
+                          UserWarning, stacklevel=4)  # the caller of tokenize (past torch.no_grad)
 
     @torch.no_grad()
     def detokenize(self, indices: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                   "a glob or a file")
     p.add_argument("--out", required=True, help="output folder (local or fsspec URL)")
     p.add_argument("--limit", type=int, default=64, help="decode at most N samples, in shard order (default 64)")
-    p.add_argument("--format", default="auto", choices=["auto", "parquet", "webdataset"])
+    p.add_argument("--format", default="auto", choices=["auto", "parquet", "webdataset"],
+                   help="which shards to read when an output has both (default auto: Parquet if present)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="samples per decoder call (default 16); samples of different token shapes (--crop none "
                         "outputs) are batched by shape")

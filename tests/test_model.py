@@ -261,8 +261,9 @@ def test_tokenize_warns_on_zero_one_images_and_refuses_pixel_values():
         warnings.simplefilter("error")  # a proper [-1, 1] batch warns nothing
         model.tokenize(x)
         model.tokenize(x.clamp(-1.05, 1.05) * 1.05)  # resampling overshoot is tolerated
-    with pytest.warns(UserWarning, match=r"\[0, 1\].*x \* 2 - 1"):
+    with pytest.warns(UserWarning, match=r"\[0, 1\].*x \* 2 - 1") as rec:
         model.tokenize((x + 1) / 2)
+    assert rec[0].filename == __file__  # points at the caller's line, not at torch's no_grad wrapper
     with pytest.raises(ValueError, match=r"\[-1, 1\].*x / 127.5 - 1"):
         model.tokenize((x + 1) * 127.5)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
