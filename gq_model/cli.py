@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # name -> module with add_parser(subparsers) that sets func=...; modules that are missing are skipped (partial installs).
@@ -42,7 +43,30 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                 continue  # this sub-command is not part of this installation
             raise
         module.add_parser(sub)
+    for sub_parser in sub.choices.values():
+        plain_help(sub_parser)
+    for choice in sub._choices_actions:  # the one-line summaries `gq --help` lists
+        choice.help = plain_text(choice.help)
     return parser
+
+
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")  # :mod:`gq_pipeline.job` -> gq_pipeline.job
+
+
+def plain_text(text: str | None) -> str | None:
+    """Docstrings double as ``--help`` text; a terminal shows RST markup literally, so drop it there."""
+    if not text:
+        return text
+    return _ROLE.sub(r"\1", text).replace("``", "")
+
+
+def plain_help(parser: argparse.ArgumentParser) -> None:
+    """Make one sub-command's description, epilog and argument help plain text (see :func:`plain_text`)."""
+    parser.description = plain_text(parser.description)
+    parser.epilog = plain_text(parser.epilog)
+    for action in parser._actions:
+        if isinstance(action.help, str):
+            action.help = plain_text(action.help)
 
 
 def main(argv: list[str] | None = None) -> int:

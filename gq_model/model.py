@@ -135,8 +135,31 @@ class GQModel(nn.Module):
 
     @torch.no_grad()
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
-        """int64 token indices: ``[B, G, h, w]`` (UNet) or ``[B, L, G]`` (ViT)."""
+        """int64 token indices: ``[B, G, h, w]`` (UNet) or ``[B, L, G]`` (ViT) for images in [-1, 1].
+
+        Raises ``ValueError`` for values well outside [-1, 1] (0..255 pixels) and warns for a batch that lies wholly
+        in [0, 1] (``ToTensor()`` output without ``* 2 - 1``): both give plausible-looking but wrong tokens."""
+        self._check_images(x)
+        self._check_value_range(x)
         return self.quantize(x)[0]
+
+    # Resampling [-1, 1] images (bicubic, Lanczos) overshoots by a few per cent; 0..255 pixels are far beyond this.
+    RANGE_TOLERANCE = 0.1
+
+    def _check_value_range(self, x: torch.Tensor) -> None:
+        """The public entry points' guard against the usual input mistakes; the pipeline's own preprocessing
+        (``to_model_input``) always gives [-1, 1] and goes through ``encode_moments`` without it."""
+        lo, hi = float(x.min()), float(x.max())
+        tol = self.RANGE_TOLERANCE
+        if lo < -1 - tol or hi > 1 + tol:
+            raise ValueError(f"images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]"
+                             + (": uint8 pixels? use x / 127.5 - 1" if hi > 2 else ""))
+        if lo >= 0 and hi <= 1:
+            import warnings
+
+            warnings.warn(f"every value of this batch lies in [0, 1] (min {lo:.3g}, max {hi:.3g}): GQModel takes "
+                          f"images in [-1, 1]; if these are ToTensor()-style [0, 1] images, pass x * 2 - 1",
+                          UserWarning, stacklevel=4)  # the caller of tokenize (past torch.no_grad)
 
     @torch.no_grad()
     def detokenize(self, indices: torch.Tensor) -> torch.Tensor:

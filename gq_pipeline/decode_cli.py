@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import posixpath
+from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,10 +26,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                   "a glob or a file")
     p.add_argument("--out", required=True, help="output folder (local or fsspec URL)")
     p.add_argument("--limit", type=int, default=64, help="decode at most N samples, in shard order (default 64)")
-    p.add_argument("--format", default="auto", choices=["auto", "parquet", "webdataset"])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--grid-cols", type=int, default=0, help="grid columns (default: about sqrt(N))")
+    p.add_argument("--format", default="auto", choices=["auto", "parquet", "webdataset"],
+                   help="which shards to read when an output has both (default auto: Parquet if present)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="samples per decoder call (default 16); samples of different token shapes (--crop none "
+                        "outputs) are batched by shape")
+    p.add_argument("--device", default="cpu", help="torch device to decode on, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--grid-cols", type=int, default=0,
+                   help="grid columns (default: about sqrt(N)); images of different sizes are letterboxed into "
+                        "equal cells")
     p.set_defaults(func=run)
 
 
@@ -48,18 +54,58 @@ def to_uint8(images):
     return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def make_grid(images, cols: int = 0, pad: int = 2):
-    """Tile uint8 [N,H,W,3] images into one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, 3] array."""
+def make_grid(images, cols: int = 0, pad: int = 2, fill: int = 0):
+    """Tile uint8 ``[H,W,3]`` images into one contact sheet, ``cols`` per row (default about sqrt(N)).
+
+    Every cell is the largest height by the largest width among ``images``, so samples of different sizes (``--crop
+    none``) keep their own pixels and aspect ratio: each sits centred in its cell, letterboxed with ``fill`` (black);
+    the ``pad``-pixel lines between cells are white. Equal sizes give cells without any letterbox."""
     import numpy as np
 
-    n, h, w, _ = images.shape
+    images = list(images)
+    if not images:
+        raise ValueError("no images to put in a grid")
+    n = len(images)
+    h = max(int(img.shape[0]) for img in images)
+    w = max(int(img.shape[1]) for img in images)
     cols = cols or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
+        y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y0:y0 + h, x0:x0 + w] = fill
+        ih, iw = img.shape[:2]
+        top, left = y0 + (h - ih) // 2, x0 + (w - iw) // 2
+        grid[top:top + ih, left:left + iw] = img
     return grid
+
+
+def iter_shape_batches(samples, batch_size: int, limit: int):
+    """Group the first ``limit`` samples by token shape: yields ``(positions, keys, tokens [B,...])`` batches of at
+    most ``batch_size`` samples of one shape, so the decoder gets stacked tensors even when every image of a ``--crop
+    none`` output has its own shape. A shape's batch goes out once it is full; the rest at the end. ``positions`` are
+    the samples' places in shard order (the grid keeps that order)."""
+    import torch
+
+    waiting: dict[tuple[int, ...], list[tuple[int, str, Any]]] = {}
+    n = 0
+    for sample in samples:
+        if n >= limit:
+            break
+        tokens = sample["tokens"]
+        group = waiting.setdefault(tuple(tokens.shape), [])
+        group.append((n, str(sample["key"]), tokens))
+        n += 1
+        if len(group) >= batch_size:
+            del waiting[tuple(tokens.shape)]
+            yield _stack(group, torch)
+    for group in waiting.values():
+        yield _stack(group, torch)
+
+
+def _stack(group, torch):
+    return [g[0] for g in group], [g[1] for g in group], torch.stack([g[2] for g in group])
 
 
 def _save_png(fs, path: str, array) -> None:
@@ -71,7 +117,6 @@ def _save_png(fs, path: str, array) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import fsspec
-    import numpy as np
 
     from gq_model.loading import load_model
     from gq_pipeline.dataset import TokenDataset
@@ -79,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit < 1:
         raise ValueError("--limit must be >= 1")
-    ds = TokenDataset(args.input, format=args.format, shuffle=False, batch_size=args.batch_size)
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    # One sample at a time, batched here by token shape: a --crop none output has a shape per image.
+    ds = TokenDataset(args.input, format=args.format, shuffle=False, batch_size=None, columns=[])
     model = load_model(args.model, config=args.config, preset=args.preset,
                        trust_checkpoint=args.trust_checkpoint).to(args.device).eval()
     if ds.fingerprint is None:
@@ -95,18 +143,16 @@ def run(args: argparse.Namespace) -> int:
               f"{model.model_fingerprint} (same codebook, other weights)")
     fs, out = fsspec.core.url_to_fs(args.out)
     fs.makedirs(out, exist_ok=True)
-    decoded = []
-    for batch in ds:
-        room = args.limit - len(decoded)
-        tokens, batch_keys = batch["tokens"][:room], batch["key"][:room]
+    decoded: dict[int, Any] = {}
+    for positions, keys, tokens in iter_shape_batches(ds, args.batch_size, args.limit):
         images = to_uint8(model.detokenize(model_layout(model, tokens.to(args.device))))
-        for key, img in zip(batch_keys, images):
-            _save_png(fs, posixpath.join(out, file_name_for_key(str(key), ".png")), img)
-            decoded.append(img)
-        if len(decoded) >= args.limit:
-            break
+        for pos, key, img in zip(positions, keys, images):
+            _save_png(fs, posixpath.join(out, file_name_for_key(key, ".png")), img)
+            decoded[pos] = img
     if not decoded:
         raise ValueError(f"{args.input}: no samples to decode")
-    _save_png(fs, posixpath.join(out, "grid.png"), make_grid(np.stack(decoded), args.grid_cols))
-    print(f"decoded {len(decoded)} sample(s) with codebook {model.fingerprint}: {args.out}/<key>.png and grid.png")
+    sizes = {img.shape[:2] for img in decoded.values()}
+    _save_png(fs, posixpath.join(out, "grid.png"), make_grid([decoded[i] for i in sorted(decoded)], args.grid_cols))
+    print(f"decoded {len(decoded)} sample(s) with codebook {model.fingerprint}: {args.out}/<key>.png and grid.png"
+          + (f" ({len(sizes)} image sizes, letterboxed in the grid)" if len(sizes) > 1 else ""))
     return 0

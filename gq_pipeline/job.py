@@ -26,6 +26,7 @@ from gq_pipeline.lease import OutputLease
 from gq_pipeline.manifest import OutputStore, manifest_unit_entry
 from gq_pipeline.model_loader import load_model
 from gq_pipeline.plan_store import PLAN_DIR
+from gq_pipeline.progress import ProgressReporter
 from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS, preprocess_settings
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
@@ -98,7 +99,7 @@ def _ensure_ray(ray_address: str | None, num_cpus: int | None, object_store_memo
 
     kwargs: dict[str, Any] = {"log_to_driver": bool(verbose)}
     if not verbose and not ray_address:
-        kwargs["logging_level"] = logging.WARNING
+        kwargs["logging_level"] = logging.ERROR  # e.g. the token-auth and /dev/shm notices: nothing to act on
     if num_cpus:
         kwargs["num_cpus"] = int(num_cpus)
     if object_store_memory:
@@ -374,10 +375,12 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                 t_run = time.perf_counter()
                 with _stop_signals(), _worker_pool(gq, spec, resources, precision, latents, min_workers,
                                                          worker_timeout_s) as pool:
+                    reporter = ProgressReporter((u.to_dict() for u in todo), enabled=progress)
                     try:
                         run_stats = run_units(pool, (u.to_dict() for u in todo), budget=budget,
                                               max_attempts=max_attempts,
-                                              on_progress=_progress_logger(progress, len(todo), t_run, lease))
+                                              on_progress=_progress_logger(reporter, lease, pool),
+                                              progress_every_s=reporter.tick_s)
                     except FailureBudgetExceeded as e:
                         run_stats, pipeline_error = e.stats, e
                     except NoWorkersError as e:
@@ -385,6 +388,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
                     except Interrupted as e:
                         run_stats, interrupted = e.stats, True
                     pipeline_s = time.perf_counter() - t_run
+                    reporter.close(run_stats)
                     for st in pool.stats():
                         hist_total += st["hist"]
                         stage["oom_halvings"] = stage.get("oom_halvings", 0) + st.get("oom_halvings", 0)
@@ -486,7 +490,7 @@ def _worker_pool(gq, spec: WorkSpec, resources: dict[str, Any], precision: str, 
         torch.set_num_threads(max(1, int(math.ceil(resources["cpus_per_worker"] - 1e-9))))
         proc = UnitProcessor(spec, ModelRunner(gq.eval(), batch_size=spec.batch_size, precision="fp32",
                                                latents=latents))
-        pool = LocalPool(proc.process, concurrency=2, cancel=proc.cancel, stats=proc.stats)
+        pool = LocalPool(proc.process, concurrency=2, cancel=proc.cancel, stats=proc.stats, live=proc.live_counts)
         try:
             yield pool
         finally:
@@ -516,17 +520,13 @@ def _worker_pool(gq, spec: WorkSpec, resources: dict[str, Any], precision: str, 
         pool.close()
 
 
-def _progress_logger(progress: bool, total: int, t0: float, lease: OutputLease | None = None):
+def _progress_logger(reporter: ProgressReporter, lease: OutputLease | None = None, pool: Any = None):
+    """The scheduler's progress callback: the lease check, then the progress line (gq_pipeline.progress), with the
+    samples of units in progress where the pool counts them (the driver placement)."""
+    live = getattr(pool, "live", None)
+
     def log(stats) -> None:
         if lease is not None:
             lease.check()  # every progress tick: a run that lost the output's lease stops handing out units
-        if not progress:
-            return
-        dt = max(1e-9, time.perf_counter() - t0)
-        done = len(stats.committed) + len(stats.already)
-        rate = stats.images / dt
-        eta = (dt / done * (total - done - len(stats.failed))) if done else float("nan")
-        _log(progress, f"{done}/{total} units committed, {stats.images} images ({rate:.1f} img/s), "
-                       f"{len(stats.failed)} failed, {stats.retries} retried, {stats.workers_lost} workers lost"
-                       + (f", ETA {eta:.0f}s" if eta == eta else ""))
+        reporter.update(stats, live() if live is not None else (0, 0))
     return log

@@ -105,10 +105,11 @@ class LocalPool:
     next unit decodes while the current one is on the model."""
 
     def __init__(self, process: Callable[[dict], dict], concurrency: int = 2, cancel: Callable[[], None] = None,
-                 stats: Callable[[], dict] | None = None):
+                 stats: Callable[[], dict] | None = None, live: Callable[[], tuple[int, int]] | None = None):
         self._process = process
         self._cancel = cancel
         self._stats = stats
+        self._live = live
         self._ex = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="gq-unit")
         self._inflight: dict[Any, tuple[dict, int]] = {}
         self.concurrency = concurrency
@@ -138,6 +139,10 @@ class LocalPool:
     def stats(self) -> list[dict[str, Any]]:
         """The processor's accumulated statistics, in the shape ``ActorPool.stats`` gives them."""
         return [self._stats()] if self._stats is not None else []
+
+    def live(self) -> tuple[int, int]:
+        """(samples finished, errors) in units still in progress (0, 0 unless the processor counts them)."""
+        return self._live() if self._live is not None else (0, 0)
 
     def close(self) -> None:
         """Stop: queued units never start, running ones are cancelled at their next sample or batch."""

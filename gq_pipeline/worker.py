@@ -78,6 +78,7 @@ class UnitProcessor:
                                         initializer=lower_thread_priority, initargs=(spec.niceness,))
         self.hist = np.zeros(spec.ctx.codebook_size, dtype=np.int64)
         self.units_done = 0
+        self._live: dict[str, list] = {}  # unit id -> its rows so far, for live_counts (progress between commits)
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -95,6 +96,27 @@ class UnitProcessor:
         unit = Unit.from_dict(unit_dict)
         out: UnitOutcome = {"unit_id": unit.unit_id, "source": unit.source, "status": FAILED, "record": None,
                             "error": None, "inputs": 0, "read_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+        try:
+            return self._process(unit, out)
+        finally:
+            with self._stats_lock:
+                self._live.pop(unit.unit_id, None)
+
+    def live_counts(self) -> tuple[int, int]:
+        """(samples finished, of which errors) in units still in progress: a progress line's count between commits.
+        A sample is finished once it is an error row or has its tokens."""
+        with self._stats_lock:
+            units = [list(rows) for rows in self._live.values()]
+        done = errors = 0
+        for rows in units:
+            for r in rows:
+                if r["kind"] != ROW_OK:
+                    done, errors = done + 1, errors + 1
+                elif "tokens" in r:
+                    done += 1
+        return done, errors
+
+    def _process(self, unit: Unit, out: UnitOutcome) -> UnitOutcome:
         try:
             done = self.tokenize_unit(unit)
         except (UnitReadError, UnitCancelled) as e:
@@ -128,6 +150,8 @@ class UnitProcessor:
         t0 = time.perf_counter()
         info = UnitInfo()
         rows: list[dict[str, Any]] = []
+        with self._stats_lock:
+            self._live[unit.unit_id] = rows
         waiting: dict[tuple[int, ...], list[dict[str, Any]]] = {}
         inflight: deque = deque()
         prefetch = 2 * self.spec.batch_size

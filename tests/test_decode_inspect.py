@@ -112,3 +112,102 @@ def test_decode_never_writes_outside_out_whatever_the_keys(model_dir, tmp_path):
     written = sorted(p.name for p in out.glob("*.png"))
     assert len(written) == 4 and "ok-key.png" in written and "grid.png" in written
     assert not (tmp_path / "PWNED_decode.png").exists() and not os.path.exists("/abs/PWNED.png")
+
+
+# ----------------------------------------------------------------------------- --crop none outputs, model forms
+@pytest.fixture(scope="module")
+def crop_none_output(model_dir, tmp_path_factory):
+    """A real ``gq tokenize --crop none`` run over images of three sizes: every sample has its own token shape."""
+    from tests.conftest import rgb_bytes
+
+    mdir, _ = model_dir
+    src = tmp_path_factory.mktemp("mixed_sizes")
+    for name, (h, w) in {"wide": (48, 72), "tall": (80, 40), "square": (40, 40), "wide2": (50, 75)}.items():
+        (src / f"{name}.png").write_bytes(rgb_bytes(h, w, seed=len(name), fmt="PNG"))
+    out = str(tmp_path_factory.mktemp("tok_none"))
+    rc = main(["tokenize", "--model", mdir, "--input", str(src), "--output", out, "--image-size", "32",
+               "--crop", "none", "--format", "both", "--quiet"])
+    assert rc == 0
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_decode_crop_none_output_groups_shapes_and_letterboxes_the_grid(model_dir, crop_none_output, tmp_path,
+                                                                       capsys, fmt):
+    """It used to stop with "use batch_size=None" (which the CLI does not offer); with --batch-size 1 the grid
+    failed."""
+    from gq_pipeline.dataset import TokenDataset
+
+    mdir, model = model_dir
+    samples = list(TokenDataset(crop_none_output, format=fmt, shuffle=False))
+    shapes = {tuple(s["tokens"].shape) for s in samples}
+    assert len(samples) == 4 and len(shapes) == 3  # wide and wide2 share one shape: a batch of two
+    out = tmp_path / "png"
+    assert main(["decode", "--model", mdir, "--input", crop_none_output, "--out", str(out), "--format", fmt]) == 0
+    assert "3 image sizes, letterboxed" in capsys.readouterr().out
+    cells = []
+    for s in samples:
+        got = np.asarray(Image.open(out / f"{s['key']}.png"))
+        g, h, w = s["tokens"].shape
+        assert got.shape == (h * 8, w * 8, 3)
+        want = to_uint8(model.detokenize(s["tokens"][None]))[0]
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # batched vs alone: float order may differ
+        cells.append(got)
+    assert sorted(p.name for p in out.glob("*.png")) == sorted([f"{s['key']}.png" for s in samples] + ["grid.png"])
+    grid = np.asarray(Image.open(out / "grid.png"))
+    ch, cw = max(c.shape[0] for c in cells), max(c.shape[1] for c in cells)
+    assert grid.shape == (2 + 2 * (ch + 2), 2 + 2 * (cw + 2), 3)  # 4 samples: 2 x 2 equal cells
+    for i, img in enumerate(cells):  # each image centred in its cell, black bars around it
+        r, c = divmod(i, 2)
+        y0, x0 = 2 + r * (ch + 2), 2 + c * (cw + 2)
+        cell = grid[y0:y0 + ch, x0:x0 + cw]
+        top, left = (ch - img.shape[0]) // 2, (cw - img.shape[1]) // 2
+        assert np.array_equal(cell[top:top + img.shape[0], left:left + img.shape[1]], img)
+        mask = np.ones(cell.shape[:2], bool)
+        mask[top:top + img.shape[0], left:left + img.shape[1]] = False
+        assert (cell[mask] == 0).all()
+
+
+def test_make_grid_of_equal_sizes_has_no_letterbox():
+    from gq_pipeline.decode_cli import make_grid
+
+    imgs = [np.full((4, 6, 3), 100 + i, np.uint8) for i in range(3)]
+    grid = make_grid(imgs, cols=3, pad=1)
+    assert grid.shape == (1 + 5, 1 + 3 * 7, 3)
+    assert (grid[1:5, 1:7] == 100).all() and (grid[1:5, 15:21] == 102).all() and (grid[0] == 255).all()
+
+
+def test_decode_with_a_builtin_model_name(tmp_path):
+    """``--model demo``, as ``gq tokenize --model demo`` takes it."""
+    from gq_model.loading import load_model
+
+    demo = load_model("demo")
+    root = str(tmp_path / "tok")
+    expected = write_token_output(root, (2,), codebook_size=demo.config.codebook_size, codebook_fp=demo.fingerprint,
+                                  model_fp=demo.model_fingerprint, formats=("parquet",))
+    out = tmp_path / "png"
+    assert main(["decode", "--model", "demo", "--input", root, "--out", str(out)]) == 0
+    for key, row in expected.items():
+        want = to_uint8(demo.detokenize(torch.from_numpy(row["tokens"])[None]))[0]
+        got = np.asarray(Image.open(out / f"{key}.png"))
+        assert got.shape == (32, 32, 3) and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_decode_with_a_reference_ckpt(tmp_path):
+    """A reference-layout Lightning .ckpt with its YAML, as ``gq tokenize --model x.ckpt --config y.yaml`` takes it."""
+    from tests.test_model import SMALL_REFERENCE_YAML, _lightning_checkpoint, tiny_model
+
+    source = tiny_model(seed=9, codebook_size=1024, group=8)
+    _lightning_checkpoint(source, tmp_path / "small.ckpt")
+    (tmp_path / "small.yaml").write_text(SMALL_REFERENCE_YAML)
+    root = str(tmp_path / "tok")
+    expected = write_token_output(root, (3,), token_shape=(2, 4, 4), codebook_size=1024,
+                                  codebook_fp=source.fingerprint, formats=("webdataset",))
+    out = tmp_path / "png"
+    rc = main(["decode", "--model", str(tmp_path / "small.ckpt"), "--config", str(tmp_path / "small.yaml"),
+               "--input", root, "--out", str(out), "--batch-size", "2"])
+    assert rc == 0
+    for key, row in expected.items():
+        want = to_uint8(source.detokenize(torch.from_numpy(row["tokens"])[None]))[0]
+        got = np.asarray(Image.open(out / f"{key}.png"))
+        assert got.shape == (32, 32, 3) and np.abs(got.astype(int) - want.astype(int)).max() <= 1

@@ -249,3 +249,22 @@ def test_vit_model_tokens_and_clamp():
     assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
     with pytest.raises(ValueError, match="32x32"):
         model.tokenize(images(n=1, size=64))
+
+
+def test_tokenize_warns_on_zero_one_images_and_refuses_pixel_values():
+    """[0, 1] images (ToTensor() without * 2 - 1) and 0..255 pixels used to be tokenized without a word."""
+    import warnings
+
+    model = tiny_model()
+    x = images()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a proper [-1, 1] batch warns nothing
+        model.tokenize(x)
+        model.tokenize(x.clamp(-1.05, 1.05) * 1.05)  # resampling overshoot is tolerated
+    with pytest.warns(UserWarning, match=r"\[0, 1\].*x \* 2 - 1") as rec:
+        model.tokenize((x + 1) / 2)
+    assert rec[0].filename == __file__  # points at the caller's line, not at torch's no_grad wrapper
+    with pytest.raises(ValueError, match=r"\[-1, 1\].*x / 127.5 - 1"):
+        model.tokenize((x + 1) * 127.5)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        model.tokenize(x * 1.5)
