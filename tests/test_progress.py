@@ -4,9 +4,7 @@ from __future__ import annotations
 import io
 import re
 
-import pytest
-
-from gq_pipeline.progress import ProgressReporter, Snapshot, format_duration, render
+from gq_pipeline.progress import ProgressReporter, format_duration, render
 from gq_pipeline.scheduler import RunStats
 
 
