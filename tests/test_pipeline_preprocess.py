@@ -287,3 +287,29 @@ def test_tokenize_records_the_reference_policy_and_refuses_mixing(tiny_model_dir
     err = capsys.readouterr().err
     assert "policy 'reference' (this run: 'gq')" in err
     assert json.load(open(os.path.join(out, "manifest.json")))["preprocess"]["policy"] == "reference"
+
+
+def test_training_data_with_the_reference_policy_sees_the_tokenizer_pixels(tmp_path):
+    """``data.preprocess: reference``: the training reader and transform give ``preprocess_image(..., policy=
+    "reference")`` exactly (EXIF and alpha included), and the gq default is unchanged."""
+    from pathlib import Path
+
+    from jobs.training.config import load_config
+    from jobs.training.data import ImageTransform, SampleReader
+
+    for name in ("exif", "rgba", "portrait_truncated", "half_offset_up"):
+        data = REFERENCE_CASES[name][0]
+        (tmp_path / f"{name}.png").write_bytes(data)
+        ref = ("file", str(tmp_path / f"{name}.png"))
+        for policy in ("gq", "reference"):
+            img = SampleReader(preprocess=policy).read(ref)
+            got = ImageTransform(S, preprocess=policy)(img)
+            assert torch.equal(got, preprocess_image(data, S, policy=policy)), (name, policy)
+    # random crops draw from the same resized image, inside it
+    img = SampleReader(preprocess="reference").read(("file", str(tmp_path / "portrait_truncated.png")))
+    crop = ImageTransform(S, resize=40, crop="random", preprocess="reference")(img, np.random.default_rng(0))
+    assert tuple(crop.shape) == (3, S, S)
+    with pytest.raises(ValueError):
+        ImageTransform(S, preprocess="bogus")
+    with pytest.raises(ValueError, match="data.preprocess"):
+        load_config(Path(__file__).parents[1] / "configs" / "train_tiny.yaml", ["data.preprocess=bogus"])
