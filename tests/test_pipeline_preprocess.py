@@ -313,3 +313,22 @@ def test_training_data_with_the_reference_policy_sees_the_tokenizer_pixels(tmp_p
         ImageTransform(S, preprocess="bogus")
     with pytest.raises(ValueError, match="data.preprocess"):
         load_config(Path(__file__).parents[1] / "configs" / "train_tiny.yaml", ["data.preprocess=bogus"])
+
+
+def test_gq_tokenizer_reference_policy(tiny_model):
+    """``GQTokenizer(preprocess="reference")``: the reference pixels' tokens, and the policy in its metadata."""
+    import json
+
+    from gq_pipeline.plugin import GQTokenizer
+
+    names = ("exif", "rgba", "half_offset_up")
+    batch = {"image": [REFERENCE_CASES[n][0] for n in names]}
+    tok = GQTokenizer(tiny_model, image_size=S, preprocess="reference")
+    out = tok(batch)
+    for i, name in enumerate(names):
+        want = tiny_model.tokenize(preprocess_image(REFERENCE_CASES[name][0], S, policy="reference")[None])[0]
+        assert np.array_equal(np.asarray(out["tokens"][i]).reshape(want.shape), want.numpy()), name
+    assert json.loads(tok.metadata["gq.preprocess"])["policy"] == "reference"
+    assert json.loads(GQTokenizer(tiny_model, image_size=S).metadata["gq.preprocess"])["policy"] == "gq"
+    with pytest.raises(ValueError, match="only the centre crop"):
+        GQTokenizer(tiny_model, image_size=S, crop="none", preprocess="reference")
