@@ -77,7 +77,8 @@ class GQTokenizer:
     when the calling process has it, at the first call. ``precision="bf16"`` runs the encoder in bf16 on CUDA (about
     2 % of tokens change; fp32 on CPU). ``preprocess="gq"`` applies gq's decode/colour/resize/crop policy to encoded
     bytes, HF image structs, PIL images and HWC uint8 arrays; ``"reference"`` the GQ reference pipeline's instead
-    (``gq_pipeline.preprocess`` module doc); ``"none"`` takes uint8 ``[3,H,W]`` arrays that are already model input. ``batch_size`` bounds one model call (a larger incoming batch is split).
+    (``gq_pipeline.preprocess`` module doc); ``"none"`` takes uint8 ``[3,H,W]`` arrays that are already model input.
+    ``batch_size`` bounds one model call (a larger incoming batch is split).
     """
 
     def __init__(self, model: Any, image_size: int = 256, crop: str = "center", image_column: str = "image",

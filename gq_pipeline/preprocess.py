@@ -24,8 +24,8 @@ Conventions (what a user needs to know to reproduce them):
 * float input is ``uint8 / 127.5 - 1`` in float32, giving [-1, 1].
 
 That is the default policy, ``policy="gq"``. ``policy="reference"`` reproduces the GQ reference's data pipeline
-(torchvision ``Resize(S)``, ``CenterCrop(S)``, ``ToTensor``, ``Normalize(0.5, 0.5)`` on ``Image.open(f).convert("RGB")``)
-so that a file gives the reference pipeline's pixels, hence its tokens and metrics:
+(torchvision ``Resize(S)``, ``CenterCrop(S)``, ``ToTensor``, ``Normalize(0.5, 0.5)`` on
+``Image.open(f).convert("RGB")``) so that a file gives the reference pipeline's pixels, hence its tokens and metrics:
 
 * PIL ``convert("RGB")``: **no** EXIF transposition (``width``/``height`` are the stored size), alpha **dropped**
   (the colours stored under transparent pixels show), every mode through PIL's own conversion; first frame only;

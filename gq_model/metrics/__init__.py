@@ -16,5 +16,5 @@ from gq_model.metrics.codebook_usage import CodebookUsage, usage_stats
 from gq_model.metrics.frechet import FeatureStats, frechet_distance
 from gq_model.metrics.image import ms_ssim, psnr, ssim
 
-__all__ = ["psnr", "ssim", "ms_ssim", "frechet_distance", "FeatureStats", "CodebookUsage", "usage_stats", "Histogram", "advise",
-           "theorem_margin_nats", "theorem_bound"]
+__all__ = ["psnr", "ssim", "ms_ssim", "frechet_distance", "FeatureStats", "CodebookUsage", "usage_stats", "Histogram",
+           "advise", "theorem_margin_nats", "theorem_bound"]
