@@ -429,6 +429,6 @@ def preprocess_settings(model, image_size: int, crop: str, precision: str, max_p
     rec = {"image_size": int(image_size), "crop": crop, "resize": pol["resize"],
            "multiple_of": model.downsample_factor, "alpha": pol["alpha"], "max_pixels": int(max_pixels),
            "encoder_precision": precision, "policy": policy}
-    if policy != "gq":  # gq's record keeps its historical fields, so existing outputs compare equal
+    if policy != "gq":  # gq's record gains only "policy": its other fields stay as before this option existed
         rec.update(exif=pol["exif"], crop_offset=pol["crop_offset"])
     return rec
