@@ -27,7 +27,7 @@ from gq_pipeline.manifest import OutputStore, manifest_unit_entry
 from gq_pipeline.model_loader import load_model
 from gq_pipeline.plan_store import PLAN_DIR
 from gq_pipeline.progress import ProgressReporter
-from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS, preprocess_settings
+from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS, check_policy, preprocess_settings
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
 from gq_pipeline.sources import ignored_counts, ignored_note, plan_units
@@ -250,7 +250,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
              allow_empty: bool = False, verbose: bool = False, min_workers: int = 1,
              worker_timeout_s: float = 900.0,
              allow_external_refs: Sequence[str] | None = None, extensions: Sequence[str] | None = None,
-             force_lease: bool = False) -> dict[str, Any]:
+             force_lease: bool = False, preprocess: str = "gq") -> dict[str, Any]:
     """Tokenize image inputs into token shards under ``output``; returns the run summary (also in manifest.json).
 
     Safe to rerun after a crash: committed units are skipped, unfinished ones redone with identical output names
@@ -264,6 +264,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     if crop not in CROP_MODES:
         raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
+    check_policy(preprocess, crop)  # "gq" or "reference" (gq_pipeline/preprocess.py)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if batch_size < 1 or unit_size < 1 or max_pixels < 1:
@@ -282,7 +283,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         if image_size != fixed or crop != "center":
             raise ValueError(f"this ViT model takes {fixed}x{fixed} images only: use --image-size {fixed} "
                              f"--crop center")
-    preprocess = preprocess_settings(gq, image_size, crop, precision, max_pixels)
+    preprocess = preprocess_settings(gq, image_size, crop, precision, max_pixels, policy=preprocess)
     c = gq.config
     ctx = ShardContext(model_fingerprint=gq.model_fingerprint, codebook_fingerprint=gq.fingerprint,
                        codebook_size=c.codebook_size, group=c.group, seed=c.seed, beta=c.beta, arch=c.arch,

@@ -189,7 +189,8 @@ class OutputStore:
         """Refuse to mix tokens of different models/codebooks/preprocessing under one output."""
         want = {"model_fingerprint": ctx.model_fingerprint, "codebook_fingerprint": ctx.codebook_fingerprint,
                 "image_size": ctx.preprocess["image_size"], "crop": ctx.preprocess["crop"],
-                "encoder_precision": ctx.preprocess.get("encoder_precision")}
+                "encoder_precision": ctx.preprocess.get("encoder_precision"),
+                "policy": ctx.preprocess.get("policy", "gq")}
         sources = list(state.records.values())[:1]
         if state.manifest:
             sources.append({**state.manifest, **(state.manifest.get("preprocess") or {})})
@@ -198,7 +199,8 @@ class OutputStore:
             have = {"model_fingerprint": rec.get("model_fingerprint"),
                     "codebook_fingerprint": rec.get("codebook_fingerprint"),
                     "image_size": pre.get("image_size"), "crop": pre.get("crop"),
-                    "encoder_precision": pre.get("encoder_precision")}
+                    "encoder_precision": pre.get("encoder_precision"),
+                    "policy": pre.get("policy", "gq") if pre.get("image_size") is not None else None}
             diff = {k: (have[k], want[k]) for k in want if have[k] is not None and have[k] != want[k]}
             if diff:
                 what = ", ".join(f"{k} {a!r} (this run: {b!r})" for k, (a, b) in diff.items())

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from gq_pipeline.preprocess import (CROP_MODES, DEFAULT_MAX_PIXELS, preprocess_array_uint8, preprocess_pil_uint8,
-                                    preprocess_settings, preprocess_uint8)
+                                    preprocess_settings, preprocess_uint8, check_policy)
 from gq_pipeline.records import FORMAT_VERSION, IMAGE_EXTENSIONS, SampleError, tokens_fit_uint16
 from gq_pipeline.stages import clean_message, encode_uint8  # the one model call, shared with gq tokenize
 
@@ -31,7 +31,7 @@ __all__ = ["GQTokenizer", "OUTPUT_COLUMNS", "PREPROCESS_MODES", "parse_error"]
 # Columns GQTokenizer adds (docs/plugin.md, "Column contract"); latent/latent_shape only with latents=True.
 OUTPUT_COLUMNS = ("tokens", "token_shape", "gq_error", "gq_model", "gq_width", "gq_height")
 LATENT_COLUMNS = ("latent", "latent_shape")
-PREPROCESS_MODES = ("gq", "none")
+PREPROCESS_MODES = ("gq", "reference", "none")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -76,8 +76,9 @@ class GQTokenizer:
     ``preset=`` / ``config=`` (resolved by ``gq_pipeline.model_loader.load_model``). ``device``: ``None`` picks CUDA
     when the calling process has it, at the first call. ``precision="bf16"`` runs the encoder in bf16 on CUDA (about
     2 % of tokens change; fp32 on CPU). ``preprocess="gq"`` applies gq's decode/colour/resize/crop policy to encoded
-    bytes, HF image structs, PIL images and HWC uint8 arrays; ``"none"`` takes uint8 ``[3,H,W]`` arrays that are
-    already model input. ``batch_size`` bounds one model call (a larger incoming batch is split).
+    bytes, HF image structs, PIL images and HWC uint8 arrays; ``"reference"`` the GQ reference pipeline's instead
+    (``gq_pipeline.preprocess`` module doc); ``"none"`` takes uint8 ``[3,H,W]`` arrays that are already model input.
+    ``batch_size`` bounds one model call (a larger incoming batch is split).
     """
 
     def __init__(self, model: Any, image_size: int = 256, crop: str = "center", image_column: str = "image",
@@ -94,6 +95,8 @@ class GQTokenizer:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
         if batch_size < 1 or max_pixels < 1:
             raise ValueError("batch_size and max_pixels must be positive")
+        policy = "reference" if preprocess == "reference" else "gq"
+        check_policy(policy, crop)
         gq = load_model(model, config=config, preset=preset, trust_checkpoint=trust_checkpoint,
                         storage_options=storage_options)
         factor = gq.downsample_factor
@@ -114,7 +117,8 @@ class GQTokenizer:
         self.token_dtype = np.uint16 if tokens_fit_uint16(gq.config.codebook_size) else np.int32
         self.model_fingerprint = gq.model_fingerprint
         self.codebook_fingerprint = gq.fingerprint
-        self.preprocess_record = preprocess_settings(gq, image_size, crop, precision, max_pixels)
+        self.preprocess_record = preprocess_settings(gq, image_size, crop, precision, max_pixels, policy)
+        self.policy = policy
         self._device = None  # resolved by the first call, in the process that runs the model
 
     # ------------------------------------------------------------------ identity
@@ -165,7 +169,7 @@ class GQTokenizer:
         """One cell of the image column -> (uint8 [3,H,W], (width, height)); raises SampleError."""
         from PIL import Image
 
-        kw = {"max_pixels": self.max_pixels, "multiple_of": self.model.downsample_factor}
+        kw = {"max_pixels": self.max_pixels, "multiple_of": self.model.downsample_factor, "policy": self.policy}
         if value is None:
             raise SampleError("empty", "null image")
         if value is _NO_IMAGE:

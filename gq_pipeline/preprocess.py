@@ -23,6 +23,25 @@ Conventions (what a user needs to know to reproduce them):
   their full resized size); PIL's two-pass rounding can then differ from resize-then-crop by a few levels;
 * float input is ``uint8 / 127.5 - 1`` in float32, giving [-1, 1].
 
+That is the default policy, ``policy="gq"``. ``policy="reference"`` reproduces the GQ reference's data pipeline
+(torchvision ``Resize(S)``, ``CenterCrop(S)``, ``ToTensor``, ``Normalize(0.5, 0.5)`` on
+``Image.open(f).convert("RGB")``) so that a file gives the reference pipeline's pixels, hence its tokens and metrics:
+
+* PIL ``convert("RGB")``: **no** EXIF transposition (``width``/``height`` are the stored size), alpha **dropped**
+  (the colours stored under transparent pixels show), every mode through PIL's own conversion; first frame only;
+* resize the shorter side to ``S`` with PIL **bilinear** (PIL antialiases when shrinking; torchvision hands PIL
+  images to ``Image.resize``), the longer side ``int(S * long / short)``, i.e. **truncated**, as torchvision's
+  ``_compute_resized_output_size`` does; the whole image is resized (no box shortcut), so a resized image above
+  ``max_pixels`` is a ``too_large`` error instead of an approximation;
+* ``CenterCrop(S)``: offsets ``int(round((d - S) / 2))`` (Python's round, half to even), where gq floors;
+* float: ``(uint8 / 255 - 0.5) / 0.5`` in float32, which is bit-identical to ``uint8 / 127.5 - 1`` for all 256
+  values (tested), so :func:`to_model_input` serves both policies;
+* only ``crop="center"`` exists (the reference has no aspect-preserving mode).
+
+Why gq's is the default: EXIF-rotated photos (most phone JPEGs) would otherwise be tokenized sideways, transparent
+PNGs would show whatever colour their encoder left under the alpha, and bicubic keeps more detail than bilinear.
+The bomb guard and error kinds are the same for both policies.
+
 A decompression-bomb guard refuses images above ``max_pixels`` (read from the header, before decoding) with a
 ``too_large`` :class:`~gq_pipeline.records.SampleError`; undecodable data gives ``decode``, zero bytes ``empty``.
 """
@@ -45,10 +64,12 @@ if TYPE_CHECKING:  # torch is imported lazily: Ray read tasks decode images and 
 
 __all__ = ["preprocess_image", "preprocess_uint8", "to_model_input", "decode_image", "to_rgb", "resize_crop",
            "shorter_side_size", "DEFAULT_MAX_PIXELS", "CROP_MODES", "preprocess_pil", "preprocess_pil_uint8",
-           "preprocess_array", "preprocess_array_uint8"]
+           "preprocess_array", "preprocess_array_uint8", "PREPROCESS_POLICIES", "check_policy",
+           "reference_rgb", "reference_resized_size", "reference_crop_offsets", "reference_resize_crop"]
 
 DEFAULT_MAX_PIXELS = 100_000_000
 CROP_MODES = ("center", "none")
+PREPROCESS_POLICIES = ("gq", "reference")  # gq: this module's policy; reference: the GQ reference's (module doc)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # Above this ratio of resized to kept pixels (aspect ratio beyond 16:1 with a centre crop) resize only the crop box.
 _FULL_RESIZE_FACTOR = 16
@@ -99,7 +120,7 @@ def _check_before_load(im: Image.Image, max_pixels: int) -> None:
         _check_size(w * scale, h * scale, max_pixels, "icon ")
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def _open(data: bytes, max_pixels: int, exif: bool = True) -> Image.Image:
     if data is None or len(data) == 0:
         raise SampleError("empty", "zero-byte image")
     try:
@@ -118,7 +139,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         _check_before_load(im, max_pixels)
         im.load()
         _check_size(*im.size, max_pixels, "decoded to ")  # some formats (ICNS, ICO) change size in load()
-        im = ImageOps.exif_transpose(im)
+        if exif:
+            im = ImageOps.exif_transpose(im)
     except SampleError:
         raise
     except Image.DecompressionBombError as e:
@@ -157,13 +179,36 @@ def to_rgb(im: Image.Image) -> Image.Image:
         raise SampleError("unsupported", f"cannot convert PIL mode {mode!r} to RGB: {e}", *im.size) from None
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def check_policy(policy: str, crop: str = "center") -> None:
+    """``ValueError`` for an unknown policy, or for ``crop="none"`` with the reference policy (which has none)."""
+    if policy not in PREPROCESS_POLICIES:
+        raise ValueError(f"preprocess must be one of {PREPROCESS_POLICIES}, got {policy!r}")
+    if policy == "reference" and crop != "center":
+        raise ValueError("preprocess 'reference' has only the centre crop (the reference pipeline is Resize + "
+                         f"CenterCrop); got crop {crop!r}")
+
+
+def reference_rgb(im: Image.Image) -> Image.Image:
+    """The reference's colour step: ``im.convert("RGB")`` as PIL does it (alpha dropped, no EXIF transposition)."""
+    if im.mode == "RGB":
+        return im
+    try:
+        return im.convert("RGB")
+    except Exception as e:
+        raise SampleError("unsupported", f"cannot convert PIL mode {im.mode!r} to RGB: {e}", *im.size) from None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, policy: str = "gq") -> Image.Image:
     """Encoded bytes -> RGB PIL image: first frame, EXIF orientation, colour policy, bomb guard (module doc).
 
     The training job decodes with this too, so a model is trained on exactly the pixels it later tokenizes.
-    Raises :class:`~gq_pipeline.records.SampleError`.
+    ``policy="reference"``: no EXIF transposition and :func:`reference_rgb`. Raises
+    :class:`~gq_pipeline.records.SampleError`.
     """
+    check_policy(policy)
     with _pil_limits(max_pixels):
+        if policy == "reference":
+            return reference_rgb(_open(data, max_pixels, exif=False))
         return to_rgb(_open(data, max_pixels))
 
 
@@ -173,6 +218,33 @@ def shorter_side_size(w: int, h: int, size: int) -> tuple[int, int]:
     if w <= h:
         return size, max(size, round(h * scale))
     return max(size, round(w * scale)), size
+
+
+def reference_resized_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) after torchvision's ``Resize(size)``: shorter side ``size``, longer ``int(size*long/short)``
+    (truncated, never below ``size``)."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    return (size, new_long) if w <= h else (new_long, size)
+
+
+def reference_crop_offsets(w: int, h: int, size: int) -> tuple[int, int]:
+    """(left, top) of torchvision's ``CenterCrop(size)`` on a ``w x h`` image: ``int(round((d - size) / 2))``."""
+    return int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+
+
+def reference_resize_crop(im: Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """torchvision ``Resize(size)`` then ``CenterCrop(size)`` on a PIL image: PIL bilinear over the whole image
+    (module doc), then the ``size`` square at :func:`reference_crop_offsets`."""
+    w, h = im.size
+    new_w, new_h = reference_resized_size(w, h, size)
+    if new_w * new_h > max_pixels:
+        raise SampleError("too_large", f"resized to {new_w}x{new_h} by the reference policy (which resizes the "
+                                       f"whole image), which exceeds --max-pixels {max_pixels}", w, h)
+    if (new_w, new_h) != (w, h):  # torchvision returns an image already at the target size unchanged
+        im = im.resize((new_w, new_h), Image.BILINEAR)
+    x0, y0 = reference_crop_offsets(new_w, new_h, size)
+    return im.crop((x0, y0, x0 + size, y0 + size))
 
 
 def resize_crop(im: Image.Image, size: int, crop: str = "center", multiple_of: int = 8,
@@ -198,21 +270,12 @@ def resize_crop(im: Image.Image, size: int, crop: str = "center", multiple_of: i
 
 
 def preprocess_uint8(data: bytes, image_size: int, crop: str = "center", *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     multiple_of: int = 8) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode and resize: (uint8 ``[3,H,W]``, (width, height) after EXIF rotation). Raises :class:`SampleError`."""
-    if crop not in CROP_MODES:
-        raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
-    if image_size <= 0 or image_size % multiple_of:
-        raise ValueError(f"image_size {image_size} must be a positive multiple of {multiple_of}")
-    im = decode_image(data, max_pixels)
-    size = im.size
-    try:
-        arr = np.asarray(resize_crop(im, image_size, crop, multiple_of, max_pixels), dtype=np.uint8)
-    except SampleError:
-        raise
-    except Exception as e:
-        raise SampleError("decode", f"resize failed: {type(e).__name__}: {e}", *size) from None
-    return np.ascontiguousarray(arr.transpose(2, 0, 1)), size
+                     multiple_of: int = 8, policy: str = "gq") -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode and resize: (uint8 ``[3,H,W]``, (width, height) after EXIF rotation; the stored size with
+    ``policy="reference"``). Raises :class:`SampleError`."""
+    _check_geometry(image_size, crop, multiple_of, policy)
+    im = decode_image(data, max_pixels, policy)
+    return _rgb_to_uint8(im, image_size, crop, max_pixels, multiple_of, policy), im.size
 
 
 def to_model_input(images: "np.ndarray | torch.Tensor") -> "torch.Tensor":
@@ -226,13 +289,15 @@ def to_model_input(images: "np.ndarray | torch.Tensor") -> "torch.Tensor":
 
 
 def preprocess_image(data: bytes, image_size: int, crop: str = "center", *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     multiple_of: int = 8) -> "torch.Tensor":
+                     multiple_of: int = 8, policy: str = "gq") -> "torch.Tensor":
     """Encoded image bytes -> float32 ``[3,S,S]`` in [-1, 1] (``crop="none"``: ``[3,H,W]``, see module doc).
+
+    ``policy="reference"`` gives the GQ reference pipeline's input for the same file (module doc).
 
     Raises :class:`~gq_pipeline.records.SampleError` (``kind`` = ``empty``, ``decode``, ``too_large`` or
     ``unsupported``) for inputs that cannot become an image.
     """
-    arr, _ = preprocess_uint8(data, image_size, crop, max_pixels=max_pixels, multiple_of=multiple_of)
+    arr, _ = preprocess_uint8(data, image_size, crop, max_pixels=max_pixels, multiple_of=multiple_of, policy=policy)
     return to_model_input(arr)
 
 
@@ -242,17 +307,22 @@ def preprocess_image(data: bytes, image_size: int, crop: str = "center", *, max_
 # would give, the tokens are the bytes path's bit for bit. Exactly when that holds is in docs/plugin.md.
 
 
-def _check_geometry(image_size: int, crop: str, multiple_of: int) -> None:
+def _check_geometry(image_size: int, crop: str, multiple_of: int, policy: str = "gq") -> None:
+    check_policy(policy, crop if crop in CROP_MODES else "center")
     if crop not in CROP_MODES:
         raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
     if image_size <= 0 or image_size % multiple_of:
         raise ValueError(f"image_size {image_size} must be a positive multiple of {multiple_of}")
 
 
-def _rgb_to_uint8(im: Image.Image, image_size: int, crop: str, max_pixels: int, multiple_of: int
-                  ) -> np.ndarray:
+def _rgb_to_uint8(im: Image.Image, image_size: int, crop: str, max_pixels: int, multiple_of: int,
+                  policy: str = "gq") -> np.ndarray:
     try:
-        arr = np.asarray(resize_crop(im, image_size, crop, multiple_of, max_pixels), dtype=np.uint8)
+        if policy == "reference":
+            out = reference_resize_crop(im, image_size, max_pixels)
+        else:
+            out = resize_crop(im, image_size, crop, multiple_of, max_pixels)
+        arr = np.asarray(out, dtype=np.uint8)
     except SampleError:
         raise
     except Exception as e:
@@ -261,16 +331,17 @@ def _rgb_to_uint8(im: Image.Image, image_size: int, crop: str, max_pixels: int, 
 
 
 def preprocess_pil_uint8(im: Image.Image, image_size: int, crop: str = "center", *,
-                         max_pixels: int = DEFAULT_MAX_PIXELS, multiple_of: int = 8
+                         max_pixels: int = DEFAULT_MAX_PIXELS, multiple_of: int = 8, policy: str = "gq"
                          ) -> tuple[np.ndarray, tuple[int, int]]:
     """A PIL image -> (uint8 ``[3,H,W]``, (width, height) after EXIF rotation), like :func:`preprocess_uint8`.
 
     Applies EXIF orientation (a no-op on an image that was already transposed: ``exif_transpose`` removes the tag),
     the colour policy of :func:`to_rgb`, the size guard and :func:`resize_crop`. The frame used is the one ``im`` is
     on (the first, for an image fresh from ``Image.open``). So for ``im = Image.open(io.BytesIO(data))`` this equals
-    ``preprocess_uint8(data)`` exactly. Raises :class:`SampleError`.
+    ``preprocess_uint8(data)`` exactly, for either ``policy`` (the reference one skips EXIF). Raises
+    :class:`SampleError`.
     """
-    _check_geometry(image_size, crop, multiple_of)
+    _check_geometry(image_size, crop, multiple_of, policy)
     if not isinstance(im, Image.Image):
         raise SampleError("unsupported", f"expected a PIL image, got {type(im).__name__}")
     w, h = im.size
@@ -281,20 +352,21 @@ def preprocess_pil_uint8(im: Image.Image, image_size: int, crop: str = "center",
     with _pil_limits(max_pixels):
         try:
             im.load()
-            im = ImageOps.exif_transpose(im)
+            if policy == "gq":
+                im = ImageOps.exif_transpose(im)
         except MemoryError:
             raise SampleError("too_large", f"out of memory decoding a {w}x{h} image", w, h) from None
         except Exception as e:  # a lazily opened, truncated file fails here
             raise SampleError("decode", f"{type(e).__name__}: {e}", w, h) from None
-        rgb = to_rgb(im)
-        return _rgb_to_uint8(rgb, image_size, crop, max_pixels, multiple_of), rgb.size
+        rgb = to_rgb(im) if policy == "gq" else reference_rgb(im)
+        return _rgb_to_uint8(rgb, image_size, crop, max_pixels, multiple_of, policy), rgb.size
 
 
 _ARRAY_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
 def preprocess_array_uint8(arr: np.ndarray, image_size: int, crop: str = "center", *,
-                           max_pixels: int = DEFAULT_MAX_PIXELS, multiple_of: int = 8
+                           max_pixels: int = DEFAULT_MAX_PIXELS, multiple_of: int = 8, policy: str = "gq"
                            ) -> tuple[np.ndarray, tuple[int, int]]:
     """Decoded pixels -> (uint8 ``[3,H,W]``, (width, height)), with the colour, resize and crop policy of the bytes
     path.
@@ -302,9 +374,9 @@ def preprocess_array_uint8(arr: np.ndarray, image_size: int, crop: str = "center
     ``arr`` is uint8 ``HxW`` (grayscale), ``HxWx1``, ``HxWx2`` (grayscale + alpha), ``HxWx3`` (RGB, what Ray's
     ``read_images`` gives) or ``HxWx4`` (RGBA; alpha composited onto white). The pixels are taken as already
     oriented: no EXIF information travels with an array. Other dtypes or shapes are an ``unsupported``
-    :class:`SampleError`; more than ``max_pixels`` pixels is ``too_large``.
+    :class:`SampleError`; more than ``max_pixels`` pixels is ``too_large``. ``policy="reference"`` drops alpha.
     """
-    _check_geometry(image_size, crop, multiple_of)
+    _check_geometry(image_size, crop, multiple_of, policy)
     a = np.asarray(arr)
     if a.dtype != np.uint8:
         raise SampleError("unsupported", f"expected uint8 pixels, got dtype {a.dtype} (shape {a.shape})")
@@ -320,26 +392,43 @@ def preprocess_array_uint8(arr: np.ndarray, image_size: int, crop: str = "center
     mode = _ARRAY_MODES[a.shape[2]]
     im = Image.fromarray(np.ascontiguousarray(a[:, :, 0] if mode == "L" else a), mode)
     with _pil_limits(max_pixels):
-        return _rgb_to_uint8(to_rgb(im), image_size, crop, max_pixels, multiple_of), (w, h)
+        rgb = to_rgb(im) if policy == "gq" else reference_rgb(im)
+        return _rgb_to_uint8(rgb, image_size, crop, max_pixels, multiple_of, policy), (w, h)
 
 
 def preprocess_pil(im: Image.Image, image_size: int, crop: str = "center", *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   multiple_of: int = 8) -> "torch.Tensor":
+                   multiple_of: int = 8, policy: str = "gq") -> "torch.Tensor":
     """A PIL image -> float32 ``[3,H,W]`` in [-1, 1]: ``to_model_input(preprocess_pil_uint8(...)[0])``."""
     return to_model_input(preprocess_pil_uint8(im, image_size, crop, max_pixels=max_pixels,
-                                               multiple_of=multiple_of)[0])
+                                               multiple_of=multiple_of, policy=policy)[0])
 
 
 def preprocess_array(arr: np.ndarray, image_size: int, crop: str = "center", *,
-                     max_pixels: int = DEFAULT_MAX_PIXELS, multiple_of: int = 8) -> "torch.Tensor":
+                     max_pixels: int = DEFAULT_MAX_PIXELS, multiple_of: int = 8, policy: str = "gq"
+                     ) -> "torch.Tensor":
     """Decoded uint8 pixels -> float32 ``[3,H,W]`` in [-1, 1]: ``to_model_input(preprocess_array_uint8(...)[0])``."""
     return to_model_input(preprocess_array_uint8(arr, image_size, crop, max_pixels=max_pixels,
-                                                 multiple_of=multiple_of)[0])
+                                                 multiple_of=multiple_of, policy=policy)[0])
 
 
-def preprocess_settings(model, image_size: int, crop: str, precision: str, max_pixels: int) -> dict[str, Any]:
+_POLICY_RECORD = {
+    "gq": {"resize": "PIL bicubic, shorter side", "alpha": "composite on white", "exif": "applied",
+           "crop_offset": "floor"},
+    "reference": {"resize": "PIL bilinear, shorter side, longer side truncated (torchvision Resize)",
+                  "alpha": "dropped (PIL convert RGB)", "exif": "ignored", "crop_offset": "round (torchvision)"},
+}
+
+
+def preprocess_settings(model, image_size: int, crop: str, precision: str, max_pixels: int,
+                        policy: str = "gq") -> dict[str, Any]:
     """The ``preprocess`` record every shard, commit record and manifest carries (docs/token-format.md): what made
-    these pixels, so that an output never mixes policies. bf16 changes ~2 % of tokens, hence the precision."""
-    return {"image_size": int(image_size), "crop": crop, "resize": "PIL bicubic, shorter side",
-            "multiple_of": model.downsample_factor, "alpha": "composite on white", "max_pixels": int(max_pixels),
-            "encoder_precision": precision}
+    these pixels, so that an output never mixes policies (``policy`` is compared on every rerun, see
+    ``OutputStore.check_compatible``). bf16 changes ~2 % of tokens, hence the precision."""
+    check_policy(policy, crop)
+    pol = _POLICY_RECORD[policy]
+    rec = {"image_size": int(image_size), "crop": crop, "resize": pol["resize"],
+           "multiple_of": model.downsample_factor, "alpha": pol["alpha"], "max_pixels": int(max_pixels),
+           "encoder_precision": precision, "policy": policy}
+    if policy != "gq":  # gq's record gains only "policy": its other fields stay as before this option existed
+        rec.update(exif=pol["exif"], crop_offset=pol["crop_offset"])
+    return rec

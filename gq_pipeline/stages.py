@@ -87,7 +87,7 @@ def _decode_row(unit_id: str, s: RawSample, cfg: dict[str, Any]) -> dict[str, An
     if err is None:
         try:
             arr, (w, h) = preprocess_uint8(s.data, cfg["image_size"], cfg["crop"], max_pixels=cfg["max_pixels"],
-                                           multiple_of=cfg["multiple_of"])
+                                           multiple_of=cfg["multiple_of"], policy=cfg.get("policy", "gq"))
             row.update(width=w, height=h, img=arr)
         except SampleError as e:
             err = e

@@ -58,7 +58,7 @@ class WorkSpec:
     @property
     def decode_cfg(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "crop": self.crop, "max_pixels": self.max_pixels,
-                "multiple_of": self.multiple_of}
+                "multiple_of": self.multiple_of, "policy": self.ctx.preprocess.get("policy", "gq")}
 
 
 UnitOutcome = dict  # {"unit_id", "status", "record", "error", "inputs", "read_s", "model_s", "write_s", "node"}

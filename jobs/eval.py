@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, help="folder (searched recursively) or glob of images, local or fsspec "
                                                   "URL (s3://...); sorted by path")
     p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, then centre crop")
+    p.add_argument("--preprocess", choices=("gq", "reference"), default="gq",
+                   help="gq (default): gq tokenize's pixels (EXIF, alpha onto white, bicubic); reference: the GQ "
+                        "reference pipeline's (no EXIF, alpha dropped, bilinear), for numbers comparable with it")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of the sorted list")
     p.add_argument("--batch-size", type=int, default=16)
     lp = p.add_mutually_exclusive_group()
@@ -121,10 +124,12 @@ def _batches(files: list[str], spec: dict) -> Iterator[tuple[Any, list[dict]]]:
 
     fs, _ = fsspec.core.url_to_fs(files[0]) if files else (None, None)
     size, bs, multiple = spec["image_size"], spec["batch_size"], spec["multiple_of"]
+    policy = spec.get("preprocess", "gq")
 
     def read_one(url: str):
         try:
-            return preprocess_image(fs.cat_file(fs._strip_protocol(url)), size, "center", multiple_of=multiple), None
+            data = fs.cat_file(fs._strip_protocol(url))
+            return preprocess_image(data, size, "center", multiple_of=multiple, policy=policy), None
         except SampleError as e:
             return None, {"path": url, "error": f"{e.kind}: {e}"}
         except OSError as e:  # unreadable file: reported, like an undecodable one, never silently dropped
@@ -255,17 +260,54 @@ def _fmt(section: dict, name: str, digits: int) -> str:
 
 
 def summary_line(report: dict) -> str:
+    """One line: per reconstruction kind, each pixel metric as ``clamped (unclamped value)``; the unclamped ones are
+    the reference's (see ``paper_comparable`` in the report)."""
     r, cb, adv = report["reconstruction"], report["codebook"], report["advisor"]
-    parts = [f"gq eval: {report['protocol']['num_images']} images @{report['protocol']['image_size']}px"]
+    proto = report["protocol"]
+    parts = [f"gq eval: {proto['num_images']} images @{proto['image_size']}px "
+             f"preprocess {proto.get('preprocess_policy', 'gq')}"]
     for kind in ("quantized", "gaussian"):
         s = r[kind]
-        parts.append(f"{kind}: PSNR {_fmt(s, 'psnr', 2)} SSIM {_fmt(s, 'ssim', 4)} LPIPS {_fmt(s, 'lpips', 4)} "
-                     f"rFID {_fmt(s, 'rfid', 3)}")
+        pixel = " ".join(f"{label} {_fmt(s, m, d)} (unclamped {_fmt(s, m + '_unclamped', d)})"
+                         for label, m, d in (("PSNR", "psnr", 2), ("SSIM", "ssim", 4), ("MS-SSIM", "msssim", 4)))
+        parts.append(f"{kind}: {pixel} LPIPS {_fmt(s, 'lpips', 4)} rFID {_fmt(s, 'rfid', 3)}")
     parts.append(f"usage {cb['usage']:.1%} perplexity {cb['perplexity']:.0f}/{cb['codebook_size']}")
     rec = adv["recommended_log2"]
     parts.append(f"KL p{adv['percentile']:g} {adv['rate_bits']:.2f} bits vs log2 K {adv['log2_codebook_size']:g}: "
                  f"{adv['verdict']}, smallest sufficient K = 2^{rec}")
     return " | ".join(parts)
+
+
+_PREPROCESS_TEXT = {
+    "gq": "EXIF transpose, RGB (alpha over white), shorter side -> image_size with PIL bicubic (longer side rounded), "
+          "centre crop (offsets floored), x = uint8/127.5 - 1",
+    "reference": "PIL convert('RGB') (no EXIF transpose, alpha dropped), shorter side -> image_size with PIL bilinear "
+                 "(longer side truncated, torchvision Resize), CenterCrop (offsets int(round)), x = (uint8/255 - "
+                 "0.5)/0.5",
+}
+
+
+def paper_comparable(args, n_images: int) -> dict:
+    """Which report numbers are computed the way the reference ``eval.py`` (the source of the published GQ/FSQ/BSQ
+    tables) computes them, and which of its conditions this run meets (gq-reference.md, section 5)."""
+    unclamped_perceptual = args.perceptual_input == "unclamped"
+    numbers = [f"reconstruction.quantized.{m}" for m in ("psnr_unclamped", "ssim_unclamped", "msssim_unclamped")]
+    numbers += [f"reconstruction.quantized.{m}" for m in ("lpips", "rfid") if unclamped_perceptual]
+    conditions = {
+        "preprocess_reference": args.preprocess == "reference",
+        "image_size_256": args.image_size == 256,
+        "perceptual_input_unclamped": unclamped_perceptual,
+        "at_least_2048_images": n_images >= 2048,
+    }
+    return {
+        "numbers": numbers,
+        "conditions": conditions,
+        "all_conditions_met": all(conditions.values()),
+        "note": "the reference reports the quantized reconstruction, unclamped, on ImageNet val at 256 px (49,920 "
+                "images with its drop_last) after its own preprocessing; clamped and Gaussian-mean numbers are gq's "
+                "additions. Published tables are comparable only when every condition holds and the images are the "
+                "same set (--input ImageNet val).",
+    }
 
 
 def _protocol(args, files: list[str], listed: int, n_images: int, skipped: list, mode: str, world: int,
@@ -278,11 +320,14 @@ def _protocol(args, files: list[str], listed: int, n_images: int, skipped: list,
         "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
         "skipped_images": skipped,
         "image_size": args.image_size,
-        "preprocess": "EXIF transpose, RGB (alpha over white), shorter side -> image_size with PIL bicubic, centre "
-                      "crop, x = uint8/127.5 - 1",
+        "preprocess_policy": args.preprocess,
+        "preprocess": _PREPROCESS_TEXT[args.preprocess],
         "metric_scale": "(x + 1) * 127.5 in [0, 255], not rounded; originals and reconstructions alike",
         "clamping": "psnr/ssim: reconstructions clipped to [-1, 1]; *_unclamped: raw decoder output (the reference's)",
         "ssim": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data_range 255, valid region, mean over channels",
+        "msssim": "pytorch_msssim.ms_ssim convention: 5 scales, weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333), the "
+                  "SSIM above per scale, negative cs/ssim set to 0, avg_pool 2 (padding side % 2) between scales; "
+                  "only when H, W >= 256 (else null)",
         "perceptual_input": args.perceptual_input,
         "rfid": "pool3 2048-d of the FID InceptionV3, bilinear resize to 299 (align_corners=False), inputs in "
                 "[-1, 1]; reference statistics = the same original images; unbiased covariance",
@@ -295,12 +340,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gq_model.metrics.evaluator import FID_MIN_IMAGES, ReconstructionEvaluator, merge_states
+    from gq_model.metrics.image import MS_SSIM_MIN_SIZE
 
     t0 = time.time()
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    args.preprocess = getattr(args, "preprocess", "gq")
     if not 0.0 < args.advisor_percentile <= 100.0:
         raise ValueError(f"--advisor-percentile must be in (0, 100], got {args.advisor_percentile}")
     rank, world = _distributed()
@@ -316,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
     spec = {"model": args.model, "reference_config": args.reference_config, "preset": args.preset,
             "trust_checkpoint": args.trust_checkpoint,
             "image_size": args.image_size, "batch_size": args.batch_size, "multiple_of": model.downsample_factor,
+            "preprocess": args.preprocess,
             "lpips_weights": args.lpips_weights, "inception_weights": args.inception_weights,
             "no_lpips": args.no_lpips, "no_fid": args.no_fid, "weights_cache": _weights_cache(),
             "weights_base_url": os.environ.get("GQ_WEIGHTS_BASE_URL"),
@@ -360,6 +408,9 @@ def run(args: argparse.Namespace) -> int:
     if weights["inception"] is not None and n < FID_MIN_IMAGES:
         notes.append(f"rFID from {n} < {FID_MIN_IMAGES} images: the 2048-d covariance is rank-deficient and rFID is "
                      f"biased upward; compare it only with runs on the same images")
+    if args.image_size < MS_SSIM_MIN_SIZE:
+        notes.append(f"MS-SSIM not computed: images are {args.image_size}px < {MS_SSIM_MIN_SIZE}px (the reference "
+                     f"reports NaN below that)")
     metrics = ev.report(args.advisor_percentile, args.advisor_delta)
     cfg = model.config
     report = {
@@ -370,6 +421,7 @@ def run(args: argparse.Namespace) -> int:
         "protocol": _protocol(args, files, listed, n, skipped, mode, processes, device),
         "weights": weights,
         **metrics,
+        "paper_comparable": paper_comparable(args, n),
         "warnings": notes,
         "elapsed_s": time.time() - t0,
     }

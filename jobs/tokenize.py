@@ -50,6 +50,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", default="center", choices=["center", "none"],
                    help="center: square crop; none: keep the aspect ratio (longer side cut to a multiple of the "
                         "model's downsampling factor)")
+    p.add_argument("--preprocess", default="gq", choices=["gq", "reference"],
+                   help="gq (default): EXIF rotation, alpha onto white, bicubic; reference: the GQ reference "
+                        "pipeline's pixels (no EXIF, alpha dropped, bilinear; docs/eval.md). Recorded in every "
+                        "shard; an output never mixes the two")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
     p.add_argument("--model-placement", default="auto", choices=["auto", "driver", "actors"],
                    help="where units are processed: in this process, without Ray, on a single CPU-only machine "
@@ -176,7 +180,7 @@ def _tokenize(tokenize, args: argparse.Namespace) -> dict:
                     max_attempts=args.max_attempts, input_list=args.input_list,
                     input_list_column=args.input_list_column, relist=args.relist, allow_empty=args.allow_empty,
                     verbose=args.verbose, allow_external_refs=_external_refs(args.allow_external_refs),
-                    extensions=args.extensions, force_lease=args.force_lease)
+                    extensions=args.extensions, force_lease=args.force_lease, preprocess=args.preprocess)
 
 
 def _external_refs(given: list[str] | None) -> tuple[str, ...]:

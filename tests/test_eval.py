@@ -238,3 +238,50 @@ def test_bad_arguments_fail_with_a_message(images_dir, tiny_model_dir, extra, me
 def test_reference_checkpoint_needs_its_config(images_dir, tmp_path):
     rc, _, stderr = _gq("--model", tmp_path / "x.ckpt", "--input", images_dir, "--no-lpips", "--no-fid")
     assert rc == 1 and "--reference-config or --preset" in stderr
+
+
+def test_summary_shows_unclamped_numbers_and_the_report_says_what_is_comparable(single):
+    report, stdout, _ = single
+    q = report["reconstruction"]["quantized"]
+    assert f"PSNR {q['psnr']['mean']:.2f} (unclamped {q['psnr_unclamped']['mean']:.2f})" in stdout
+    assert f"SSIM {q['ssim']['mean']:.4f} (unclamped {q['ssim_unclamped']['mean']:.4f})" in stdout
+    assert "MS-SSIM n/a (unclamped n/a)" in stdout and "preprocess gq" in stdout
+    assert q["msssim"] is None and q["msssim_unclamped"] is None  # 32 px < 256: the reference reports NaN
+    assert any("MS-SSIM not computed" in w for w in report["warnings"])
+    pc = report["paper_comparable"]
+    assert pc["numbers"] == ["reconstruction.quantized.psnr_unclamped", "reconstruction.quantized.ssim_unclamped",
+                             "reconstruction.quantized.msssim_unclamped"]  # LPIPS/rFID on clamped input: not
+    assert pc["conditions"] == {"preprocess_reference": False, "image_size_256": False,
+                                "perceptual_input_unclamped": False, "at_least_2048_images": False}
+    assert pc["all_conditions_met"] is False
+    assert report["protocol"]["preprocess_policy"] == "gq" and "bicubic" in report["protocol"]["preprocess"]
+
+
+def test_reference_preprocessing_and_ms_ssim_at_256(images_dir, tiny_model_dir, tiny_model, tmp_path):
+    """--preprocess reference at 256 px: MS-SSIM is reported, and every pixel metric equals a direct computation on
+    the reference pipeline's pixels."""
+    from gq_model.metrics import ms_ssim, psnr
+    from gq_pipeline.preprocess import preprocess_image
+
+    out = tmp_path / "r.json"
+    rc, stdout, stderr = _gq("--model", tiny_model_dir, "--input", os.path.join(images_dir, "img[0-2].*"),
+                             "--image-size", 256, "--preprocess", "reference", "--perceptual-input", "unclamped",
+                             "--no-lpips", "--no-fid", "--json", out)
+    assert rc == 0, stderr
+    report = json.loads(out.read_text())
+    files = list_images(os.path.join(images_dir, "img[0-2].*"))[0]
+    x = torch.stack([preprocess_image(Path(f[len("file://"):]).read_bytes(), 256, policy="reference") for f in files])
+    with torch.no_grad():
+        mu, logvar = tiny_model.encode_moments(x)
+        rec = tiny_model.decoder(tiny_model.quantizer.quantize(mu, logvar)[1])
+    q = report["reconstruction"]["quantized"]
+    for key, fn, clamp in (("psnr_unclamped", psnr, False), ("msssim", ms_ssim, True),
+                           ("msssim_unclamped", ms_ssim, False)):
+        assert q[key]["mean"] == pytest.approx(fn(x, rec, clamp=clamp).mean().item(), rel=1e-6), key
+    assert 0 < q["msssim"]["mean"] <= 1 and f"MS-SSIM {q['msssim']['mean']:.4f}" in stdout
+    assert report["protocol"]["preprocess_policy"] == "reference" and "bilinear" in report["protocol"]["preprocess"]
+    pc = report["paper_comparable"]
+    assert pc["conditions"] == {"preprocess_reference": True, "image_size_256": True,
+                                "perceptual_input_unclamped": True, "at_least_2048_images": False}
+    assert "reconstruction.quantized.lpips" in pc["numbers"] and "reconstruction.quantized.rfid" in pc["numbers"]
+    assert not any("MS-SSIM not computed" in w for w in report["warnings"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gq_model.metrics import CodebookUsage, FeatureStats, Histogram, advise, frechet_distance, psnr, ssim
+from gq_model.metrics import CodebookUsage, FeatureStats, Histogram, advise, frechet_distance, ms_ssim, psnr, ssim
 from gq_model.metrics.frechet import FrechetReference
 from gq_model.metrics.advisor import POSTERIOR_SAMPLE_MISS, theorem_bound, theorem_margin_nats
 from gq_model.metrics.inception import FIDInceptionV3, load_fid_inception
@@ -52,6 +52,89 @@ def test_ssim_matches_skimage():
     assert ssim(x, x).numpy() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="at least 11"):
         ssim(x[..., :8, :8], y[..., :8, :8])
+
+
+# ------------------------------------------------------------------------------------------------ MS-SSIM
+def _np_ssim_cs(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean SSIM and mean contrast-structure term of one [H, W] channel pair, by hand: 11x11 Gaussian (sigma 1.5)
+    window weights over every fully inside window, population moments, C1 = (0.01*255)^2, C2 = (0.03*255)^2."""
+    t = np.arange(11) - 5.0
+    g = np.exp(-t ** 2 / 4.5)
+    win = np.outer(g, g) / np.outer(g, g).sum()
+    view = np.lib.stride_tricks.sliding_window_view
+
+    def mean(z):
+        return np.einsum("ijkl,kl->ij", view(z, (11, 11)), win)
+
+    ma, mb = mean(a), mean(b)
+    va, vb, cov = mean(a * a) - ma ** 2, mean(b * b) - mb ** 2, mean(a * b) - ma * mb
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    cs = (2 * cov + c2) / (va + vb + c2)
+    return float(((2 * ma * mb + c1) / (ma ** 2 + mb ** 2 + c1) * cs).mean()), float(cs.mean())
+
+
+def _np_halve(z: np.ndarray) -> np.ndarray:
+    """2x2 mean; an odd side is zero-padded by one on both sides first, the zeros counted (avg_pool2d's default)."""
+    for axis in (0, 1):
+        if z.shape[axis] % 2:
+            z = np.pad(z, [(1, 1) if ax == axis else (0, 0) for ax in (0, 1)])
+    h, w = z.shape[0] // 2 * 2, z.shape[1] // 2 * 2
+    return z[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+
+def _np_ms_ssim(x: torch.Tensor, y: torch.Tensor) -> float:
+    """One image's MS-SSIM by hand, pytorch_msssim's convention (gq_model/metrics/image.py doc)."""
+    weights = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
+    per_channel = []
+    for c in range(x.shape[0]):
+        a = (x[c].double().numpy() + 1) * 127.5
+        b = (y[c].double().numpy() + 1) * 127.5
+        value = 1.0
+        for level, w in enumerate(weights):
+            full, cs = _np_ssim_cs(a, b)
+            value *= max(cs if level < 4 else full, 0.0) ** w
+            a, b = _np_halve(a), _np_halve(b)
+        per_channel.append(value)
+    return float(np.mean(per_channel))
+
+
+@pytest.mark.parametrize("h, w", [(256, 256), (257, 300)])
+def test_ms_ssim_matches_a_hand_computation(h, w):
+    x, y = _pair(b=1, h=h, w=w, seed=2)
+    y = y.clamp(-1, 1)
+    got = ms_ssim(x, y).item()
+    assert got == pytest.approx(_np_ms_ssim(x[0], y[0]), abs=1e-9)
+    assert 0.0 < got < 1.0
+
+
+def test_ms_ssim_properties():
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(1, 3, 256, 256, generator=g) * 2 - 1
+    x = F.avg_pool2d(x, 5, 1, 2)  # some structure at every scale
+    assert ms_ssim(x, x).item() == pytest.approx(1.0, abs=1e-12)
+    noise = torch.randn(x.shape, generator=g)
+    values = [ms_ssim(x, x + s * noise, clamp=False).item() for s in (0.01, 0.05, 0.2, 0.5)]
+    assert values == sorted(values, reverse=True) and values[0] < 1.0  # more noise, lower MS-SSIM
+    # clamping matters for overshooting reconstructions, as for SSIM
+    y = x * 4
+    assert (y.abs() > 1).any()
+    assert ms_ssim(x, y, clamp=True).item() != pytest.approx(ms_ssim(x, y, clamp=False).item(), abs=1e-6)
+    # an anti-correlated image has negative cs at the first scale: set to 0 (relu), so MS-SSIM is 0
+    assert ssim(x, -x, clamp=False).item() < 0 and ms_ssim(x, -x, clamp=False).item() == 0.0
+
+
+def test_ms_ssim_at_one_scale_is_ssim():
+    x, y = _pair(b=3, h=40, w=33, seed=3)
+    one = ms_ssim(x, y, weights=(1.0,), min_size=11)
+    assert torch.allclose(one, ssim(x, y).clamp_min(0), rtol=0, atol=1e-12)
+
+
+def test_ms_ssim_refuses_images_below_256_like_the_reference():
+    x, y = _pair(b=1, h=255, w=300)
+    with pytest.raises(ValueError, match="at least 256x256"):
+        ms_ssim(x, y)
+    with pytest.raises(ValueError, match="more than 160 px"):  # pytorch_msssim's own limit, if min_size is lowered
+        ms_ssim(x[..., :160, :160], y[..., :160, :160], min_size=11)
 
 
 # ------------------------------------------------------------------------------------------------ Fréchet distance

@@ -37,7 +37,7 @@ def _ctx(model) -> ShardContext:
     c = model.config
     pre = {"image_size": SIZE, "crop": "center", "resize": "PIL bicubic, shorter side",
            "multiple_of": model.downsample_factor, "alpha": "composite on white", "max_pixels": DEFAULT_MAX_PIXELS,
-           "encoder_precision": "fp32"}
+           "encoder_precision": "fp32", "policy": "gq"}
     return ShardContext(model_fingerprint=model.model_fingerprint, codebook_fingerprint=model.fingerprint,
                         codebook_size=c.codebook_size, group=c.group, seed=c.seed, beta=c.beta, arch=c.arch,
                         preprocess=pre)

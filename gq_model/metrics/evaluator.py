@@ -18,7 +18,7 @@ import torch
 from gq_model.metrics.advisor import POSTERIOR_SAMPLE_MISS, Histogram, advise
 from gq_model.metrics.codebook_usage import CodebookUsage
 from gq_model.metrics.frechet import FeatureStats, FrechetReference
-from gq_model.metrics.image import psnr, ssim
+from gq_model.metrics.image import MS_SSIM_MIN_SIZE, ms_ssim, psnr, ssim
 from gq_model.tdc import kl_bits_per_group
 
 __all__ = ["ReconstructionEvaluator", "merge_states", "KINDS"]
@@ -47,7 +47,8 @@ class ReconstructionEvaluator:
             passes ``fid=True`` without a network.
     """
 
-    SCALARS = ("psnr", "psnr_unclamped", "ssim", "ssim_unclamped", "lpips")
+    # msssim*: only for images of at least MS_SSIM_MIN_SIZE on both sides, as the reference reports it (else null)
+    SCALARS = ("psnr", "psnr_unclamped", "ssim", "ssim_unclamped", "msssim", "msssim_unclamped", "lpips")
 
     def __init__(self, model, lpips=None, inception=None, perceptual_input: str = "clamped", fid: bool | None = None):
         if perceptual_input not in ("clamped", "unclamped"):
@@ -94,6 +95,9 @@ class ReconstructionEvaluator:
             self._add(f"{kind}.psnr_unclamped", psnr(x, raw, clamp=False))
             self._add(f"{kind}.ssim", ssim(x, raw, clamp=True))
             self._add(f"{kind}.ssim_unclamped", ssim(x, raw, clamp=False))
+            if min(x.shape[-2:]) >= MS_SSIM_MIN_SIZE:
+                self._add(f"{kind}.msssim", ms_ssim(x, raw, clamp=True))
+                self._add(f"{kind}.msssim_unclamped", ms_ssim(x, raw, clamp=False))
             perceptual = raw.clamp(-1.0, 1.0) if self.perceptual_input == "clamped" else raw
             if self.lpips is not None:
                 self._add(f"{kind}.lpips", self.lpips(x.float(), perceptual))

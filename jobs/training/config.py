@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
         "image_size": 256,
         "resize": None,           # shorter side before cropping (default image_size; 0 = no resize)
         "crop": "center",         # center | random
+        "preprocess": "gq",       # gq | reference: decode/resize policy, as gq tokenize --preprocess (docs/eval.md)
         "flip": False,
         "repeat": 1,              # virtual epoch = every image `repeat` times (tiny datasets with random crops)
         "batch_size": 16,         # per rank, per micro-step
@@ -221,6 +222,8 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"deepspeed.precision must be fp32 or bf16, got {cfg.deepspeed.precision!r}")
     if int(cfg.deepspeed.grad_accum) < 1:
         raise ValueError("deepspeed.grad_accum must be >= 1")
+    if cfg.data.get("preprocess", "gq") not in ("gq", "reference"):
+        raise ValueError(f"data.preprocess must be gq or reference, got {cfg.data.preprocess!r}")
     if cfg.data.crop not in ("center", "random"):
         raise ValueError(f"data.crop must be center or random, got {cfg.data.crop!r}")
     if int(cfg.data.batch_size) < 1 or int(cfg.data.image_size) < 1:

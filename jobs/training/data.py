@@ -33,7 +33,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gq_pipeline.preprocess import decode_image, resize_crop, shorter_side_size, to_model_input, to_rgb
+from gq_pipeline.preprocess import (check_policy, decode_image, reference_crop_offsets, reference_resize_crop,
+                                    reference_resized_size, reference_rgb, resize_crop, shorter_side_size,
+                                    to_model_input, to_rgb)
 from gq_pipeline.records import IMAGE_EXTENSIONS
 
 __all__ = ["IMAGE_EXTS", "SampleIndex", "build_index", "ImageTransform", "SampleReader", "BatchStream",
@@ -195,10 +197,15 @@ def build_index(spec: Any, image_column: str = "image", storage_options: Mapping
 
 # ---------------------------------------------------------------------------------------------------------- reading
 class SampleReader:
-    """Reads one reference to a PIL image. Keeps a few tar handles and Parquet row groups open per process."""
+    """Reads one reference to a PIL image. Keeps a few tar handles and Parquet row groups open per process.
+
+    ``preprocess`` is the decode policy of ``gq_pipeline.preprocess`` (``"gq"`` or ``"reference"``: no EXIF
+    transposition, alpha dropped), the same one ``gq tokenize --preprocess`` uses."""
 
     def __init__(self, image_column: str = "image", storage_options: Mapping[str, Any] | None = None,
-                 memory: Sequence[Any] | None = None, cache: int = 4):
+                 memory: Sequence[Any] | None = None, cache: int = 4, preprocess: str = "gq"):
+        check_policy(preprocess)
+        self.preprocess = preprocess
         self.image_column, self.storage_options, self.memory = image_column, dict(storage_options or {}), memory
         self._handles: collections.OrderedDict = collections.OrderedDict()
         self._groups: collections.OrderedDict = collections.OrderedDict()
@@ -277,27 +284,27 @@ class SampleReader:
     def read(self, ref: tuple) -> Image.Image:
         kind = ref[0]
         if kind == "mem":
-            return _to_pil(self.memory[ref[1]])
+            return _to_pil(self.memory[ref[1]], self.preprocess)
         if kind == "skimage":  # a handful of small bundled images: keep them decoded
             if ref[1] not in self._skimage:
                 import skimage.data
 
                 self._skimage[ref[1]] = _to_pil(getattr(skimage.data, ref[1])())
             return self._skimage[ref[1]]
-        return _decode(self.read_bytes(ref))
+        return _decode(self.read_bytes(ref), self.preprocess)
 
 
-def _decode(data: bytes) -> Image.Image:
+def _decode(data: bytes, policy: str = "gq") -> Image.Image:
     """The tokenizer's own decode (EXIF, colour policy, bomb guard): train on the pixels ``gq tokenize`` will see.
     Decodes fully, so truncated files fail here and are counted as corrupt."""
-    return decode_image(data)
+    return decode_image(data, policy=policy)
 
 
-def _to_pil(item: Any) -> Image.Image:
+def _to_pil(item: Any, policy: str = "gq") -> Image.Image:
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return _decode(bytes(item))
+        return _decode(bytes(item), policy)
     if isinstance(item, torch.Tensor):
         t = item.detach().cpu().float()
         if t.dim() == 3 and t.shape[0] in (1, 3):
@@ -323,15 +330,24 @@ class ImageTransform:
 
     Colour conversion, resize (PIL bicubic, same rounding) and centre crop are ``gq_pipeline.preprocess``'s, so with
     ``resize=None`` and a centre crop this equals ``preprocess_image(data, size)`` exactly: a model is trained on
-    the same preprocessing that ``gq tokenize`` applies.
+    the same preprocessing that ``gq tokenize`` applies. ``preprocess="reference"`` uses the reference policy's colour
+    step, resize (PIL bilinear, longer side truncated) and centre-crop offsets instead, so that with ``resize=None``
+    and a centre crop it equals ``preprocess_image(data, size, policy="reference")`` (pair it with a
+    ``SampleReader(preprocess="reference")``).
     """
 
     size: int
     resize: int | None = None
     crop: str = "center"
     flip: bool = False
+    preprocess: str = "gq"
+
+    def __post_init__(self):
+        check_policy(self.preprocess)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        if self.preprocess == "reference":
+            return self._finish(self._reference(reference_rgb(img), rng), rng)
         img = to_rgb(img)
         w, h = img.size
         target = self.size if self.resize is None else int(self.resize)
@@ -351,6 +367,27 @@ class ImageTransform:
             else:
                 top, left = (h - s) // 2, (w - s) // 2
             img = img.crop((left, top, left + s, top + s))
+        return self._finish(img, rng)
+
+    def _reference(self, img: Image.Image, rng: np.random.Generator | None) -> Image.Image:
+        """The reference policy's resize and crop (a random crop of the same resized image when asked)."""
+        w, h = img.size
+        s = self.size
+        target = s if self.resize is None else int(self.resize)
+        target = max(min(w, h) if target <= 0 else target, s)
+        if target == s and not (self.crop == "random" and rng is not None):
+            return reference_resize_crop(img, s)
+        if min(w, h) != target:
+            w, h = reference_resized_size(w, h, target)
+            img = img.resize((w, h), Image.BILINEAR)
+        if self.crop == "random" and rng is not None:
+            top = int(rng.integers(0, h - s + 1))  # the gq path's draw order
+            left = int(rng.integers(0, w - s + 1))
+        else:
+            left, top = reference_crop_offsets(w, h, s)
+        return img.crop((left, top, left + s, top + s))
+
+    def _finish(self, img: Image.Image, rng: np.random.Generator | None) -> torch.Tensor:
         a = np.array(img, dtype=np.uint8)
         if self.flip and rng is not None and rng.random() < 0.5:
             a = a[:, ::-1]

@@ -232,7 +232,8 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg, d = self.cfg, self.dist
         so = self.storage_options
-        self.reader = SampleReader(cfg.data.image_column, so, memory=self.train_images)
+        policy = str(cfg.data.get("preprocess", "gq"))
+        self.reader = SampleReader(cfg.data.image_column, so, memory=self.train_images, preprocess=policy)
         idx = None
         if self.train_images is not None:
             idx = build_index(None, memory=self.train_images)
@@ -242,12 +243,12 @@ class Trainer:
         n = len(self.index)
         size = int(cfg.data.image_size)
         resize = None if cfg.data.resize is None else int(cfg.data.resize)
-        self.train_transform = ImageTransform(size, resize, cfg.data.crop, bool(cfg.data.flip))
-        eval_transform = ImageTransform(size, resize, "center", False)
+        self.train_transform = ImageTransform(size, resize, cfg.data.crop, bool(cfg.data.flip), policy)
+        eval_transform = ImageTransform(size, resize, "center", False, policy)
         holdout = int(cfg.data.holdout)
         all_ids = np.arange(n)
         if self.val_images is not None or cfg.data.val:
-            vreader = SampleReader(cfg.data.image_column, so, memory=self.val_images)
+            vreader = SampleReader(cfg.data.image_column, so, memory=self.val_images, preprocess=policy)
             vidx = None
             if d.is_main or self.val_images is not None:
                 vidx = build_index(cfg.data.val, cfg.data.image_column, so, memory=self.val_images)
