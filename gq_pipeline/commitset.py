@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["STAGING", "UNITS", "WIDS_INDEX", "new_attempt", "staged_relpath", "read_records", "staged_files", "publish",
+__all__ = ["STAGING", "UNITS", "WIDS_INDEX", "TornRecordError", "new_attempt", "staged_relpath", "read_records", "staged_files", "publish",
            "remove_tree", "roll_forward", "RollForward", "committed_paths", "uncommitted_files"]
 
 STAGING = ".staging"
@@ -55,11 +55,38 @@ def staged_relpath(attempt: str, relpath: str) -> str:
     return f"{STAGING}/{attempt}/{relpath}"
 
 
-def read_records(fs, root: str, manifest: dict | None = None) -> dict[str, dict[str, Any]] | None:
+class TornRecordError(ValueError):
+    """A ``units/*.json`` that is not a whole commit record (cut short, or not gq's): named, with what to do."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"commit record {path} is damaged ({problem}): rerun gq tokenize with the same inputs, "
+                         f"which redoes that unit and replaces the record, or delete the file (its unit is then "
+                         f"uncommitted, and gq gc removes its shards)")
+        self.path = path
+
+
+def _parse_record(path: str, blob: bytes) -> dict[str, Any]:
+    try:
+        rec = json.loads(blob)
+    except ValueError as e:
+        raise TornRecordError(path, f"not valid JSON: {e}") from None
+    uid = posixpath.basename(path)[:-5]
+    if not isinstance(rec, dict) or rec.get("unit_id") != uid or not isinstance(rec.get("shards", []), list):
+        raise TornRecordError(path, "not a commit record of this unit")
+    return rec
+
+
+def read_records(fs, root: str, manifest: dict | None = None,
+                 torn: list[str] | None = None) -> dict[str, dict[str, Any]] | None:
     """Every commit record under ``root`` (``units/*.json``), or None when the output has no ``units/`` folder.
 
     ``units/`` is the truth; ``manifest.json`` is only a cache: a record it lists is taken from it (with the
     output-wide fields it stores once), any other record is read. Pass ``manifest`` when already loaded.
+
+    A record that is not valid JSON (gq creates records whole, so only damage from outside does this: a truncated
+    copy, a full disk under a file system without hard links) raises :class:`TornRecordError` naming it; with a
+    ``torn`` list, its path is appended there instead and the unit counts as not committed (``gq tokenize`` redoes
+    it, and the commit replaces the damaged record).
     """
     units = posixpath.join(root, UNITS)
     try:
@@ -91,7 +118,13 @@ def read_records(fs, root: str, manifest: dict | None = None) -> dict[str, dict[
                 if isinstance(blob, FileNotFoundError):
                     continue  # removed since the listing
                 raise OSError(f"cannot read commit record {p}: {blob}")
-            rec = json.loads(blob)
+            try:
+                rec = _parse_record(p, blob)
+            except TornRecordError:
+                if torn is None:
+                    raise
+                torn.append(p)
+                continue
             records[rec["unit_id"]] = rec
     return records
 
