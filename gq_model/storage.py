@@ -61,8 +61,8 @@ def check_storage_options(options: Any, name: str = "--storage-options") -> dict
     protocols = [k for k in options if k in known or k in ("s3", "s3a", "gs", "gcs")]
     for k in protocols:
         if not isinstance(options[k], Mapping):
-            raise ValueError(f"{name}: the entry for protocol {k!r} must be a JSON object of that file system's "
-                             f"options, got {type(options[k]).__name__} {options[k]!r:.100}")
+            raise ValueError(f"the entry for protocol {k!r} in {name} must be a JSON object of that file "
+                             f"system's options, got {type(options[k]).__name__} {options[k]!r:.100}")
     flat = [k for k in options if k not in protocols]
     if protocols and flat:
         raise ValueError(f"{name} mixes per-protocol entries ({', '.join(sorted(protocols))}) with flat options "
@@ -82,7 +82,7 @@ def parse_storage_options(text: str) -> dict[str, Any]:
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r:.100}") from None
     try:
-        return check_storage_options(value, "the value")
+        return check_storage_options(value, "the value")  # argparse prefixes "argument --storage-options: "
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
