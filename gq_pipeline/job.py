@@ -439,6 +439,12 @@ def _convert_units(store: OutputStore, ctx: ShardContext, uids: list[str], forma
     return converted, again, failed
 
 
+def _no_inputs(inputs, input_list, plan) -> ValueError:
+    where = ", ".join(list(inputs)[:3] + ([input_list] if input_list else []))
+    return ValueError(f"no inputs found in {where} ({plan.listed} files listed, {plan.ignored} not images): "
+                      f"check the path, or pass --allow-empty to accept an empty run")
+
+
 def _run_planned(*, store, ctx, plan, inputs, formats, latents, unit_size, input_list, allow_empty, progress,
                  force_lease, tally, t0, t_start, c, preprocess, gq, ray_address, num_cpus, object_store_memory,
                  model_placement, gpus_per_worker, workers, cpus_per_worker, decode_threads, precision,
@@ -450,16 +456,16 @@ def _run_planned(*, store, ctx, plan, inputs, formats, latents, unit_size, input
     state = store.load()
     store.check_compatible(state, ctx)
     tally.records = dict(state.records)
-    work = _survey(store, state, plan, unit_size, formats, latents)
+    # Staged files of committed units are rolled forward (a write) before the output is surveyed: reconciling a
+    # changed folder reads committed shards back from their final names.
+    work = None if staged_files(store.fs, store.root) else _survey(store, state, plan, unit_size, formats, latents)
     if input_list:
         how = "read from the persisted plan" if plan.list_units.reused else "planned into _plan/"
         _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
-    if not work.planned and not work.records and not allow_empty:
-        where = ", ".join(list(inputs)[:3] + ([input_list] if input_list else []))
-        raise ValueError(f"no inputs found in {where} ({plan.listed} files listed, {plan.ignored} not images): "
-                         f"check the path, or pass --allow-empty to accept an empty run")
+    if work is not None and not work.planned and not work.records and not allow_empty:
+        raise _no_inputs(inputs, input_list, plan)
     lease = None
-    if work.todo or work.convert or not _output_current(store, state, work.records):
+    if work is None or work.todo or work.convert or not _output_current(store, state, work.records):
         # One writer per output (gq_pipeline.lease), taken before the state this run acts on is read, so that no
         # other run commits between that reading and this run's commits; a second run refuses here. A run with
         # nothing to write never takes it: a complete output on read-only storage checks without a write.
@@ -482,7 +488,7 @@ def _run_planned(*, store, ctx, plan, inputs, formats, latents, unit_size, input
                                f"this machine takes it over at once, elsewhere once it expires")
 
 
-def _run_leased(*, store, ctx, plan, formats, latents, unit_size, progress, tally, t0, t_start, c, preprocess, gq,
+def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, latents, unit_size, progress, tally, t0, t_start, c, preprocess, gq,
                 state, work, lease, ray_address, num_cpus, object_store_memory, model_placement, gpus_per_worker,
                 workers, cpus_per_worker, decode_threads, precision, storage_options, image_size, crop, max_pixels,
                 factor, image_column, batch_size, allow_external_refs, extensions, max_failed_units, max_attempts,
@@ -490,9 +496,11 @@ def _run_leased(*, store, ctx, plan, formats, latents, unit_size, progress, tall
     if lease is not None:
         fresh = store.load()  # under the lease now: what another run committed meanwhile counts
         store.check_compatible(fresh, ctx)
-        if fresh.records != state.records or fresh.torn != state.torn:
-            state, work = fresh, _survey(store, fresh, plan, unit_size, formats, latents)
         store.prepare(temp_stale_s=lease.temp_grace_s)  # after the check: a refused output is left as it was
+        if work is None or fresh.records != state.records or fresh.torn != state.torn:
+            state, work = fresh, _survey(store, fresh, plan, unit_size, formats, latents)
+            if not work.planned and not work.records and not allow_empty:
+                raise _no_inputs(inputs, input_list, plan)
     for path in state.torn:
         _log(progress, f"note: {path} is damaged (not a whole commit record); its unit counts as not committed, "
                        f"is redone if this run plans it, and its record is then replaced")
