@@ -225,13 +225,23 @@ def roll_forward(fs, root: str, records: dict[str, dict[str, Any]], dry_run: boo
     ``gq gc`` removes them when the output is not leased).
     """
     report = RollForward()
+    staged = staged_files(fs, root)
+    # The record of a unit with staged files is read from units/ itself, never from the manifest's cache: a record
+    # replaced since the manifest was written (a format added) names files the cached copy does not.
+    records = dict(records)
+    for uid in sorted({attempt_unit(a) for a in staged}):
+        try:
+            records[uid] = _parse_record(posixpath.join(root, UNITS, f"{uid}.json"),
+                                         fs.cat_file(posixpath.join(root, UNITS, f"{uid}.json")))
+        except (FileNotFoundError, TornRecordError):
+            records.pop(uid, None)
     expected = {}
     for r in records.values():
         for s in r.get("shards", ()):
             expected[(r["unit_id"], s["path"])] = s.get("sha256")
         if r.get("errors_file"):
             expected[(r["unit_id"], r["errors_file"])] = r.get("errors_sha256")
-    for attempt, rels in sorted(staged_files(fs, root).items()):
+    for attempt, rels in sorted(staged.items()):
         uid = attempt_unit(attempt)
         folder = posixpath.join(root, STAGING, attempt)
         if uid not in records:

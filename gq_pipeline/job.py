@@ -511,6 +511,13 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
         _log(progress, "note: " + replanned.describe())
     plan_s = time.perf_counter() - t0
 
+    if lease is not None and state.manifest is not None and (
+            work.convert or any(u["unit_id"] in records for u in todo)):
+        # This run replaces records (formats or latents added). manifest.json caches records, and a run stopped
+        # after a replace but before its new manifest would leave a cache naming fewer files than units/ does (gc
+        # would take the added shards for orphans): the stale cache goes first, and is rebuilt at the end.
+        store.fs.rm_file(store.path("manifest.json"))
+
     # ---------------------------------------------------------------- conversions (no model call)
     failed: list[dict[str, str]] = []
     converted: list[dict[str, Any]] = []
@@ -526,6 +533,11 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
             raise RunInterrupted("interrupted while writing formats from committed shards; what was converted is "
                                  "committed; rerun the same command to resume") from None
         failed += conv_failed
+        for f in conv_failed:  # a failure after the commit point still replaced the record: count what is there
+            f["source"] = next((u.source for u in planned if u.unit_id == f["unit_id"]), "")
+            r = store.read_record(f["unit_id"])
+            if r is not None:
+                records[f["unit_id"]] = r
         for r in converted:
             records[r["unit_id"]] = r
         by_id = {u.unit_id: u for u in planned}

@@ -157,3 +157,35 @@ def test_latents_asked_later_need_the_model_and_keep_every_format(tmp_path, mode
     assert s["units_committed"] == s["units_planned"] and counter.calls > 0
     _same_as_fresh(out, fresh)  # the tars are rewritten with latents too, not left behind without them
     _clean(out)
+
+
+@pytest.mark.parametrize("step", ["before_record", "before_publish"])
+def test_a_conversion_stopped_at_either_side_of_its_commit_point_is_finished_by_the_rerun(tmp_path, model,
+                                                                                        monkeypatch, step):
+    """The staged tar, then the record replace (the commit point), then the publish: stopped before the record, the
+    unit stays parquet-only and its staging is removed; stopped after it, the staged tar is rolled forward. Either
+    way the rerun ends as a fresh `both` run, with no model call."""
+    import gq_pipeline.convert as convert
+
+    inputs = _inputs(tmp_path / "in")
+    out, fresh_both = tmp_path / "out", tmp_path / "fresh_both"
+    _run(model, inputs, out, "parquet")
+    _run(model, inputs, fresh_both, "both")
+    counter = _CountingModel(monkeypatch, fail=True)
+    target = "replace_if_match" if step == "before_record" else "publish_unit"
+    real = getattr(convert, target)
+
+    def stop(*a, **kw):
+        raise OSError(f"stopped {step}")
+
+    monkeypatch.setattr(convert, target, stop)
+    s = _run(model, inputs, out, "webdataset", max_attempts=1)
+    assert s["units_failed"] and all(f"stopped {step}" in f["reason"] for f in s["units_failed"])
+    staged = [p for p in (out / ".staging").rglob("*.tar")]
+    assert staged  # the tars wait in staging, where no plain reader looks
+    assert not list((out / "webdataset").glob("*.tar")) if (out / "webdataset").exists() else True
+    monkeypatch.setattr(convert, target, real)
+    again = _run(model, inputs, out, "webdataset")
+    assert again["units_failed"] == [] and counter.calls == 0
+    _same_as_fresh(out, fresh_both)
+    _clean(out)
