@@ -2,11 +2,16 @@
 
 Data flow::
 
-    driver: list inputs -> units; skip committed units (units/*.json)
+    driver: list inputs -> units; survey the output without writing: skip committed units (units/*.json), plan
+            format conversions (gq_pipeline.convert); with nothing to do, stop there (no lease, no write)
+    driver, holding the output's lease: convert committed units to the missing format (no model call)
     for each unit, on a worker (a Ray actor per GPU / CPU node, or this process on a single CPU machine):
         read the unit's inputs -> decode threads -> model mini-batches -> shards -> commit record (last)
         -> one small outcome row back to the driver
     driver: retries, failure budget, manifest (a cache of units/)
+
+Any failure after planning that is not a refusal (a full, read-only or unreachable store, a lost cluster) becomes
+one ``JobError`` line naming the cause and what is committed (``gq tokenize`` exits 3); committed units stay.
 
 The unit is the task: a worker owns one unit from its bytes to its commit record, so decoded pixels and token rows
 never cross the object store or the driver, and a retry redoes exactly one unit. Design and measurements:
