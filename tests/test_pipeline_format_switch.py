@@ -189,3 +189,25 @@ def test_a_conversion_stopped_at_either_side_of_its_commit_point_is_finished_by_
     assert again["units_failed"] == [] and counter.calls == 0
     _same_as_fresh(out, fresh_both)
     _clean(out)
+
+
+def test_a_format_switch_on_s3(tmp_path, model, moto_s3, s3, monkeypatch):
+    """The same on an object store: the record replaced by If-Match, the staged tar published by copy + delete."""
+    inputs = _inputs(tmp_path / "in")
+    s3.mkdir("gq-switch")
+    fresh_both = tmp_path / "fresh_both"
+    _run(model, inputs, fresh_both, "both")
+    _run(model, inputs, "s3://gq-switch/out", "parquet", storage_options=moto_s3)
+    counter = _CountingModel(monkeypatch, fail=True)
+    s = _run(model, inputs, "s3://gq-switch/out", "webdataset", storage_options=moto_s3)
+    assert s["units_converted"] == s["units_planned"] and counter.calls == 0
+    s3.invalidate_cache()
+    want = _files(fresh_both)
+    got = {}
+    for sub in ("parquet", "webdataset", "errors", "units"):
+        for p in s3.ls(f"gq-switch/out/{sub}", detail=False):
+            got[f"{sub}/{p.rsplit('/', 1)[-1]}"] = s3.cat_file(p)
+    assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
+    assert not s3.find("gq-switch/out/.staging")
+    report = collect_garbage("s3://gq-switch/out", dry_run=True, storage_options=moto_s3)
+    assert report.removed == [] and report.damaged == []
