@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import fsspec
 
-__all__ = ["options_for", "url_to_fs", "create_exclusive", "read_versioned", "replace_if_match", "delete_if_match",
+__all__ = ["options_for", "url_to_fs", "check_storage_options", "parse_storage_options", "create_exclusive", "read_versioned", "replace_if_match", "delete_if_match",
            "conditional_support"]
 
 _LOCAL = ("file", "local")
@@ -43,11 +43,56 @@ def _is_per_protocol(options: Mapping[str, Any]) -> bool:
     return bool(options) and all(k in known and isinstance(v, Mapping) for k, v in options.items())
 
 
+def check_storage_options(options: Any, name: str = "--storage-options") -> dict[str, Any] | None:
+    """``options`` if it is a storage-options value gq can use, else a ``ValueError`` that names ``name``.
+
+    Without this check a JSON string or list failed deep inside fsspec with an ``AttributeError``, and
+    ``{"s3": 5}`` reached s3fs as a keyword ``s3=5``: neither message said which option was wrong."""
+    if options is None:
+        return None
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{name} must be a JSON object of fsspec options, e.g. '{{\"endpoint_url\": "
+                         f"\"http://host:9000\"}}' or '{{\"s3\": {{...}}, \"gs\": {{...}}}}'; got "
+                         f"{type(options).__name__} {options!r:.100}")
+    bad = [k for k in options if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"{name}: option names must be strings, got {bad[0]!r}")
+    known = fsspec.available_protocols()
+    protocols = [k for k in options if k in known or k in ("s3", "s3a", "gs", "gcs")]
+    for k in protocols:
+        if not isinstance(options[k], Mapping):
+            raise ValueError(f"the entry for protocol {k!r} in {name} must be a JSON object of that file "
+                             f"system's options, got {type(options[k]).__name__} {options[k]!r:.100}")
+    flat = [k for k in options if k not in protocols]
+    if protocols and flat:
+        raise ValueError(f"{name} mixes per-protocol entries ({', '.join(sorted(protocols))}) with flat options "
+                         f"({', '.join(sorted(flat))}): put every option under its protocol, or give only flat "
+                         f"options")
+    return dict(options)
+
+
+def parse_storage_options(text: str) -> dict[str, Any]:
+    """``--storage-options JSON`` for argparse (``type=``): malformed JSON, or JSON that is not an object of options,
+    is a usage error naming the option (argparse exits 2)."""
+    import argparse
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r:.100}") from None
+    try:
+        return check_storage_options(value, "the value")  # argparse prefixes "argument --storage-options: "
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def options_for(url: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The fsspec keyword arguments for ``url`` out of a run's ``storage_options`` (flat or per protocol)."""
     proto = _protocol(os.fspath(url))
     if proto in _LOCAL or not storage_options:
         return {}
+    check_storage_options(storage_options, "storage_options")
     if not _is_per_protocol(storage_options):
         return dict(storage_options)
     names = next((group for group in _ALIASES if proto in group), {proto})

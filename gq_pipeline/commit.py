@@ -32,7 +32,8 @@ from gq_pipeline.sources import Unit
 from gq_pipeline.writers import (ShardContext, build_error_table, build_token_table, parquet_bytes,
                                  split_rows, tar_bytes)
 
-__all__ = ["CompleteUnit", "commit_unit", "stage_unit", "commit_staged", "publish_unit", "StagedUnit"]
+__all__ = ["CompleteUnit", "commit_unit", "stage_unit", "commit_staged", "publish_unit", "StagedUnit", "build_shards",
+           "record_bytes", "SHARD_FORMATS"]
 
 
 
@@ -66,6 +67,42 @@ def _token_shapes(ok: pa.Table) -> list[list[int]]:
     return [[int(g), int(h), int(w), int(n)] for (g, h, w), n in sorted(shapes.items())]
 
 
+SHARD_FORMATS = ("parquet", "webdataset")  # the order of a record's ``shards``
+
+
+def build_shards(store: OutputStore, ctx: ShardContext, unit_id: str, unit_kind: str, formats, ok: pa.Table,
+                 passthrough_schema: pa.Schema | None) -> list[tuple[str, bytes, dict[str, Any]]]:
+    """``(relpath, bytes, record shard entry)`` of each requested format's token shard of one unit's ``ok`` rows.
+
+    The one place shard bytes and their record entries are made: a unit's first commit and a later format
+    conversion (:mod:`gq_pipeline.convert`) both call it, so a shard written from the other format's shard is the
+    file a fresh run writes."""
+    n_ok = ok.num_rows
+    shapes = _token_shapes(ok)
+    out = []
+    for fmt in SHARD_FORMATS:
+        if fmt not in formats:
+            continue
+        rel = store.shard_relpath(fmt, unit_id, ctx.model_fingerprint)
+        if fmt == "parquet":
+            table = build_token_table(ok, ctx, unit_id, passthrough_schema)
+            data = parquet_bytes(table)
+            entry = {"format": "parquet", "path": rel, "rows": n_ok, "bytes": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest(), "row_groups": _row_groups(data),
+                     "columns": table.column_names, "token_shapes": shapes}
+        else:
+            data = tar_bytes(ok, ctx, parquet_input=unit_kind == "parquet")
+            entry = {"format": "webdataset", "path": rel, "rows": n_ok, "bytes": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest(), "row_groups": [n_ok], "token_shapes": shapes}
+        out.append((rel, data, entry))
+    return out
+
+
+def record_bytes(record: dict[str, Any]) -> bytes:
+    """A commit record as stored (``OutputStore.commit`` writes the same bytes)."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
 def stage_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], done: CompleteUnit) -> StagedUnit:
     """Steps 1 and the record's content: write the unit's files under a fresh staging folder."""
     unit = done.unit
@@ -91,22 +128,9 @@ def stage_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], 
 
     hist = None
     if n_ok:
-        shapes = _token_shapes(ok)
-        if "parquet" in formats:
-            table = build_token_table(ok, ctx, unit.unit_id, passthrough_schema)
-            data = parquet_bytes(table)
-            rel = store.shard_relpath("parquet", unit.unit_id, fp)
+        for rel, data, entry in build_shards(store, ctx, unit.unit_id, unit.kind, formats, ok, passthrough_schema):
             stage(rel, data)
-            shards.append({"format": "parquet", "path": rel, "rows": n_ok, "bytes": len(data),
-                           "sha256": hashlib.sha256(data).hexdigest(), "row_groups": _row_groups(data),
-                           "columns": table.column_names, "token_shapes": shapes})
-        if "webdataset" in formats:
-            data = tar_bytes(ok, ctx, parquet_input=unit.kind == "parquet")
-            rel = store.shard_relpath("webdataset", unit.unit_id, fp)
-            stage(rel, data)
-            shards.append({"format": "webdataset", "path": rel, "rows": n_ok, "bytes": len(data),
-                           "sha256": hashlib.sha256(data).hexdigest(), "row_groups": [n_ok],
-                           "token_shapes": shapes})
+            shards.append(entry)
         flat = np.frombuffer(b"".join(ok.column("tokens").to_pylist()), dtype=ctx.token_numpy)
         hist = np.bincount(flat.astype(np.int64), minlength=ctx.codebook_size)
     errors_file = errors_sha = None

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["STAGING", "UNITS", "WIDS_INDEX", "new_attempt", "staged_relpath", "read_records", "staged_files", "publish",
+__all__ = ["STAGING", "UNITS", "WIDS_INDEX", "TornRecordError", "new_attempt", "staged_relpath", "read_records", "staged_files", "publish",
            "remove_tree", "roll_forward", "RollForward", "committed_paths", "uncommitted_files"]
 
 STAGING = ".staging"
@@ -55,11 +55,38 @@ def staged_relpath(attempt: str, relpath: str) -> str:
     return f"{STAGING}/{attempt}/{relpath}"
 
 
-def read_records(fs, root: str, manifest: dict | None = None) -> dict[str, dict[str, Any]] | None:
+class TornRecordError(ValueError):
+    """A ``units/*.json`` that is not a whole commit record (cut short, or not gq's): named, with what to do."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"commit record {path} is damaged ({problem}): rerun gq tokenize with the same inputs, "
+                         f"which redoes that unit and replaces the record, or delete the file (its unit is then "
+                         f"uncommitted, and gq gc removes its shards)")
+        self.path = path
+
+
+def _parse_record(path: str, blob: bytes) -> dict[str, Any]:
+    try:
+        rec = json.loads(blob)
+    except ValueError as e:
+        raise TornRecordError(path, f"not valid JSON: {e}") from None
+    uid = posixpath.basename(path)[:-5]
+    if not isinstance(rec, dict) or rec.get("unit_id") != uid or not isinstance(rec.get("shards", []), list):
+        raise TornRecordError(path, "not a commit record of this unit")
+    return rec
+
+
+def read_records(fs, root: str, manifest: dict | None = None,
+                 torn: list[str] | None = None) -> dict[str, dict[str, Any]] | None:
     """Every commit record under ``root`` (``units/*.json``), or None when the output has no ``units/`` folder.
 
     ``units/`` is the truth; ``manifest.json`` is only a cache: a record it lists is taken from it (with the
     output-wide fields it stores once), any other record is read. Pass ``manifest`` when already loaded.
+
+    A record that is not valid JSON (gq creates records whole, so only damage from outside does this: a truncated
+    copy, a full disk under a file system without hard links) raises :class:`TornRecordError` naming it; with a
+    ``torn`` list, its path is appended there instead and the unit counts as not committed (``gq tokenize`` redoes
+    it, and the commit replaces the damaged record).
     """
     units = posixpath.join(root, UNITS)
     try:
@@ -91,7 +118,13 @@ def read_records(fs, root: str, manifest: dict | None = None) -> dict[str, dict[
                 if isinstance(blob, FileNotFoundError):
                     continue  # removed since the listing
                 raise OSError(f"cannot read commit record {p}: {blob}")
-            rec = json.loads(blob)
+            try:
+                rec = _parse_record(p, blob)
+            except TornRecordError:
+                if torn is None:
+                    raise
+                torn.append(p)
+                continue
             records[rec["unit_id"]] = rec
     return records
 
@@ -192,13 +225,23 @@ def roll_forward(fs, root: str, records: dict[str, dict[str, Any]], dry_run: boo
     ``gq gc`` removes them when the output is not leased).
     """
     report = RollForward()
+    staged = staged_files(fs, root)
+    # The record of a unit with staged files is read from units/ itself, never from the manifest's cache: a record
+    # replaced since the manifest was written (a format added) names files the cached copy does not.
+    records = dict(records)
+    for uid in sorted({attempt_unit(a) for a in staged}):
+        try:
+            records[uid] = _parse_record(posixpath.join(root, UNITS, f"{uid}.json"),
+                                         fs.cat_file(posixpath.join(root, UNITS, f"{uid}.json")))
+        except (FileNotFoundError, TornRecordError):
+            records.pop(uid, None)
     expected = {}
     for r in records.values():
         for s in r.get("shards", ()):
             expected[(r["unit_id"], s["path"])] = s.get("sha256")
         if r.get("errors_file"):
             expected[(r["unit_id"], r["errors_file"])] = r.get("errors_sha256")
-    for attempt, rels in sorted(staged_files(fs, root).items()):
+    for attempt, rels in sorted(staged.items()):
         uid = attempt_unit(attempt)
         folder = posixpath.join(root, STAGING, attempt)
         if uid not in records:

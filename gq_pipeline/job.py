@@ -2,11 +2,16 @@
 
 Data flow::
 
-    driver: list inputs -> units; skip committed units (units/*.json)
+    driver: list inputs -> units; survey the output without writing: skip committed units (units/*.json), plan
+            format conversions (gq_pipeline.convert); with nothing to do, stop there (no lease, no write)
+    driver, holding the output's lease: convert committed units to the missing format (no model call)
     for each unit, on a worker (a Ray actor per GPU / CPU node, or this process on a single CPU machine):
         read the unit's inputs -> decode threads -> model mini-batches -> shards -> commit record (last)
         -> one small outcome row back to the driver
     driver: retries, failure budget, manifest (a cache of units/)
+
+Any failure after planning that is not a refusal (a full, read-only or unreachable store, a lost cluster) becomes
+one ``JobError`` line naming the cause and what is committed (``gq tokenize`` exits 3); committed units stay.
 
 The unit is the task: a worker owns one unit from its bytes to its commit record, so decoded pixels and token rows
 never cross the object store or the driver, and a retry redoes exactly one unit. Design and measurements:
@@ -18,12 +23,16 @@ import contextlib
 import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from gq_pipeline.lease import OutputLease
-from gq_pipeline.manifest import OutputStore, manifest_unit_entry
+from gq_model.storage import check_storage_options
+from gq_pipeline.commitset import WIDS_INDEX, staged_files
+from gq_pipeline.convert import CONVERTED, NEEDS_MODEL, UNCHANGED, convert_unit, why_not_convertible
+from gq_pipeline.lease import LeaseHeldError, LeaseLostError, OutputLease
+from gq_pipeline.manifest import IncompatibleOutputError, OutputStore, manifest_unit_entry
 from gq_pipeline.model_loader import load_model
 from gq_pipeline.plan_store import PLAN_DIR
 from gq_pipeline.progress import ProgressReporter
@@ -270,6 +279,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     if batch_size < 1 or unit_size < 1 or max_pixels < 1:
         raise ValueError("batch_size, unit_size and max_pixels must be positive")
     formats = FORMATS[format]
+    storage_options = check_storage_options(storage_options, "storage_options")
     store = OutputStore(output, storage_options)
 
     # ---------------------------------------------------------------- model and its identity
@@ -304,167 +314,397 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     if ignored_note(plan):
         _log(progress, ignored_note(plan))
     _check_first_parquet(plan.units, image_column, storage_options)
-    # One writer per output (gq_pipeline.lease): taken before the state is read, so no other run commits between
-    # the listing this run plans from and its own commits; a second run refuses here.
-    with OutputLease.for_store(store, force=force_lease, log=lambda m: _log(progress, m)) as lease:
-        state = store.load()
-        store.check_compatible(state, ctx)
-        store.prepare(temp_stale_s=lease.temp_grace_s)  # after the check: a refused output is left as it was
-        records = dict(state.records)
-        replanned = reconcile_with_committed(plan.units, records, unit_size, store.committed_sources)
-        if replanned.changed_dirs:
-            _log(progress, "note: " + replanned.describe())
+    tally = _Tally()
+    try:
+        return _run_planned(**locals())
+    except _PASS_THROUGH:
+        raise
+    except Exception as e:  # storage full, read-only or unreachable, a lost cluster: one line, exit 3
+        raise JobError(f"the run stopped: {_one_line(e)}. {tally.describe()}") from e
 
-        def is_done(uid: str) -> bool:
-            r = records.get(uid)
-            return r is not None and set(formats) <= set(r.get("formats", ())) and (not latents or r.get("latents"))
 
-        # List units need no reconciling (content-hashed fixed ranges). Iterating them plans the list (persisted under
-        # _plan/, after the compatibility check above); a streaming driver would consume plan.list_units lazily.
-        planned = replanned.units + list(plan.list_units)
-        if input_list:
-            how = "read from the persisted plan" if plan.list_units.reused else "planned into _plan/"
-            _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
-        if not planned and not records and not allow_empty:
-            where = ", ".join(list(inputs)[:3] + ([input_list] if input_list else []))
-            raise ValueError(f"no inputs found in {where} ({plan.listed} files listed, {plan.ignored} not images): "
-                             f"check the path, or pass --allow-empty to accept an empty run")
-        todo = [u for u in planned if not is_done(u.unit_id)]
-        skipped = len(planned) - len(todo)
-        plan_s = time.perf_counter() - t0
-        _log(progress, f"{skipped} units already committed, {len(todo)} to do")
+# Errors that keep their own meaning (and exit code) when raised after planning: refusals, bad arguments, a lost
+# lease, Ctrl-C. Anything else after planning is a failure of the storage or the cluster (JobError, exit 3).
+_PASS_THROUGH = (JobError, LeaseHeldError, LeaseLostError, IncompatibleOutputError, ValueError, TypeError,
+                 FileNotFoundError)
 
-        # ---------------------------------------------------------------- run
-        failed: list[dict[str, str]] = []
-        new_records: list[dict[str, Any]] = []
-        hist_total = np.zeros(c.codebook_size, dtype=np.int64)
-        stage = {"read_decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
-        pipeline_s = 0.0
-        pipeline_error: Exception | None = None
-        resources: dict[str, Any] = {}
-        run_stats = None
-        interrupted = False
-        if todo:
-            started = False
-            if _needs_ray(ray_address, model_placement, gpus_per_worker, workers, cpus_per_worker):
-                started = _ensure_ray(ray_address, num_cpus, object_store_memory, verbose)
-                resources = _resources(gpus_per_worker, workers, cpus_per_worker, decode_threads, model_placement)
-            else:
-                resources = _local_resources(decode_threads)
+
+def _one_line(e: BaseException, limit: int = 600) -> str:
+    """An exception as one line: its type and message, whitespace folded (Ray errors carry whole tracebacks: the
+    last lines say what happened)."""
+    text = " ".join(str(e).split())
+    if len(text) > limit:
+        text = "..." + text[-limit:]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class _Tally:
+    """What is known to be committed, for the one line a failure prints."""
+
+    def __init__(self):
+        self.this_run = 0
+        self.records: dict[str, dict[str, Any]] | None = None
+
+    def describe(self) -> str:
+        if self.records is None:
+            return ("Nothing was committed in this run; what the output held is unchanged, and rerunning the same "
+                    "command resumes")
+        recs = self.records.values()
+        n_in, n_ok = sum(r["inputs"] for r in recs), sum(r["tokenized"] for r in recs)
+        return (f"Committed: {self.this_run} units in this run, {len(self.records)} in the output ({n_ok} tokenized "
+                f"+ {n_in - n_ok} errors = {n_in} inputs); committed work is kept and rerunning the same command "
+                f"resumes")
+
+
+@dataclass
+class _Survey:
+    """What a run has to do, read from the output without writing: units for the model, units to convert."""
+
+    records: dict[str, dict[str, Any]]
+    replanned: Any
+    planned: list
+    todo: list            # units the model must (re)tokenize (dicts, with "formats" where a record exists)
+    convert: list[str]    # unit ids whose missing formats are written from their committed shard
+    skipped: int
+    model_again: dict[str, str]  # unit id -> why its missing format needs the model again
+
+
+def _survey(store: OutputStore, state, plan, unit_size: int, formats, latents: bool) -> _Survey:
+    records = dict(state.records)
+    replanned = reconcile_with_committed(plan.units, records, unit_size, store.committed_sources)
+    planned = replanned.units + list(plan.list_units)
+    todo, convert, skipped, again = [], [], 0, {}
+    for u in planned:
+        r = records.get(u.unit_id)
+        if r is None:
+            todo.append(u.to_dict())
+            continue
+        have = set(r.get("formats", ()))
+        if set(formats) <= have and (not latents or r.get("latents")):
+            skipped += 1
+            continue
+        why = why_not_convertible(r, latents)
+        if why is None:
+            convert.append(u.unit_id)
+        else:  # tokenized again, with every format the record has too (a record only ever gains formats)
+            again[u.unit_id] = why
+            todo.append({**u.to_dict(), "formats": sorted(have | set(formats))})
+    return _Survey(records, replanned, planned, todo, convert, skipped, again)
+
+
+def _output_current(store: OutputStore, state, records: dict[str, dict[str, Any]]) -> bool:
+    """True when a run that commits nothing would write nothing: the manifest lists exactly the committed units
+    (and no failed ones), the wids index is what it would be, and nothing waits to be rolled forward. Reads only."""
+    m = state.manifest
+    if not m or m.get("failed_units") or state.torn:
+        return False
+    if {u.get("unit_id") for u in m.get("units", []) if isinstance(u, dict)} != set(records):
+        return False
+    if staged_files(store.fs, store.root) or store.fs.exists(store.path("webdataset", "index.json")):
+        return False
+    want = store.wids_index_bytes([records[k] for k in sorted(records)])
+    try:
+        have = store.fs.cat_file(store.path(WIDS_INDEX))
+    except FileNotFoundError:
+        have = None
+    return want == have
+
+
+def _convert_units(store: OutputStore, ctx: ShardContext, uids: list[str], formats, progress: bool,
+                   max_attempts: int, threads: int = 4):
+    """Write the missing formats of committed units from their shards (gq_pipeline.convert), a few at a time.
+    Returns (converted records, {unit id: why the model is needed}, failed units)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    converted: list[dict[str, Any]] = []
+    again: dict[str, str] = {}
+    failed: list[dict[str, Any]] = []
+
+    def one(uid: str) -> dict[str, Any]:
+        for attempt in range(max(1, max_attempts)):
             try:
-                if precision == "bf16" and resources["gpus_per_worker"] == 0:
-                    raise ValueError("--precision bf16 runs the encoder in bf16 on GPU actors, but this run has none "
-                                     "(no GPUs in the cluster, or --gpus-per-worker 0); use --precision fp32")
-                if resources["model_placement"] == "driver":
-                    _log(progress, f"model in this process ({resources['cpus_per_worker']:g} CPU threads, "
-                                   f"{resources['decode_threads']} decode threads)")
-                else:
-                    _log(progress, f"{resources['workers']} model worker(s), {resources['gpus_per_worker']:g} GPU / "
-                                   f"{resources['cpus_per_worker']:g} CPU / {resources['decode_threads']} decode "
-                                   f"threads each; cluster {resources['cluster_cpus']:g} CPU "
-                                   f"{resources['cluster_gpus']:g} GPU")
-                    if resources["gpus_per_worker"] > 0 and resources["cluster_gpus"] == 0:
-                        _log(progress, "no GPU node has joined the cluster yet: the workers wait for one (autoscaling)")
-                spec = WorkSpec(output=store.url, storage_options=storage_options, ctx=ctx, formats=formats,
-                                image_size=image_size, crop=crop, max_pixels=max_pixels, multiple_of=factor,
-                                image_column=image_column, batch_size=batch_size,
-                                decode_threads=resources["decode_threads"],
-                                allow_external_refs=tuple(allow_external_refs or ()),
-                                extensions=tuple(extensions or ()),
-                                niceness=10 if resources["gpus_per_worker"] == 0 else 0)
-                budget = FailureBudget(max_failed_units, len(todo))
-                t_run = time.perf_counter()
-                with _stop_signals(), _worker_pool(gq, spec, resources, precision, latents, min_workers,
-                                                         worker_timeout_s) as pool:
-                    reporter = ProgressReporter((u.to_dict() for u in todo), enabled=progress)
-                    try:
-                        run_stats = run_units(pool, (u.to_dict() for u in todo), budget=budget,
-                                              max_attempts=max_attempts,
-                                              on_progress=_progress_logger(reporter, lease, pool),
-                                              progress_every_s=reporter.tick_s)
-                    except FailureBudgetExceeded as e:
-                        run_stats, pipeline_error = e.stats, e
-                    except NoWorkersError as e:
-                        pipeline_error = e
-                    except Interrupted as e:
-                        run_stats, interrupted = e.stats, True
-                    pipeline_s = time.perf_counter() - t_run
-                    reporter.close(run_stats)
+                return convert_unit(store, ctx, uid, formats)
+            except Exception as e:  # a storage error: tried again, then a failed unit (a rerun retries it)
+                error = e
+        return {"unit_id": uid, "status": "failed", "reason": _one_line(error), "attempts": max(1, max_attempts)}
+
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gq-convert")
+    try:
+        futures = [pool.submit(one, uid) for uid in uids]
+        for f in as_completed(futures):
+            out = f.result()
+            if out["status"] in (CONVERTED, UNCHANGED):
+                if out["record"] is not None:
+                    converted.append(out["record"])
+            elif out["status"] == NEEDS_MODEL:
+                again[out["unit_id"]] = out["reason"]
+            else:
+                failed.append({"unit_id": out["unit_id"], "source": "", "reason": out["reason"],
+                               "attempts": out["attempts"]})
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return converted, again, failed
+
+
+def _no_inputs(inputs, input_list, plan) -> ValueError:
+    where = ", ".join(list(inputs)[:3] + ([input_list] if input_list else []))
+    return ValueError(f"no inputs found in {where} ({plan.listed} files listed, {plan.ignored} not images): "
+                      f"check the path, or pass --allow-empty to accept an empty run")
+
+
+def _run_planned(*, store, ctx, plan, inputs, formats, latents, unit_size, input_list, allow_empty, progress,
+                 force_lease, tally, t0, t_start, c, preprocess, gq, ray_address, num_cpus, object_store_memory,
+                 model_placement, gpus_per_worker, workers, cpus_per_worker, decode_threads, precision,
+                 storage_options, image_size, crop, max_pixels, factor, image_column, batch_size,
+                 allow_external_refs, extensions, max_failed_units, max_attempts, min_workers, worker_timeout_s,
+                 verbose, **_unused) -> dict[str, Any]:
+    """Everything after planning: survey the output (reads only), and only if there is work take the lease, convert,
+    tokenize, and write the manifest. Storage failures raise here and become one JobError line in ``tokenize``."""
+    state = store.load()
+    store.check_compatible(state, ctx)
+    tally.records = dict(state.records)
+    # Staged files of committed units are rolled forward (a write) before the output is surveyed: reconciling a
+    # changed folder reads committed shards back from their final names.
+    work = None if staged_files(store.fs, store.root) else _survey(store, state, plan, unit_size, formats, latents)
+    if input_list:
+        how = "read from the persisted plan" if plan.list_units.reused else "planned into _plan/"
+        _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
+    if work is not None and not work.planned and not work.records and not allow_empty:
+        raise _no_inputs(inputs, input_list, plan)
+    lease = None
+    if work is None or work.todo or work.convert or not _output_current(store, state, work.records):
+        # One writer per output (gq_pipeline.lease), taken before the state this run acts on is read, so that no
+        # other run commits between that reading and this run's commits; a second run refuses here. A run with
+        # nothing to write never takes it: a complete output on read-only storage checks without a write.
+        lease = OutputLease.for_store(store, force=force_lease, log=lambda m: _log(progress, m))
+        try:
+            lease.acquire()
+        except (LeaseHeldError, FileNotFoundError):
+            raise
+        except Exception as e:
+            raise JobError(f"could not take the output's lease {lease.url}: {_one_line(e)}. Nothing was written; "
+                           f"rerun the same command once the output is writable and reachable") from e
+    try:
+        return _run_leased(**locals())
+    finally:
+        if lease is not None and lease.held:
+            try:
+                lease.release()
+            except Exception as e:
+                _log(progress, f"note: could not remove the lease {lease.url} ({_one_line(e)}); a later run on "
+                               f"this machine takes it over at once, elsewhere once it expires")
+
+
+def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, latents, unit_size, progress, tally, t0, t_start, c, preprocess, gq,
+                state, work, lease, ray_address, num_cpus, object_store_memory, model_placement, gpus_per_worker,
+                workers, cpus_per_worker, decode_threads, precision, storage_options, image_size, crop, max_pixels,
+                factor, image_column, batch_size, allow_external_refs, extensions, max_failed_units, max_attempts,
+                min_workers, worker_timeout_s, verbose, **_unused) -> dict[str, Any]:
+    if lease is not None:
+        fresh = store.load()  # under the lease now: what another run committed meanwhile counts
+        store.check_compatible(fresh, ctx)
+        store.prepare(temp_stale_s=lease.temp_grace_s)  # after the check: a refused output is left as it was
+        if work is None or fresh.records != state.records or fresh.torn != state.torn:
+            state, work = fresh, _survey(store, fresh, plan, unit_size, formats, latents)
+            if not work.planned and not work.records and not allow_empty:
+                raise _no_inputs(inputs, input_list, plan)
+    for path in state.torn:
+        _log(progress, f"note: {path} is damaged (not a whole commit record); its unit counts as not committed, "
+                       f"is redone if this run plans it, and its record is then replaced")
+    records = work.records
+    tally.records = records
+    replanned, planned, todo, skipped = work.replanned, work.planned, list(work.todo), work.skipped
+    if replanned.changed_dirs:
+        _log(progress, "note: " + replanned.describe())
+    plan_s = time.perf_counter() - t0
+
+    if lease is not None and state.manifest is not None and (
+            work.convert or any(u["unit_id"] in records for u in todo)):
+        # This run replaces records (formats or latents added). manifest.json caches records, and a run stopped
+        # after a replace but before its new manifest would leave a cache naming fewer files than units/ does (gc
+        # would take the added shards for orphans): the stale cache goes first, and is rebuilt at the end.
+        store.fs.rm_file(store.path("manifest.json"))
+
+    # ---------------------------------------------------------------- conversions (no model call)
+    failed: list[dict[str, str]] = []
+    converted: list[dict[str, Any]] = []
+    model_again = dict(work.model_again)
+    if work.convert:
+        _log(progress, f"{len(work.convert)} committed units lack {'/'.join(formats)}: writing it from their "
+                       f"committed shards (no model call)")
+        try:
+            with _stop_signals():
+                converted, again, conv_failed = _convert_units(store, ctx, work.convert, formats, progress,
+                                                               max_attempts)
+        except KeyboardInterrupt:
+            raise RunInterrupted("interrupted while writing formats from committed shards; what was converted is "
+                                 "committed; rerun the same command to resume") from None
+        failed += conv_failed
+        for f in conv_failed:  # a failure after the commit point still replaced the record: count what is there
+            f["source"] = next((u.source for u in planned if u.unit_id == f["unit_id"]), "")
+            r = store.read_record(f["unit_id"])
+            if r is not None:
+                records[f["unit_id"]] = r
+        for r in converted:
+            records[r["unit_id"]] = r
+        by_id = {u.unit_id: u for u in planned}
+        for uid, why in again.items():
+            model_again[uid] = why
+            have = set(records.get(uid, {}).get("formats", ()))
+            todo.append({**by_id[uid].to_dict(), "formats": sorted(have | set(formats))})
+    if model_again:
+        reasons = sorted(set(model_again.values()))
+        _log(progress, f"{len(model_again)} committed unit(s) need the model again for the asked format(s): "
+                       + "; ".join(reasons[:3]))
+    _log(progress, f"{skipped} units already committed, {len(converted)} converted, {len(todo)} to tokenize")
+
+    # ---------------------------------------------------------------- run
+    new_records: list[dict[str, Any]] = []
+    hist_total = np.zeros(c.codebook_size, dtype=np.int64)
+    stage = {"read_decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+    pipeline_s = 0.0
+    pipeline_error: Exception | None = None
+    resources: dict[str, Any] = {}
+    run_stats = None
+    interrupted = False
+    if todo:
+        started = False
+        if _needs_ray(ray_address, model_placement, gpus_per_worker, workers, cpus_per_worker):
+            started = _ensure_ray(ray_address, num_cpus, object_store_memory, verbose)
+            resources = _resources(gpus_per_worker, workers, cpus_per_worker, decode_threads, model_placement)
+        else:
+            resources = _local_resources(decode_threads)
+        try:
+            if precision == "bf16" and resources["gpus_per_worker"] == 0:
+                raise ValueError("--precision bf16 runs the encoder in bf16 on GPU actors, but this run has none "
+                                 "(no GPUs in the cluster, or --gpus-per-worker 0); use --precision fp32")
+            if resources["model_placement"] == "driver":
+                _log(progress, f"model in this process ({resources['cpus_per_worker']:g} CPU threads, "
+                               f"{resources['decode_threads']} decode threads)")
+            else:
+                _log(progress, f"{resources['workers']} model worker(s), {resources['gpus_per_worker']:g} GPU / "
+                               f"{resources['cpus_per_worker']:g} CPU / {resources['decode_threads']} decode "
+                               f"threads each; cluster {resources['cluster_cpus']:g} CPU "
+                               f"{resources['cluster_gpus']:g} GPU")
+                if resources["gpus_per_worker"] > 0 and resources["cluster_gpus"] == 0:
+                    _log(progress, "no GPU node has joined the cluster yet: the workers wait for one (autoscaling)")
+            spec = WorkSpec(output=store.url, storage_options=storage_options, ctx=ctx, formats=formats,
+                            image_size=image_size, crop=crop, max_pixels=max_pixels, multiple_of=factor,
+                            image_column=image_column, batch_size=batch_size,
+                            decode_threads=resources["decode_threads"],
+                            allow_external_refs=tuple(allow_external_refs or ()),
+                            extensions=tuple(extensions or ()),
+                            niceness=10 if resources["gpus_per_worker"] == 0 else 0)
+            budget = FailureBudget(max_failed_units, len(todo))
+            t_run = time.perf_counter()
+            with _stop_signals(), _worker_pool(gq, spec, resources, precision, latents, min_workers,
+                                               worker_timeout_s) as pool:
+                reporter = ProgressReporter(todo, enabled=progress)
+                try:
+                    run_stats = run_units(pool, iter(todo), budget=budget, max_attempts=max_attempts,
+                                          on_progress=_progress_logger(reporter, lease, pool),
+                                          progress_every_s=reporter.tick_s)
+                except FailureBudgetExceeded as e:
+                    run_stats, pipeline_error = e.stats, e
+                except NoWorkersError as e:
+                    pipeline_error = e
+                except Interrupted as e:
+                    run_stats, interrupted = e.stats, True
+                except (LeaseLostError, ValueError, TypeError):
+                    raise
+                except Exception as e:  # the cluster or the driver's side of it broke (a raylet gone, ...)
+                    pipeline_error = e
+                pipeline_s = time.perf_counter() - t_run
+                reporter.close(run_stats)
+                try:
                     for st in pool.stats():
                         hist_total += st["hist"]
                         stage["oom_halvings"] = stage.get("oom_halvings", 0) + st.get("oom_halvings", 0)
-            finally:
-                if started:
-                    import ray
+                except Exception:  # workers gone at the end: this run's usage statistics lack their histograms
+                    pass
+        finally:
+            if started:
+                import ray
 
-                    ray.shutdown()
-            if run_stats is not None:
-                failed = run_stats.failed
-                for o in run_stats.committed:
-                    new_records.append(o["record"])
-                    stage["read_decode_s"] += o.get("read_s", 0.0)
-                    stage["model_s"] += o.get("model_s", 0.0)
-                    stage["write_s"] += o.get("write_s", 0.0)
-                stage["retries"], stage["workers_lost"] = run_stats.retries, run_stats.workers_lost
-                stage["already_committed_by_another_run"] = len(run_stats.already)
-                for r in run_stats.already:  # in the manifest, not in this run's counts
-                    records[r["unit_id"]] = r
-                stage["driver_bytes_received"] = run_stats.outcome_bytes
-            if new_records == [] and failed and len(failed) == len(todo) and pipeline_error is None:
-                # nothing committed and every unit failed: systematic (a broken model or store), not bad inputs
-                pipeline_error = RuntimeError(failed[0]["reason"])
+                ray.shutdown()
+        if run_stats is not None:
+            failed += run_stats.failed
+            for o in run_stats.committed:
+                new_records.append(o["record"])
+                stage["read_decode_s"] += o.get("read_s", 0.0)
+                stage["model_s"] += o.get("model_s", 0.0)
+                stage["write_s"] += o.get("write_s", 0.0)
+            stage["retries"], stage["workers_lost"] = run_stats.retries, run_stats.workers_lost
+            stage["already_committed_by_another_run"] = len(run_stats.already)
+            for r in run_stats.already:  # in the manifest, not in this run's counts
+                records[r["unit_id"]] = r
+            stage["driver_bytes_received"] = run_stats.outcome_bytes
+        if new_records == [] and failed and len(failed) == len(todo) and pipeline_error is None:
+            # nothing committed and every unit failed: systematic (a broken model or store), not bad inputs
+            pipeline_error = RuntimeError(failed[0]["reason"])
 
-        # ---------------------------------------------------------------- manifest and summary
-        for r in new_records:
-            records[r["unit_id"]] = r
-        all_records = [records[k] for k in sorted(records)]
-        tot_in = sum(r["inputs"] for r in all_records)
-        tot_ok = sum(r["tokenized"] for r in all_records)
-        tot_err = sum(r["errors"] for r in all_records)
-        by_kind: dict[str, int] = {}
-        for r in all_records:
-            for k, v in r.get("errors_by_kind", {}).items():
-                by_kind[k] = by_kind.get(k, 0) + v
-        run_in = sum(r["inputs"] for r in new_records)
-        wall = time.perf_counter() - t_start
-        busy = {k: stage[k] for k in ("read_decode_s", "model_s", "write_s")}
-        busy_total = sum(busy.values()) or 1.0
-        throughput = {
-            "wall_s": round(wall, 3), "list_s": round(plan.list_s, 3), "plan_s": round(plan_s, 3),
-            "pipeline_s": round(pipeline_s, 3), "images": run_in,
-            "images_per_s": round(run_in / pipeline_s, 2) if pipeline_s > 0 else None,
-            "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
-            "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
-            "model_utilization": (round(stage["model_s"] / (pipeline_s * resources["workers"]), 3)
-                                  if pipeline_s > 0 and resources else None),
-            "resources": resources, "driver_bytes_received": stage.get("driver_bytes_received", 0),
-            "faults": {k: stage.get(k, 0) for k in ("retries", "workers_lost", "oom_halvings",
-                                                    "already_committed_by_another_run")},
-        }
-        wids = store.write_wids_index(all_records)
-        manifest = {"format_version": FORMAT_VERSION, "model_fingerprint": ctx.model_fingerprint,
-                    "codebook_fingerprint": ctx.codebook_fingerprint, "codebook_size": c.codebook_size,
-                    "group": c.group, "seed": c.seed, "beta": c.beta, "arch": c.arch, "preprocess": preprocess,
-                    "inputs": tot_in, "tokenized": tot_ok, "errors": tot_err,
-                    "errors_by_kind": dict(sorted(by_kind.items())),
-                    "units": [manifest_unit_entry(r) for r in all_records], "wids_index": wids,
-                    "throughput": throughput, "codebook_usage": _usage(hist_total),
-                    "listing_changes": {"folders": len(replanned.changed_dirs), "recut_units": replanned.recut_units,
-                                        "committed_files_no_longer_listed": replanned.committed_unlisted,
-                                        "units_read_back": replanned.shards_read}}
-        if failed:
-            manifest["failed_units"] = failed
-        lease.confirm()  # a run that lost the lease must not overwrite the holder's manifest
-        store.write_manifest(manifest)
+    # ---------------------------------------------------------------- manifest and summary
+    for r in new_records:
+        records[r["unit_id"]] = r
+    tally.this_run = len(new_records) + len(converted)
+    all_records = [records[k] for k in sorted(records)]
+    tot_in = sum(r["inputs"] for r in all_records)
+    tot_ok = sum(r["tokenized"] for r in all_records)
+    tot_err = sum(r["errors"] for r in all_records)
+    by_kind: dict[str, int] = {}
+    for r in all_records:
+        for k, v in r.get("errors_by_kind", {}).items():
+            by_kind[k] = by_kind.get(k, 0) + v
+    run_in = sum(r["inputs"] for r in new_records)
+    wall = time.perf_counter() - t_start
+    busy = {k: stage[k] for k in ("read_decode_s", "model_s", "write_s")}
+    busy_total = sum(busy.values()) or 1.0
+    throughput = {
+        "wall_s": round(wall, 3), "list_s": round(plan.list_s, 3), "plan_s": round(plan_s, 3),
+        "pipeline_s": round(pipeline_s, 3), "images": run_in,
+        "images_per_s": round(run_in / pipeline_s, 2) if pipeline_s > 0 else None,
+        "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
+        "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
+        "model_utilization": (round(stage["model_s"] / (pipeline_s * resources["workers"]), 3)
+                              if pipeline_s > 0 and resources else None),
+        "resources": resources, "driver_bytes_received": stage.get("driver_bytes_received", 0),
+        "faults": {k: stage.get(k, 0) for k in ("retries", "workers_lost", "oom_halvings",
+                                                "already_committed_by_another_run")},
+    }
+    listing_changes = {"folders": len(replanned.changed_dirs), "recut_units": replanned.recut_units,
+                       "committed_files_no_longer_listed": replanned.committed_unlisted,
+                       "units_read_back": replanned.shards_read}
+    manifest = {"format_version": FORMAT_VERSION, "model_fingerprint": ctx.model_fingerprint,
+                "codebook_fingerprint": ctx.codebook_fingerprint, "codebook_size": c.codebook_size,
+                "group": c.group, "seed": c.seed, "beta": c.beta, "arch": c.arch, "preprocess": preprocess,
+                "inputs": tot_in, "tokenized": tot_ok, "errors": tot_err,
+                "errors_by_kind": dict(sorted(by_kind.items())),
+                "units": [manifest_unit_entry(r) for r in all_records], "wids_index": None,
+                "throughput": throughput, "codebook_usage": _usage(hist_total), "listing_changes": listing_changes}
+    if failed:
+        manifest["failed_units"] = failed
+    if lease is not None:
+        try:
+            manifest["wids_index"] = store.write_wids_index(all_records)
+            lease.confirm()  # a run that lost the lease must not overwrite the holder's manifest
+            store.write_manifest(manifest)
+        except (LeaseLostError, LeaseHeldError):
+            raise
+        except Exception as e:  # the commit records are the truth: a rerun rebuilds the manifest from them
+            raise JobError(f"writing {store.url}/manifest.json failed: {_one_line(e)}. {tally.describe()} (the "
+                           f"manifest is rebuilt from units/ by the rerun)") from e
+    else:  # nothing to write: the manifest on storage is current
+        manifest["wids_index"] = WIDS_INDEX if store.wids_index_bytes(all_records) is not None else None
+        _log(progress, "nothing to do: every planned unit is committed and manifest.json is current (nothing was "
+                       "written)")
     if interrupted:
         raise RunInterrupted(f"interrupted: {len(new_records)} units committed in this run ({len(all_records)} of "
                              f"{len(planned)} in the output, {tot_in} inputs); rerun the same command to resume")
     if pipeline_error is not None:
-        raise JobError(f"the pipeline stopped after committing {len(new_records)} of {len(todo)} units; committed work "
-                       f"is kept and a rerun continues from there. Cause: {type(pipeline_error).__name__}: "
-                       f"{str(pipeline_error)[-3000:]}") from pipeline_error
+        raise JobError(f"the pipeline stopped after committing {len(new_records)} of {len(todo)} units: "
+                       f"{_one_line(pipeline_error)}. {tally.describe()}") from pipeline_error
     summary = {"output": store.url, "units_planned": len(planned), "units_skipped": skipped,
-               "units_committed": len(new_records), "units_failed": failed, "inputs": tot_in, "tokenized": tot_ok,
+               "units_committed": len(new_records), "units_converted": len(converted), "units_failed": failed, "inputs": tot_in, "tokenized": tot_ok,
                "errors": tot_err, "errors_by_kind": manifest["errors_by_kind"],
                "this_run": {"inputs": run_in, "tokenized": sum(r["tokenized"] for r in new_records),
                             "errors": sum(r["errors"] for r in new_records)},
@@ -475,7 +715,8 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         _log(progress, f"{len(failed)} unit(s) failed after retries (listed in manifest.json failed_units; a rerun "
                        f"retries them): " + "; ".join(f"{f['source']}: {f['reason'][:200]}" for f in failed[:3]))
     _log(progress, f"done: {tot_ok} tokenized + {tot_err} errors = {tot_in} inputs "
-                   f"({len(new_records)} units committed, {skipped} skipped, {len(failed)} failed) in {wall:.1f}s")
+                   f"({len(new_records)} units committed, {len(converted)} converted, {skipped} skipped, "
+                   f"{len(failed)} failed) in {wall:.1f}s")
     return summary
 
 

@@ -53,6 +53,7 @@ class OutputState:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     manifest: dict[str, Any] | None = None
     foreign_shards: list[str] = field(default_factory=list)
+    torn: list[str] = field(default_factory=list)  # damaged units/*.json, counted as not committed
 
 
 def normalised_root(root: str, url: str, local: bool) -> str:
@@ -101,7 +102,7 @@ class OutputStore:
         self._prepare_dirs(temp_stale_s)
         self.fs.invalidate_cache()
         if staged_files(self.fs, self.root):  # one listing; usually empty
-            self.roll_forward(read_records(self.fs, self.root) or {})
+            self.roll_forward(read_records(self.fs, self.root, torn=[]) or {})
 
     def _prepare_dirs(self, temp_stale_s: float = 0.0) -> None:
         if not self.local:
@@ -145,7 +146,7 @@ class OutputStore:
         except ValueError as e:
             raise ValueError(f"{self.url}/manifest.json is not valid JSON ({e}); it is rewritten at the end of every "
                              f"run, so delete it and rerun to rebuild it from units/") from e
-        state.records = read_records(self.fs, self.root, state.manifest or {}) or {}
+        state.records = read_records(self.fs, self.root, state.manifest or {}, torn=state.torn) or {}
         for sub in ("parquet", "webdataset"):
             for n in self._ls_names(sub):
                 if n.endswith((".parquet", ".tar")):
@@ -253,6 +254,16 @@ class OutputStore:
         got = read_versioned(self.fs, self.path(f"units/{unit_id}.json"))
         return json.loads(got[0]) if got is not None else None
 
+    def wids_index_bytes(self, records: list[dict[str, Any]]) -> bytes | None:
+        """What :meth:`write_wids_index` writes for ``records`` (None: no committed tar, no index)."""
+        shards = sorted((s["path"], s["rows"]) for r in records for s in r.get("shards", [])
+                        if s["format"] == "webdataset" and s["rows"] > 0)
+        if not shards:
+            return None
+        index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": posixpath.basename(self.root),
+                 "shardlist": [{"url": p, "nsamples": n} for p, n in shards]}
+        return json.dumps(index, indent=1).encode("utf-8")
+
     def write_wids_index(self, records: list[dict[str, Any]]) -> str | None:
         """``webdataset-index.json`` at the output root (a wids index of the committed tars). It is not inside
         ``webdataset/``: there ``ray.data.read_webdataset`` read it as a tar and HF ``datasets`` as the data. An index
@@ -263,13 +274,10 @@ class OutputStore:
                 self.fs.rm_file(old)
         except FileNotFoundError:
             pass
-        shards = sorted((s["path"], s["rows"]) for r in records for s in r.get("shards", [])
-                        if s["format"] == "webdataset" and s["rows"] > 0)
-        if not shards:
+        data = self.wids_index_bytes(records)
+        if data is None:
             return None
-        index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": posixpath.basename(self.root),
-                 "shardlist": [{"url": p, "nsamples": n} for p, n in shards]}
-        self.put(WIDS_INDEX, json.dumps(index, indent=1).encode("utf-8"))
+        self.put(WIDS_INDEX, data)
         return WIDS_INDEX
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:

@@ -130,7 +130,9 @@ class UnitProcessor:
             return out
         out.update(read_s=done.info["read_s"], model_s=done.model_s, inputs=done.rows.num_rows)
         t1 = time.perf_counter()
-        staged = stage_unit(self.store, self.spec.ctx, self.spec.formats, done)
+        # A unit committed before in other formats is redone with all of them (its record keeps every format it has)
+        formats = tuple(unit_dict.get("formats") or self.spec.formats)
+        staged = stage_unit(self.store, self.spec.ctx, formats, done)
         created = commit_staged(self.store, staged)
         out["write_s"] = time.perf_counter() - t1
         if not created:  # another run committed this unit first: its record stands, ours is discarded

@@ -5,10 +5,12 @@ Runs on the Ray cluster named by --ray-address or RAY_ADDRESS (e.g. under ``ray 
 options and no cluster named, on a local Ray instance it starts; otherwise in this process alone. Credentials for s3:// or gs:// are best set in the cluster's environment; --storage-options
 travels to every task. Rerunning the same command resumes: committed units are skipped, unfinished ones redone
 with the same file names and bytes. One run writes an output at a time: a second run on a leased output refuses
-(naming the owner and when its lease expires); --force-lease takes the lease of a crashed owner. Exit status: 0 done,
-1 bad arguments or refused output (incompatible, or leased by another run), 3 some units failed, the job stopped or
-its lease was lost (rerun to retry them), 130 interrupted by Ctrl-C or SIGTERM (rerun to resume; a second Ctrl-C exits
-at once).
+(naming the owner and when its lease expires); --force-lease takes the lease of a crashed owner. A rerun that finds
+every unit committed writes nothing (a complete output on read-only storage checks fine). Exit status: 0 done,
+1 bad arguments or refused output (incompatible, or leased by another run), 2 malformed command line (an unknown
+option, --storage-options that is not a JSON object of options), 3 some units failed, the job stopped (storage full,
+read-only or unreachable, workers lost; one line names the cause and what was committed) or its lease was lost
+(rerun to retry them), 130 interrupted by Ctrl-C or SIGTERM (rerun to resume; a second Ctrl-C exits at once).
 
 Example: gq tokenize --model demo --input s3://bucket/shards/{00000..00999}.tar --output s3://bucket/tokens
          --format both --image-size 256 --batch-size 128
@@ -25,6 +27,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from gq_model.storage import parse_storage_options
     from gq_pipeline.preprocess import DEFAULT_MAX_PIXELS
 
     p.add_argument("--model", required=True,
@@ -104,7 +107,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extensions", nargs="+", metavar="EXT", default=None,
                    help="image file extensions to read besides jpg jpeg png webp bmp gif tiff tif, e.g. ico ppm tga "
                         "(the summary's ignored_decodable counts the files Pillow could decode that were left out)")
-    p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+    p.add_argument("--storage-options", type=parse_storage_options, default=None, metavar="JSON",
                    help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:9000"}\', or per '
                         'protocol when a run mixes stores: \'{"s3": {...}, "gs": {...}}\'')
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (no RAY_ADDRESS)")
