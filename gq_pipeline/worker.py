@@ -97,7 +97,7 @@ class UnitProcessor:
         out: UnitOutcome = {"unit_id": unit.unit_id, "source": unit.source, "status": FAILED, "record": None,
                             "error": None, "inputs": 0, "read_s": 0.0, "model_s": 0.0, "write_s": 0.0}
         try:
-            return self._process(unit, out)
+            return self._process(unit, out, unit_dict.get("formats"))
         finally:
             with self._stats_lock:
                 self._live.pop(unit.unit_id, None)
@@ -116,7 +116,7 @@ class UnitProcessor:
                     done += 1
         return done, errors
 
-    def _process(self, unit: Unit, out: UnitOutcome) -> UnitOutcome:
+    def _process(self, unit: Unit, out: UnitOutcome, formats: Any = None) -> UnitOutcome:
         try:
             done = self.tokenize_unit(unit)
         except (UnitReadError, UnitCancelled) as e:
@@ -131,7 +131,7 @@ class UnitProcessor:
         out.update(read_s=done.info["read_s"], model_s=done.model_s, inputs=done.rows.num_rows)
         t1 = time.perf_counter()
         # A unit committed before in other formats is redone with all of them (its record keeps every format it has)
-        formats = tuple(unit_dict.get("formats") or self.spec.formats)
+        formats = tuple(formats or self.spec.formats)
         staged = stage_unit(self.store, self.spec.ctx, formats, done)
         created = commit_staged(self.store, staged)
         out["write_s"] = time.perf_counter() - t1
