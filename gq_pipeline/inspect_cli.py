@@ -2,7 +2,7 @@
 
 Counts (shards, samples, and the manifest's inputs/tokenized/errors with its ``tokenized + errors == inputs``
 invariant checked against the files), fingerprints (a mix is reported, not refused: this is the tool you run to find
-out), errors by kind from ``errors/*.parquet``, and codebook usage: a token histogram, the share of codes used and
+out), errors by kind from the output's error files (``.gq/errors/*.parquet``; ``errors/`` in version-1 outputs), and codebook usage: a token histogram, the share of codes used and
 the perplexity ``exp(entropy)``. Low usage or perplexity flags a collapsed or mismatched tokenizer before anyone
 trains on the tokens. Exit status 1 when something is wrong (unreadable shard, mixed codebooks, counts that disagree).
 """
@@ -138,7 +138,8 @@ def build_report(args: argparse.Namespace) -> dict:
     if ss.committed:  # files a plain reader sees that no record covers (crash leftovers of old runs, copies)
         from gq_pipeline.commitset import read_records, uncommitted_files
 
-        extra = uncommitted_files(ss.fsref.fs, ss.root, read_records(ss.fsref.fs, ss.root) or {})
+        lay = ss.layout
+        extra = uncommitted_files(ss.fsref.fs, ss.root, read_records(ss.fsref.fs, ss.root, layout=lay) or {}, lay)
         report["uncommitted_files"] = extra
         if extra:
             report["problems"].append(f"{len(extra)} file(s) no commit record covers (e.g. {extra[0]}): gq's readers "
@@ -171,15 +172,15 @@ def _check_manifest(manifest: dict, report: dict, by_kind: dict, ss) -> None:
     problems = report["problems"]
     inputs, tokenized, errors = (manifest.get(k) for k in ("inputs", "tokenized", "errors"))
     if None not in (inputs, tokenized, errors) and tokenized + errors != inputs:
-        problems.append(f"manifest.json: tokenized {tokenized} + errors {errors} != inputs {inputs}")
+        problems.append(f"manifest: tokenized {tokenized} + errors {errors} != inputs {inputs}")
     if tokenized is not None and not report["unreadable"] and tokenized != ss.num_samples:
-        problems.append(f"manifest.json says {tokenized} samples were tokenized, the {ss.format} shards hold "
+        problems.append(f"the manifest says {tokenized} samples were tokenized, the {ss.format} shards hold "
                         f"{ss.num_samples}")
     if errors is not None and sum(by_kind.values()) != errors:
-        problems.append(f"manifest.json counts {errors} errors, errors/*.parquet holds {sum(by_kind.values())}")
+        problems.append(f"the manifest counts {errors} errors, the error files hold {sum(by_kind.values())}")
     fp = manifest.get("codebook_fingerprint")
     if fp and report.get("codebook_fingerprint") and fp != report["codebook_fingerprint"]:
-        problems.append(f"manifest.json codebook {fp} differs from the shards' {report['codebook_fingerprint']}")
+        problems.append(f"the manifest's codebook {fp} differs from the shards' {report['codebook_fingerprint']}")
 
 
 def format_text(r: dict) -> str:

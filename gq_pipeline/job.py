@@ -269,6 +269,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         raise ValueError("batch_size, unit_size and max_pixels must be positive")
     formats = FORMATS[format]
     store = OutputStore(output, storage_options)
+    store.refuse_older_layout()  # a version-1 output (gq_pipeline.layout) is refused before anything is written
 
     # ---------------------------------------------------------------- model and its identity
     gq = load_model(model, config=config, preset=preset, trust_checkpoint=trust_checkpoint,
@@ -328,6 +329,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
             raise ValueError(f"no inputs found in {where} ({plan.listed} files listed, {plan.ignored} not images): "
                              f"check the path, or pass --allow-empty to accept an empty run")
         todo = [u for u in planned if not is_done(u.unit_id)]
+        ctx = store.resolve_schema(ctx, state, todo, image_column, storage_options)  # one schema per output
         skipped = len(planned) - len(todo)
         plan_s = time.perf_counter() - t0
         _log(progress, f"{skipped} units already committed, {len(todo)} to do")

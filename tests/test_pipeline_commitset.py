@@ -176,7 +176,7 @@ def test_crash_then_changed_folder_and_rerun_every_reader_sees_every_input_once(
 
     assert os.listdir(os.path.join(out, "webdataset")) == [n for n in os.listdir(os.path.join(out, "webdataset"))
                                                            if n.endswith(".tar")]
-    index = wids.ShardListDataset(os.path.join(out, "webdataset-index.json"), cache_dir=out + "-wids")
+    index = wids.ShardListDataset(os.path.join(out, ".gq", "webdataset-index.json"), cache_dir=out + "-wids")
     assert sorted(index[i][".json"]["source"] for i in range(len(index))) == sorted(expected)  # decoded by wids
     seen = _sources_everywhere(out)
     _assert_once(seen, expected)
