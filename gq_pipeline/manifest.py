@@ -140,9 +140,10 @@ class OutputStore:
         cutoff = time.time() - temp_stale_s
         stale = []
         for sub in SUBDIRS:
-            self.fs.makedirs(self.path(sub), exist_ok=True)
+            if sub not in _layout.DATA_DIRS:  # parquet/, webdataset/ appear with their first shard (format's own)
+                self.fs.makedirs(self.path(sub), exist_ok=True)
             stale += self.fs.glob(self.path(sub, "*.tmp-*"))
-        # _lease.json's temporaries belong to runs contending for the lease right now (gq_pipeline.lease)
+        # the lease's temporaries belong to runs contending for the lease right now (gq_pipeline.lease)
         lease_dir, lease_name = posixpath.split(self.layout.lease)
         lease_stem = lease_name.split(".", 1)[0] + "."
         stale += [p for p in self.fs.glob(self.path(self.layout.staging.rsplit("/", 1)[0], "*.tmp-*"))
@@ -293,11 +294,11 @@ class OutputStore:
         from gq_pipeline.records import tokens_fit_uint16
 
         tok = "uint16" if tokens_fit_uint16(int(manifest.get("codebook_size") or 0)) else "int32"
-        cols = [("key", "string"), ("source", "string"), ("member", "string"), ("tokens", f"list<item: {tok}>"),
-                ("token_shape", "list<item: int32>"), ("width", "int32"), ("height", "int32")]
+        cols = [("key", "string"), ("source", "string"), ("member", "string"), ("tokens", f"list<element: {tok}>"),
+                ("token_shape", "list<element: int32>"), ("width", "int32"), ("height", "int32")]
         cols += [(f.name, str(f.type)) for f in self.passthrough]
         if any(u.get("latents") for u in manifest.get("units", ())):
-            cols += [("latent", "list<item: halffloat>"), ("latent_shape", "list<item: int32>")]
+            cols += [("latent", "list<element: halffloat>"), ("latent_shape", "list<element: int32>")]
         return [{"name": n, "type": t} for n, t in cols]
 
     def read_record(self, unit_id: str) -> dict[str, Any] | None:
