@@ -25,7 +25,7 @@ def _direct_tokens(model, data: bytes, crop: str = "center") -> np.ndarray:
 
 def _tree_hashes(root: str) -> dict[str, str]:
     out = {}
-    for sub in ("parquet", "webdataset", "errors", "units"):
+    for sub in ("parquet", "webdataset", ".gq/errors", ".gq/units"):
         for p in glob.glob(os.path.join(root, sub, "*")):
             out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
     return out
@@ -54,12 +54,12 @@ def test_counts_add_up_and_error_kinds(folder_run):
     assert s["inputs"] == len(images) and s["errors"] == len(bad) and s["tokenized"] == len(images) - len(bad)
     assert s["errors_by_kind"] == {"decode": 2, "empty": 1, "too_large": 1}
     assert s["ignored_files"] == 1  # notes.txt
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    manifest = json.load(open(os.path.join(out, ".gq", "manifest.json")))
     for u in manifest["units"]:
         assert u["tokenized"] + u["errors"] == u["inputs"]
         assert sum(u["errors_by_kind"].values()) == u["errors"]
     assert sum(u["inputs"] for u in manifest["units"]) == manifest["inputs"] == len(images)
-    errors = pq.read_table(sorted(glob.glob(os.path.join(out, "errors", "*.parquet")))).to_pylist()
+    errors = pq.read_table(sorted(glob.glob(os.path.join(out, ".gq", "errors", "*.parquet")))).to_pylist()
     by_name = {os.path.basename(e["source"]): e["error"] for e in errors}
     assert by_name == bad
     assert s["throughput"]["images_per_s"] > 0 and set(s["throughput"]["time_split"]) == \
@@ -100,7 +100,7 @@ def test_webdataset_and_wids_read_back(folder_run):
         assert sample["tokens.npy"].dtype == np.uint16 and sample["json"]["source"] == r["source"]
         seen += 1
     assert seen == s["tokenized"]
-    ds = wids.ShardListDataset(os.path.join(out, "webdataset-index.json"))
+    ds = wids.ShardListDataset(os.path.join(out, ".gq", "webdataset-index.json"))
     assert len(ds) == s["tokenized"] and ds[0][".tokens.npy"] is not None
 
 
@@ -112,7 +112,7 @@ def test_rerun_skips_and_redo_reproduces_bytes(folder_run, tiny_model_dir):
     assert again["units_committed"] == 0 and again["units_skipped"] == s["units_planned"]
     assert again["inputs"] == s["inputs"] and _tree_hashes(out) == before
     # Forget two units (as if killed before their commit records) and a shard: only they are redone, same bytes.
-    units = sorted(glob.glob(os.path.join(out, "units", "*.json")))[:2]
+    units = sorted(glob.glob(os.path.join(out, ".gq", "units", "*.json")))[:2]
     for p in units:
         os.remove(p)
     os.remove(sorted(glob.glob(os.path.join(out, "parquet", "*.parquet")))[0])
@@ -230,7 +230,7 @@ def test_s3_tars_and_parquet_in_s3_out_via_cli(ray_cluster, moto_s3, s3, tiny_mo
     s2 = gq_pipeline.tokenize(tiny_model, ["s3://gq-in/pq/part-1.parquet"], "s3://gq-out/run1", format="both",
                               image_size=SIZE, storage_options=moto_s3, progress=False)
     assert s2["this_run"] == {"inputs": 3, "tokenized": 3, "errors": 0} and s2["inputs"] == 13
-    manifest = json.loads(s3.cat("gq-out/run1/manifest.json"))
+    manifest = json.loads(s3.cat("gq-out/run1/.gq/manifest.json"))
     assert len(manifest["units"]) == 4 and manifest["inputs"] == 13
     p1 = [t for f, t in pq_tables(s3, "gq-out/run1").items()
           if t.column("source")[0].as_py().endswith("part-1.parquet")][0]
@@ -268,8 +268,8 @@ def test_a_model_failing_on_every_image_stops_the_job(ray_cluster, tmp_path, pla
     out = tmp_path / "out"
     with pytest.raises(JobError, match="NaN"):
         gq_pipeline.tokenize(broken, [str(src)], str(out), image_size=SIZE, progress=False, model_placement=placement)
-    assert not glob.glob(str(out / "units" / "*.json"))  # nothing was committed as "model" errors
-    assert json.load(open(out / "manifest.json"))["inputs"] == 0
+    assert not glob.glob(str(out / ".gq" / "units" / "*.json"))  # nothing was committed as "model" errors
+    assert json.load(open(out / ".gq" / "manifest.json"))["inputs"] == 0
 
 
 def test_vit_tokens_are_stored_as_g_h_w(ray_cluster, tmp_path):
@@ -354,4 +354,4 @@ def test_workers_that_can_never_be_placed_stop_the_job_after_the_timeout(ray_clu
     with pytest.raises(JobError, match=r"only 0 model worker\(s\) ready, fewer than the 1"):
         gq_pipeline.tokenize(tiny_model, [str(src)], str(tmp_path / "out"), image_size=SIZE, progress=False,
                              model_placement="actors", cpus_per_worker=64, worker_timeout_s=3)
-    assert not glob.glob(str(tmp_path / "out" / "units" / "*.json"))
+    assert not glob.glob(str(tmp_path / "out" / ".gq" / "units" / "*.json"))
