@@ -243,7 +243,7 @@ def _from_commit_set(fsref: FSRef, path: str, format: str, strict: bool) -> Shar
     try:
         if not fs.isdir(path):
             return None
-        manifest, lay = _manifest_and_layout(fsref, root)
+        manifest, lay, meta = _manifest_and_layout(fsref, root)
         if lay is None:
             return None
         records = read_records(fs, root, manifest or {}, lay)
@@ -257,7 +257,8 @@ def _from_commit_set(fsref: FSRef, path: str, format: str, strict: bool) -> Shar
         format = "parquet" if "parquet" in have or not have else "webdataset"
     # Files of committed units that a crash left staged (record written, not yet published): read the staged copy.
     staged = {}
-    for attempt, rels in staged_files(fs, root, lay).items():
+    has_staging = meta is None or posixpath.basename(lay.staging) in meta  # the .gq listing said (saves 3 requests)
+    for attempt, rels in (staged_files(fs, root, lay) if has_staging else {}).items():
         for rel in rels:
             staged.setdefault((attempt.split(".", 1)[0], rel), posixpath.join(root, staged_relpath(attempt, rel, lay)))
 
@@ -331,16 +332,23 @@ def declared_passthrough(records: dict[str, dict[str, Any]], manifest: dict | No
     return schema_from_json(blob) if blob is not None else None
 
 
-def _manifest_and_layout(fsref: FSRef, root: str) -> tuple[dict | None, Any]:
-    """(manifest or None, layout or None) of the output at ``root``: the current layout's manifest is tried first
-    (one read for a current output), then the layout is detected from the folders."""
-    m = _read_json(fsref, posixpath.join(root, _layout.CURRENT.manifest))
-    if m is not None:
-        return m, _layout.CURRENT
-    lay = _layout.detect(fsref.fs, root)
-    if lay is None or lay is _layout.CURRENT:
-        return None, lay
-    return _read_json(fsref, posixpath.join(root, lay.manifest)), lay
+def _manifest_and_layout(fsref: FSRef, root: str) -> tuple[dict | None, Any, set[str] | None]:
+    """(manifest or None, layout or None, names in ``.gq/`` or None) of the output at ``root``. One listing of
+    ``.gq/`` tells a current output, whether it has a manifest and whether anything is staged; else the layout is
+    detected from the root (version 1)."""
+    fs = fsref.fs
+    try:
+        meta = {posixpath.basename(p.rstrip("/")) for p in fs.ls(posixpath.join(root, _layout.META), detail=False)}
+    except (FileNotFoundError, NotADirectoryError):
+        meta = set()
+    cur = _layout.CURRENT
+    if posixpath.basename(cur.units) in meta or posixpath.basename(cur.manifest) in meta:
+        m = _read_json(fsref, posixpath.join(root, cur.manifest)) if posixpath.basename(cur.manifest) in meta else None
+        return m, cur, meta
+    lay = _layout.detect(fs, root)
+    if lay is None or lay is cur:
+        return None, lay, meta
+    return _read_json(fsref, posixpath.join(root, lay.manifest)), lay, None
 
 
 def _root_of(directory: str) -> str:

@@ -152,7 +152,8 @@ def test_shards_without_any_commit_record_are_refused_by_their_names(folder_run,
     shutil.copy(shard, orphan / "parquet")
     with pytest.raises(IncompatibleOutputError, match=rf"holds shards of model\(s\) \['{s['model_fingerprint']}'\]"):
         gq_pipeline.tokenize(make_tiny_model(seed=1), [folder], str(orphan), image_size=SIZE, progress=False)
-    assert os.listdir(orphan) == ["parquet"]  # refused before anything was written
+    # refused before anything was written (the lease's folder is left, empty)
+    assert sorted(os.listdir(orphan)) == [".gq", "parquet"] and os.listdir(orphan / ".gq") == []
 
 
 def test_bf16_without_gpu_actors_is_an_error_not_a_silent_fp32_run(ray_cluster, tiny_model, tmp_path):
@@ -226,14 +227,19 @@ def test_s3_tars_and_parquet_in_s3_out_via_cli(ray_cluster, moto_s3, s3, tiny_mo
     with tarfile.open(fileobj=io.BytesIO(s3.cat(tar_path))) as tf:
         names = tf.getnames()
     assert any(n.endswith(".tokens.npy") for n in names)
-    # A second input set into the same output is fine (same model); its units are added to the manifest.
-    s2 = gq_pipeline.tokenize(tiny_model, ["s3://gq-in/pq/part-1.parquet"], "s3://gq-out/run1", format="both",
+    # A second input set with a column the committed shards lack (part-1 has a `key` column, stored as `input_key`)
+    # is refused: one output has one Parquet schema (docs/token-format.md). Into a new output it is fine.
+    from gq_pipeline.schema import SchemaConflictError
+
+    with pytest.raises(SchemaConflictError, match="input_key"):
+        gq_pipeline.tokenize(tiny_model, ["s3://gq-in/pq/part-1.parquet"], "s3://gq-out/run1", format="both",
+                             image_size=SIZE, storage_options=moto_s3, progress=False)
+    s2 = gq_pipeline.tokenize(tiny_model, ["s3://gq-in/pq/part-1.parquet"], "s3://gq-out/run2", format="both",
                               image_size=SIZE, storage_options=moto_s3, progress=False)
-    assert s2["this_run"] == {"inputs": 3, "tokenized": 3, "errors": 0} and s2["inputs"] == 13
+    assert s2["this_run"] == {"inputs": 3, "tokenized": 3, "errors": 0} and s2["inputs"] == 3
     manifest = json.loads(s3.cat("gq-out/run1/.gq/manifest.json"))
-    assert len(manifest["units"]) == 4 and manifest["inputs"] == 13
-    p1 = [t for f, t in pq_tables(s3, "gq-out/run1").items()
-          if t.column("source")[0].as_py().endswith("part-1.parquet")][0]
+    assert len(manifest["units"]) == 3 and manifest["inputs"] == 10
+    p1 = next(iter(pq_tables(s3, "gq-out/run2").values()))
     assert "input_key" in p1.column_names and p1.column("label").type == "int16"
 
 

@@ -257,9 +257,10 @@ def test_prepare_removes_temporaries_but_spares_fresh_ones_of_a_possibly_live_ow
     store.prepare()
     old, fresh = tmp_path / "out" / ".gq" / "units" / "a.json.tmp-1-aa", tmp_path / "out" / "parquet" / "b.parquet.tmp-2-bb"
     old.write_bytes(b"x")
+    fresh.parent.mkdir(exist_ok=True)  # parquet/ appears with the first shard
     fresh.write_bytes(b"y")
     os.utime(old, (time.time() - 3600, time.time() - 3600))
-    contender = tmp_path / "out" / "_lease.json.tmp-3-cc"  # another run trying to take the lease right now
+    contender = tmp_path / "out" / ".gq" / "lease.json.tmp-3-cc"  # another run trying to take the lease right now
     contender.write_bytes(b"z")
     store.prepare(temp_stale_s=900)
     assert not old.exists() and fresh.exists()
