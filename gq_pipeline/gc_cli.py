@@ -8,8 +8,9 @@ by hand, or the shard of a unit whose record was deleted. Under the staging fold
 are rolled forward (their files published, checked against the record's sha256) and those of uncommitted units are
 stale. Temporaries (``*.tmp-*``) of killed writes go too.
 
-Removing a staged folder is only safe when no run is writing: gc refuses while the output's lease is live (``expires_at`` in the future) unless ``--force``. Files gc does not recognise (no gq shard name) are kept
-and listed. ``--dry-run`` prints the same plan and changes nothing.
+Removing a staged folder is only safe when no run is writing: gc refuses while the output's lease is live
+(``expires_at`` in the future) unless ``--force``. Files gc does not recognise (no gq shard name) are kept and
+listed. ``--dry-run`` prints the same plan and changes nothing.
 """
 from __future__ import annotations
 

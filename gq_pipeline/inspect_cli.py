@@ -2,9 +2,10 @@
 
 Counts (shards, samples, and the manifest's inputs/tokenized/errors with its ``tokenized + errors == inputs``
 invariant checked against the files), fingerprints (a mix is reported, not refused: this is the tool you run to find
-out), errors by kind from the output's error files (``.gq/errors/*.parquet``; ``errors/`` in version-1 outputs), and codebook usage: a token histogram, the share of codes used and
-the perplexity ``exp(entropy)``. Low usage or perplexity flags a collapsed or mismatched tokenizer before anyone
-trains on the tokens. Exit status 1 when something is wrong (unreadable shard, mixed codebooks, counts that disagree).
+out), errors by kind from the output's error files (``.gq/errors/*.parquet``; ``errors/`` in version-1 outputs), and
+codebook usage: a token histogram, the share of codes used and the perplexity ``exp(entropy)``. Low usage or
+perplexity flags a collapsed or mismatched tokenizer before anyone trains on the tokens. Exit status 1 when
+something is wrong (unreadable shard, mixed codebooks, counts that disagree).
 """
 from __future__ import annotations
 

@@ -322,7 +322,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         # _plan/, after the compatibility check above); a streaming driver would consume plan.list_units lazily.
         planned = replanned.units + list(plan.list_units)
         if input_list:
-            how = "read from the persisted plan" if plan.list_units.reused else "planned into _plan/"
+            how = "read from the persisted plan" if plan.list_units.reused else "planned into .gq/plan/"
             _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
         if not planned and not records and not allow_empty:
             where = ", ".join(list(inputs)[:3] + ([input_list] if input_list else []))

@@ -255,7 +255,8 @@ def test_commit_records_are_created_once(where):
 def test_prepare_removes_temporaries_but_spares_fresh_ones_of_a_possibly_live_owner(tmp_path):
     store = OutputStore(str(tmp_path / "out"))
     store.prepare()
-    old, fresh = tmp_path / "out" / ".gq" / "units" / "a.json.tmp-1-aa", tmp_path / "out" / "parquet" / "b.parquet.tmp-2-bb"
+    old = tmp_path / "out" / ".gq" / "units" / "a.json.tmp-1-aa"
+    fresh = tmp_path / "out" / "parquet" / "b.parquet.tmp-2-bb"
     old.write_bytes(b"x")
     fresh.parent.mkdir(exist_ok=True)  # parquet/ appears with the first shard
     fresh.write_bytes(b"y")
