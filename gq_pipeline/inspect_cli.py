@@ -145,6 +145,7 @@ def build_report(args: argparse.Namespace) -> dict:
         if extra:
             report["problems"].append(f"{len(extra)} file(s) no commit record covers (e.g. {extra[0]}): gq's readers "
                                       f"skip them, plain Parquet/WebDataset readers do not; `gq gc` removes them")
+    _check_schema(ss, report)
     manifest = read_manifest(ss.fsref, ss.root)
     errors, bad_errors = read_error_tables(ss.fsref, ss.root, ss.error_files)
     report["unreadable"] += [msg for _, msg in bad_errors]
@@ -167,6 +168,23 @@ def build_report(args: argparse.Namespace) -> dict:
                 plot_usage(counts, report["token_stats"], args.plot)
                 report["plot"] = args.plot
     return report
+
+
+def _check_schema(ss, report: dict) -> None:
+    """The output's declared pass-through columns (format version 2: one schema per output), and any Parquet shard
+    whose columns differ from them (its record lists its columns: no footer is read)."""
+    declared = ss.passthrough_schema
+    report["passthrough_columns"] = declared.names if declared is not None else None
+    if declared is None or ss.format != "parquet":
+        return
+    for shard in ss.shards:
+        extra = [c for c in shard.columns if c not in TOKEN_AND_CORE]
+        if shard.columns and extra != declared.names:
+            report["problems"].append(f"{ss.url(shard)} has pass-through columns {extra}, the output declares "
+                                      f"{declared.names}")
+
+
+TOKEN_AND_CORE = ("key", "source", "member", "tokens", "token_shape", "width", "height", "latent", "latent_shape")
 
 
 def _check_manifest(manifest: dict, report: dict, by_kind: dict, ss) -> None:
@@ -192,6 +210,8 @@ def format_text(r: dict) -> str:
     m = r.get("manifest")
     if m:
         lines.append(f"  manifest: inputs {m['inputs']}  tokenized {m['tokenized']}  errors {m['errors']}")
+    if r.get("passthrough_columns") is not None:
+        lines.append(f"  pass-through columns: {', '.join(r['passthrough_columns']) or 'none'}")
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"]["by_kind"].items())) or "none"
     lines.append(f"  errors: {r['errors']['total']} ({kinds})")
     t = r.get("token_stats")

@@ -385,6 +385,7 @@ def _move(store: OutputStore, src_rel: str, dst_rel: str) -> None:
 
     src, dst = store.path(src_rel), store.path(dst_rel)
     if store.local:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)  # parquet/, webdataset/ appear with their first shard
         os.replace(src, dst)
     else:
         store.fs.copy(src, dst)

@@ -316,3 +316,12 @@ def test_rerun_of_a_version1_output_is_refused_and_leaves_it_as_it_was(v1_output
     with pytest.raises(OlderLayoutError, match=r"version 1.*new --output"):
         _tokenize(tiny_model, v1_output["inputs"], out, "both")
     assert snapshot() == before and not os.path.exists(os.path.join(out, ".gq"))
+
+
+def test_gq_inspect_reports_the_declared_columns(runs, capsys):
+    from gq_model.cli import main as gq_main
+
+    assert gq_main(["inspect", runs["both"], "--json", "--no-tokens"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["passthrough_columns"] == ["txt", "json", "cls", "caption", "label"] and r["samples"] == 10
+    assert r["errors"]["total"] == 2 and not r["problems"]
