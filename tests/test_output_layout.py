@@ -292,7 +292,10 @@ def test_version1_output_is_read_by_every_gq_reader(v1_output, tmp_path, tiny_mo
     report = json.loads(r.stdout)
     assert report["samples"] == 10 and report["errors"]["total"] == 2 and report["manifest"]["inputs"] == 12
     r = subprocess.run([sys.executable, "-m", "gq_model.cli", "decode", "--model", tiny_model_dir, "--input", out,
-                        "--out", str(tmp_path / "dec"), "--limit", "3"], capture_output=True, text=True, env=env)
+                        "--out", str(tmp_path / "dec"), "--limit", "3", "--batch-size", "1"],
+                       capture_output=True, text=True, env=env)
+    # (--batch-size 1: a version-1 mixed output's shards have different columns, and batching samples across them is
+    # TokenDataset's part of issue 18 item 2, not this test's)
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(glob.glob(str(tmp_path / "dec" / "*.png"))) >= 3
     # gc on a version-1 output: its errors/ folder is the one checked, an orphan there is removed
