@@ -104,6 +104,12 @@ class OutputStore:
         Adding version-2 units to it would give an output that is neither: two manifests, errors in two places.
         Called before anything is written (the lease, persisted plans), so a refused output is left as it was."""
         found = _layout.detect(self.fs, self.root)
+        if found is not None and found.version != self.layout.version and not self.fs.isdir(self.path(found.units)):
+            try:  # only a manifest.json at the root: gq's, or someone else's file of that name?
+                doc = json.loads(self.fs.cat_file(self.path(found.manifest)))
+                found = found if isinstance(doc, dict) and "format_version" in doc and "units" in doc else None
+            except (OSError, ValueError):
+                found = None
         if found is not None and found.version != self.layout.version:
             raise OlderLayoutError(
                 f"{self.url} was written by an earlier gq in output format version {found.version} ({found.manifest}, "

@@ -328,3 +328,13 @@ def test_gq_inspect_reports_the_declared_columns(runs, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["passthrough_columns"] == ["txt", "json", "cls", "caption", "label"] and r["samples"] == 10
     assert r["errors"]["total"] == 2 and not r["problems"]
+
+
+def test_a_foreign_manifest_json_is_not_taken_for_a_version1_output(tiny_model, tmp_path):
+    out, folder = tmp_path / "out", tmp_path / "in"
+    out.mkdir()
+    folder.mkdir()
+    (out / "manifest.json").write_text('{"name": "not gq"}')
+    (folder / "a.jpg").write_bytes(rgb_bytes(40, 40))
+    s = _tokenize(tiny_model, [str(folder)], str(out), "parquet")
+    assert s["tokenized"] == 1 and (out / "manifest.json").read_text() == '{"name": "not gq"}'
