@@ -80,10 +80,13 @@ def _footer_schema(url: str, storage_options: dict | None) -> pa.Schema | None:
     try:
         with fs.open(path, "rb") as f:
             return pq.read_schema(f)
-    except FileNotFoundError:
-        raise
-    except Exception:  # noqa: BLE001 - an unreadable file becomes one `read` error record when its unit runs
+    except FileNotFoundError:  # gone since listing: its unit fails as before (UnitReadError), contributing nothing
         return None
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, pa.ArrowInvalid) or "Parquet" in str(e) or "magic" in str(e):
+            return None  # not Parquet / damaged footer: its unit becomes one `read` error record, no columns to lose
+        raise OSError(f"{url}: cannot read the Parquet footer while planning the output's schema "
+                      f"({type(e).__name__}: {e}); nothing was tokenized, rerun when the store answers") from e
 
 
 def run_passthrough(units: Iterable[Any], image_column: str | None, storage_options: dict | None) -> pa.Schema:

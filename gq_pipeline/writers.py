@@ -91,6 +91,11 @@ def _passthrough_columns(extras: list[dict[str, Any]], passthrough_schema: pa.Sc
                          output_schema: pa.Schema | None = None) -> list[tuple[str, pa.Array]]:
     if output_schema is not None:  # the output's union: every column, null where this unit's inputs have none
         unit = {f.name: f.type for f in passthrough_schema} if passthrough_schema is not None else {}
+        lost = [n for n in unit if n not in output_schema.names] or \
+            sorted({k for e in extras for k in e if e.get(k) is not None} - set(output_schema.names))
+        if lost:  # never drop an input's values silently
+            raise ValueError(f"this unit's input has pass-through column(s) {lost} that the output's schema "
+                             f"({output_schema.names}) lacks: the file changed since the run was planned; rerun")
         cols = []
         for f in output_schema:
             values = [e.get(f.name) for e in extras]

@@ -338,3 +338,19 @@ def test_a_foreign_manifest_json_is_not_taken_for_a_version1_output(tiny_model, 
     (folder / "a.jpg").write_bytes(rgb_bytes(40, 40))
     s = _tokenize(tiny_model, [str(folder)], str(out), "parquet")
     assert s["tokenized"] == 1 and (out / "manifest.json").read_text() == '{"name": "not gq"}'
+
+
+def test_a_unit_with_columns_the_output_schema_lacks_fails_instead_of_dropping_them():
+    """A Parquet file rewritten between planning and its unit's run: its values are never silently dropped."""
+    from gq_pipeline.writers import _passthrough_columns
+
+    out_schema = pa.schema([("caption", pa.string()), ("label", pa.int64())])
+    unit = pa.schema([("caption", pa.string()), ("label", pa.int16())])
+    cols = dict(_passthrough_columns([{"caption": "a", "label": 3}, {"caption": None}], unit, out_schema))
+    assert cols["label"].type == pa.int64() and cols["label"].to_pylist() == [3, None]
+    assert dict(_passthrough_columns([{}], None, out_schema))["caption"].to_pylist() == [None]
+    with pytest.raises(ValueError, match=r"\['txt'\]"):  # a tar sample's caption, were the schema to lack it
+        _passthrough_columns([{"txt": "x"}], None, out_schema)
+    with pytest.raises(ValueError, match=r"\['score'\].*changed since the run was planned"):
+        _passthrough_columns([{"caption": "a", "score": 0.5}], unit.append(pa.field("score", pa.float64())),
+                             out_schema)
