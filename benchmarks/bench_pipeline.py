@@ -259,7 +259,7 @@ def run_driver(args, work: str) -> dict:
               "inputs": 1000, "tokenized": 998, "errors": 2, "errors_by_kind": {"decode": 2},
               "shards": [{"format": "parquet", "path": "parquet/" + "u" * 16 + "-" + "f" * 16 + ".parquet",
                           "rows": 998, "bytes": 2_400_000, "sha256": "0" * 64}],
-              "errors_file": "errors/x.parquet", "formats": ["parquet"], "latents": False,
+              "errors_file": ".gq/errors/x.parquet", "formats": ["parquet"], "latents": False,
               "model_fingerprint": "f" * 16, "codebook_fingerprint": "e" * 16,
               "preprocess": {"image_size": 256, "crop": "center"}}
     n_units = 20_000
@@ -343,8 +343,9 @@ def run_scaling(args, work: str) -> dict:
                                      format="both", progress=False)
             timings[unit_size] = s["throughput"]["pipeline_s"]
             if unit_size == 1:
-                msize = os.path.getsize(os.path.join(out, "manifest.json"))
-                rec = os.path.getsize(os.path.join(out, "units", os.listdir(os.path.join(out, "units"))[0]))
+                msize = os.path.getsize(os.path.join(out, ".gq", "manifest.json"))
+                units_dir = os.path.join(out, ".gq", "units")
+                rec = os.path.getsize(os.path.join(units_dir, os.listdir(units_dir)[0]))
                 res["manifest_bytes_per_unit"] = round(msize / 64)
                 res["commit_record_bytes"] = rec
             shutil.rmtree(out, ignore_errors=True)
@@ -360,7 +361,7 @@ def run_scaling(args, work: str) -> dict:
              "inputs": 1000, "tokenized": 998, "errors": 2, "errors_by_kind": {"decode": 2},
              "shards": [{"format": "parquet", "path": f"parquet/u-{i:016x}-0123456789abcdef.parquet", "rows": 998,
                          "bytes": 2100000, "sha256": "%064x" % i}],
-             "errors_file": f"errors/u-{i:016x}-0123456789abcdef.parquet", "formats": ["parquet"],
+             "errors_file": f".gq/errors/u-{i:016x}-0123456789abcdef.parquet", "formats": ["parquet"],
              "latents": False} for i in range(20000)]
     cur, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -373,17 +374,18 @@ def run_scaling(args, work: str) -> dict:
     try:
         store = OutputStore(out)
         store.prepare()
-        shared = {"format_version": 1, "model_fingerprint": "0123456789abcdef",
+        shared = {"format_version": 2, "model_fingerprint": "0123456789abcdef",
                   "codebook_fingerprint": "fedcba9876543210", "preprocess": {"image_size": 256, "crop": "center"}}
         for r in recs:
-            with open(os.path.join(out, "units", r["unit_id"] + ".json"), "w") as f:
+            with open(os.path.join(out, ".gq", "units", r["unit_id"] + ".json"), "w") as f:
                 json.dump({**r, **shared}, f)
         t0 = time.perf_counter()
         state = store.load()
         res["resume_load_s_20k_units_no_manifest"] = round(time.perf_counter() - t0, 2)
         manifest = {**shared, "units": [manifest_unit_entry(r) for r in state.records.values()]}
         store.write_manifest(manifest)
-        res["manifest_bytes_per_unit_20k"] = round(os.path.getsize(os.path.join(out, "manifest.json")) / len(recs))
+        res["manifest_bytes_per_unit_20k"] = round(os.path.getsize(os.path.join(out, ".gq", "manifest.json"))
+                                                   / len(recs))
         t0 = time.perf_counter()
         state = store.load()
         res["resume_load_s_20k_units_with_manifest"] = round(time.perf_counter() - t0, 2)

@@ -63,7 +63,7 @@ def bench_token_loader(root: str, batch: int, shuffle: bool, workers: int, fmt: 
 def bench_wids(root: str, batch: int, cache: str) -> int:
     import wids
 
-    ds = wids.ShardListDataset(os.path.join(root, "webdataset-index.json"), cache_dir=cache, keep=True)
+    ds = wids.ShardListDataset(os.path.join(root, ".gq", "webdataset-index.json"), cache_dir=cache, keep=True)
     n, buf = 0, []
     for i in range(len(ds)):
         buf.append(np.asarray(ds[i][".tokens.npy"], dtype=np.int64))

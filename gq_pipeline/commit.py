@@ -3,9 +3,9 @@
 This is the single place where a unit becomes "done"; whoever produced the unit's rows (a worker that tokenized
 it, or a plugin sink) calls :func:`commit_unit` with them. The steps, and why in this order:
 
-1. every file is written under ``.staging/<attempt>/`` (:mod:`gq_pipeline.commitset`), where no plain reader of
+1. every file is written under ``.gq/staging/<attempt>/`` (:mod:`gq_pipeline.commitset`), where no plain reader of
    the output looks, so a crash here leaves nothing visible;
-2. the record ``units/<unit_id>.json`` is created: the commit point (``OutputStore.commit``);
+2. the record ``.gq/units/<unit_id>.json`` is created: the commit point (``OutputStore.commit``);
 3. the staged files are published to their final names. A crash here leaves a committed unit whose files a
    roll-forward publishes (next run, ``gq gc``); gq's readers read the staged copy meanwhile.
 
@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from gq_pipeline.commitset import new_attempt, publish, remove_tree, staged_relpath
 from gq_pipeline.manifest import OutputStore
 from gq_pipeline.records import ERROR_KINDS, FORMAT_VERSION
+from gq_pipeline.schema import schema_to_json
 from gq_pipeline.sources import Unit
 from gq_pipeline.writers import (ShardContext, build_error_table, build_token_table, parquet_bytes,
                                  split_rows, tar_bytes)
@@ -50,7 +51,7 @@ class StagedUnit:
     """A unit whose files are staged and whose record is built but not yet created."""
 
     attempt: str
-    files: list[str]  # final relpaths, each staged under .staging/<attempt>/
+    files: list[str]  # final relpaths, each staged under .gq/staging/<attempt>/
     record: dict[str, Any]
     hist: np.ndarray | None
 
@@ -147,6 +148,8 @@ def stage_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...], 
               "shards": shards, "errors_file": errors_file, "errors_sha256": errors_sha, "formats": sorted(formats),
               "latents": ctx.latents, "model_fingerprint": fp, "codebook_fingerprint": ctx.codebook_fingerprint,
               "codebook_size": ctx.codebook_size, "preprocess": ctx.preprocess}
+    if ctx.passthrough_schema is not None:  # the output's one schema (gq_pipeline.schema), declared by every record
+        record["passthrough_schema"] = schema_to_json(ctx.passthrough_schema)
     if unit.kind == "files":
         record["files"] = {"count": len(unit.files), "first": unit.files[0], "last": unit.files[-1]}
     if done.info.get("image_column"):
@@ -189,5 +192,5 @@ def commit_unit(store: OutputStore, ctx: ShardContext, formats: tuple[str, ...],
     files are discarded and (that record, None) is returned, so the other run's tokens are not counted twice."""
     staged = stage_unit(store, ctx, formats, done)
     if not commit_staged(store, staged):
-        return json.loads(store.fs.cat_file(store.path("units", f"{done.unit.unit_id}.json"))), None
+        return json.loads(store.fs.cat_file(store.path(store.layout.record(done.unit.unit_id)))), None
     return staged.record, staged.hist

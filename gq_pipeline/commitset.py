@@ -3,15 +3,15 @@
 One home for the layout rules that the writer (:mod:`gq_pipeline.commit`), the readers (:mod:`gq_pipeline.shards`)
 and ``gq gc`` share (docs/token-format.md, "Staging"):
 
-* a unit's files are first written under ``.staging/<attempt>/<final relpath>`` (``attempt`` =
+* a unit's files are first written under ``.gq/staging/<attempt>/<final relpath>`` (``attempt`` =
   ``<unit_id>.<random hex>``, unique per try, so two tries of one unit never touch each other's staged files);
-* its record ``units/<unit_id>.json`` is then created: the commit point;
+* its record ``.gq/units/<unit_id>.json`` is then created: the commit point;
 * then each staged file is *published* to its final name (local rename; object stores copy + delete).
 
-``.staging`` starts with a dot because that is the one prefix every plain reader skips when pointed at the output
-root: pyarrow.dataset and ``ray.data.read_*`` skip ``.`` and ``_``, HF ``datasets`` skips ``.`` (and ``__``) but not
-``_``. Readers of ``parquet/`` or ``webdataset/`` (DuckDB included, which skips nothing) never see it, since it is
-not under those folders. So every file a plain reader lists under ``parquet/`` or ``webdataset/`` is committed.
+Paths are those of :mod:`gq_pipeline.layout` (``layout`` arguments: the output's version; version 1 outputs used
+``.staging/`` and ``units/`` at the root). Staging lies under ``.gq``, which every plain reader skips when pointed
+at the output root, and outside ``parquet/`` and ``webdataset/``, so every file a plain reader lists there is
+committed.
 
 A crash after the record and before publishing leaves a committed unit whose files are still staged: *roll-forward*
 (:func:`roll_forward`, at the start of the next run and in ``gq gc``) publishes them, after checking each staged
@@ -27,14 +27,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["STAGING", "UNITS", "WIDS_INDEX", "TornRecordError", "new_attempt", "staged_relpath", "read_records", "staged_files", "publish",
+from gq_pipeline.layout import CURRENT, Layout
+
+__all__ = ["STAGING", "UNITS", "WIDS_INDEX", "TornRecordError", "new_attempt", "staged_relpath", "read_records",
+           "staged_files", "publish",
            "remove_tree", "roll_forward", "RollForward", "committed_paths", "uncommitted_files"]
 
-STAGING = ".staging"
-UNITS = "units"
-# The wids index lives at the output root, not in webdataset/: a directory read of webdataset/ by
-# ray.data.read_webdataset took it for a tar ("truncated header"), and HF datasets could pick it as the data.
-WIDS_INDEX = "webdataset-index.json"
+# The current layout's names (kept for callers that import them; new code uses gq_pipeline.layout). The wids index
+# is not in webdataset/: a directory read there by ray.data.read_webdataset took it for a tar ("truncated header").
+STAGING = CURRENT.staging
+UNITS = CURRENT.units
+WIDS_INDEX = CURRENT.wids_index
 
 
 def _is_local(fs) -> bool:
@@ -51,8 +54,8 @@ def attempt_unit(attempt: str) -> str:
     return attempt.split(".", 1)[0]
 
 
-def staged_relpath(attempt: str, relpath: str) -> str:
-    return f"{STAGING}/{attempt}/{relpath}"
+def staged_relpath(attempt: str, relpath: str, layout: Layout = CURRENT) -> str:
+    return layout.staged(attempt, relpath)
 
 
 class TornRecordError(ValueError):
@@ -76,9 +79,9 @@ def _parse_record(path: str, blob: bytes) -> dict[str, Any]:
     return rec
 
 
-def read_records(fs, root: str, manifest: dict | None = None,
-                 torn: list[str] | None = None) -> dict[str, dict[str, Any]] | None:
-    """Every commit record under ``root`` (``units/*.json``), or None when the output has no ``units/`` folder.
+def read_records(fs, root: str, manifest: dict | None = None, torn: list[str] | None = None,
+                 layout: Layout = CURRENT) -> dict[str, dict[str, Any]] | None:
+    """Every commit record under ``root`` (``.gq/units/*.json``), or None when the output has no records folder.
 
     ``units/`` is the truth; ``manifest.json`` is only a cache: a record it lists is taken from it (with the
     output-wide fields it stores once), any other record is read. Pass ``manifest`` when already loaded.
@@ -88,7 +91,7 @@ def read_records(fs, root: str, manifest: dict | None = None,
     ``torn`` list, its path is appended there instead and the unit counts as not committed (``gq tokenize`` redoes
     it, and the commit replaces the damaged record).
     """
-    units = posixpath.join(root, UNITS)
+    units = posixpath.join(root, layout.units)
     try:
         listed = fs.ls(units, detail=False)
     except FileNotFoundError:
@@ -97,12 +100,12 @@ def read_records(fs, root: str, manifest: dict | None = None,
     names = [n for n in names if n.endswith(".json") and ".tmp" not in n]
     if manifest is None:
         try:
-            manifest = json.loads(fs.cat_file(posixpath.join(root, "manifest.json")))
+            manifest = json.loads(fs.cat_file(posixpath.join(root, layout.manifest)))
         except (FileNotFoundError, ValueError):
             manifest = None
     m = manifest or {}
     shared = {k: m[k] for k in ("format_version", "model_fingerprint", "codebook_fingerprint", "preprocess",
-                                "codebook_size") if k in m}
+                                "codebook_size", "passthrough_schema") if k in m}
     known = {u["unit_id"]: u for u in m.get("units", []) if isinstance(u, dict) and "formats" in u}
     records: dict[str, dict[str, Any]] = {}
     missing = []
@@ -139,12 +142,12 @@ def committed_paths(records: dict[str, dict[str, Any]]) -> set[str]:
     return out
 
 
-def uncommitted_files(fs, root: str, records: dict[str, dict[str, Any]]) -> list[str]:
-    """Shard and error files under ``parquet/``, ``webdataset/`` and ``errors/`` that no record covers (relpaths):
-    what a plain reader would see beyond the commit set. Temporaries and the wids index are not counted."""
+def uncommitted_files(fs, root: str, records: dict[str, dict[str, Any]], layout: Layout = CURRENT) -> list[str]:
+    """Shard and error files under ``parquet/``, ``webdataset/`` and the errors folder that no record covers
+    (relpaths): what a plain reader would see beyond the commit set. Temporaries and the wids index are not counted."""
     keep = committed_paths(records)
     out = []
-    for sub in ("parquet", "webdataset", "errors"):
+    for sub in layout.file_dirs:
         try:
             listed = fs.ls(posixpath.join(root, sub), detail=False)
         except FileNotFoundError:
@@ -157,10 +160,10 @@ def uncommitted_files(fs, root: str, records: dict[str, dict[str, Any]]) -> list
     return sorted(out)
 
 
-def staged_files(fs, root: str) -> dict[str, list[str]]:
-    """``{attempt: [final relpath, ...]}`` of everything under ``.staging/`` (one recursive listing; temporaries of
-    a staged write, ``*.tmp-*``, are listed too so that gc can remove them)."""
-    base = posixpath.join(root, STAGING)
+def staged_files(fs, root: str, layout: Layout = CURRENT) -> dict[str, list[str]]:
+    """``{attempt: [final relpath, ...]}`` of everything under the staging folder (one recursive listing;
+    temporaries of a staged write, ``*.tmp-*``, are listed too so that gc can remove them)."""
+    base = posixpath.join(root, layout.staging)
     try:
         found = fs.find(base)
     except FileNotFoundError:
@@ -217,7 +220,8 @@ class RollForward:
     uncommitted: list[str] = field(default_factory=list)     # staging folders of units without a record (left)
 
 
-def roll_forward(fs, root: str, records: dict[str, dict[str, Any]], dry_run: bool = False) -> RollForward:
+def roll_forward(fs, root: str, records: dict[str, dict[str, Any]], dry_run: bool = False,
+                 layout: Layout = CURRENT) -> RollForward:
     """Publish the staged files of committed units (a crash between record and publish), then drop their staging.
 
     A staged file is published only if its sha256 is the one its record names, and only if the final file is
@@ -225,14 +229,14 @@ def roll_forward(fs, root: str, records: dict[str, dict[str, Any]], dry_run: boo
     ``gq gc`` removes them when the output is not leased).
     """
     report = RollForward()
-    staged = staged_files(fs, root)
+    staged = staged_files(fs, root, layout)
     # The record of a unit with staged files is read from units/ itself, never from the manifest's cache: a record
     # replaced since the manifest was written (a format added) names files the cached copy does not.
     records = dict(records)
     for uid in sorted({attempt_unit(a) for a in staged}):
         try:
-            records[uid] = _parse_record(posixpath.join(root, UNITS, f"{uid}.json"),
-                                         fs.cat_file(posixpath.join(root, UNITS, f"{uid}.json")))
+            path = posixpath.join(root, layout.record(uid))
+            records[uid] = _parse_record(path, fs.cat_file(path))
         except (FileNotFoundError, TornRecordError):
             records.pop(uid, None)
     expected = {}
@@ -243,9 +247,9 @@ def roll_forward(fs, root: str, records: dict[str, dict[str, Any]], dry_run: boo
             expected[(r["unit_id"], r["errors_file"])] = r.get("errors_sha256")
     for attempt, rels in sorted(staged.items()):
         uid = attempt_unit(attempt)
-        folder = posixpath.join(root, STAGING, attempt)
+        folder = posixpath.join(root, layout.staging, attempt)
         if uid not in records:
-            report.uncommitted.append(f"{STAGING}/{attempt}")
+            report.uncommitted.append(f"{layout.staging}/{attempt}")
             continue
         suspect = False
         for rel in sorted(rels):
@@ -258,7 +262,7 @@ def roll_forward(fs, root: str, records: dict[str, dict[str, Any]], dry_run: boo
             except FileNotFoundError:
                 continue
             if want is not None and have != want:
-                report.mismatched.append(f"{STAGING}/{attempt}/{rel}")
+                report.mismatched.append(layout.staged(attempt, rel))
                 suspect = True
                 continue
             try:
@@ -272,7 +276,7 @@ def roll_forward(fs, root: str, records: dict[str, dict[str, Any]], dry_run: boo
                 publish(fs, src, dst)
         if suspect:  # kept for a person to look at: bytes the record does not vouch for
             continue
-        report.cleaned.append(f"{STAGING}/{attempt}")
+        report.cleaned.append(f"{layout.staging}/{attempt}")
         if not dry_run:
             remove_tree(fs, folder)
     return report

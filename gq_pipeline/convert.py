@@ -44,6 +44,7 @@ from gq_model.storage import read_versioned, replace_if_match
 from gq_pipeline.commit import SHARD_FORMATS, StagedUnit, build_shards, discard_unit, publish_unit, record_bytes
 from gq_pipeline.commitset import new_attempt, staged_relpath
 from gq_pipeline.manifest import OutputStore
+from gq_pipeline.schema import schema_from_json
 from gq_pipeline.stages import TOKEN_SCHEMA
 from gq_pipeline.writers import ShardContext
 
@@ -180,7 +181,7 @@ def convert_unit(store: OutputStore, ctx: ShardContext, unit_id: str, formats) -
     record with one listing every format. Returns ``{"unit_id", "status", "record", "reason"}``: ``converted``;
     ``unchanged`` (the record has them now, or another run replaced it first: ``record`` is the current one);
     ``needs_model`` (impossible, ``reason`` says why: tokenize it again). Storage errors propagate."""
-    path = store.path("units", f"{unit_id}.json")
+    path = store.path(store.layout.record(unit_id))
     got = read_versioned(store.fs, path)
     if got is None:
         return {"unit_id": unit_id, "status": NEEDS_MODEL, "record": None, "reason": "its record is gone"}
@@ -197,7 +198,10 @@ def convert_unit(store: OutputStore, ctx: ShardContext, unit_id: str, formats) -
     if why:
         return out
     # The shard was written with the record's own settings: rebuild it with those, not this run's.
-    wctx = replace(ctx, preprocess=record.get("preprocess", ctx.preprocess), latents=bool(record.get("latents")))
+    # Its Parquet shard gets the columns the record declares (the output's one schema), as a fresh run's would.
+    declared = schema_from_json(record["passthrough_schema"]) if record.get("passthrough_schema") else None
+    wctx = replace(ctx, preprocess=record.get("preprocess", ctx.preprocess), latents=bool(record.get("latents")),
+                   passthrough_schema=declared if declared is not None else ctx.passthrough_schema)
     shards = {s["format"]: s for s in record.get("shards", ())}
     built: list[tuple[str, bytes, dict[str, Any]]] = []
     if record.get("tokenized"):
@@ -219,7 +223,7 @@ def convert_unit(store: OutputStore, ctx: ShardContext, unit_id: str, formats) -
     new["formats"] = sorted(set(record.get("formats", ())) | set(add))
     staged = StagedUnit(new_attempt(unit_id), [], new, None)
     for rel, data, _ in built:
-        target = staged_relpath(staged.attempt, rel)
+        target = staged_relpath(staged.attempt, rel, store.layout)
         if store.local:
             store.fs.makedirs(posixpath.dirname(store.path(target)), exist_ok=True)
         store.put(target, data)

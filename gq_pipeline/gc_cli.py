@@ -1,14 +1,16 @@
 """``gq gc OUTPUT``: remove what no commit record covers, and finish commits a crash interrupted.
 
-An output's truth is its commit set (``units/*.json``, docs/token-format.md). Everything else under ``parquet/``,
-``webdataset/`` and ``errors/`` is an orphan: a shard written by a run killed before its record (older gq versions
-wrote shards in place), a copy planted by hand, or the shard of a unit whose record was deleted. Under ``.staging/``,
-the folders of committed units are rolled forward (their files published, checked against the record's sha256) and
-those of uncommitted units are stale. Temporaries (``*.tmp-*``) of killed writes go too.
+An output's truth is its commit set (``.gq/units/*.json``, docs/token-format.md; paths from
+:mod:`gq_pipeline.layout`, version-1 outputs keep ``units/``, ``errors/``, ``.staging/`` and ``_lease.json`` at the
+root and are collected the same way). Everything else under ``parquet/``, ``webdataset/`` and the errors folder is an
+orphan: a shard written by a run killed before its record (older gq versions wrote shards in place), a copy planted
+by hand, or the shard of a unit whose record was deleted. Under the staging folder, the folders of committed units
+are rolled forward (their files published, checked against the record's sha256) and those of uncommitted units are
+stale. Temporaries (``*.tmp-*``) of killed writes go too.
 
-Removing a staged folder is only safe when no run is writing: gc refuses while ``_lease.json`` at the output root
-is live (``expires_at`` in the future) unless ``--force``. Files gc does not recognise (no gq shard name) are kept
-and listed. ``--dry-run`` prints the same plan and changes nothing.
+Removing a staged folder is only safe when no run is writing: gc refuses while the output's lease is live
+(``expires_at`` in the future) unless ``--force``. Files gc does not recognise (no gq shard name) are kept and
+listed. ``--dry-run`` prints the same plan and changes nothing.
 """
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from gq_pipeline import layout as _layout
 from gq_pipeline.lease import LeaseHeldError, describe_owner, read_lease
 
 __all__ = ["GcReport", "LeaseHeldError", "collect_garbage", "add_parser", "run"]
 
-DATA_DIRS = ("parquet", "webdataset", "errors")
+DATA_DIRS = _layout.CURRENT.file_dirs
 
 
 @dataclass
@@ -44,10 +47,10 @@ class GcReport:
         return self.orphans + self.stale_staging + self.temporaries
 
 
-def _live_lease(fs, root: str, now: float) -> dict | None:
+def _live_lease(fs, root: str, now: float, lay: _layout.Layout = _layout.CURRENT) -> dict | None:
     """The output's lease (``gq_pipeline.lease``) if it is live, ``expires_at`` later than ``now``; an unreadable
     lease counts as live."""
-    lease = read_lease(fs, root)
+    lease = read_lease(fs, root, lay.lease)
     if lease is None:
         return None
     try:
@@ -66,15 +69,15 @@ def _ls(fs, path: str) -> list[str]:
 def collect_garbage(output: str, *, dry_run: bool = False, force: bool = False,
                     storage_options: dict | None = None) -> GcReport:
     """Roll committed units forward, then remove orphans, stale staging and temporaries (see the module doc)."""
-    from gq_pipeline.commitset import (STAGING, UNITS, committed_paths, read_records, remove_tree, roll_forward,
-                                       staged_files)
+    from gq_pipeline.commitset import committed_paths, read_records, remove_tree, roll_forward, staged_files
     from gq_pipeline.sources import get_fs, to_url
 
     fs, root = get_fs(output, storage_options)
     root = root.rstrip("/")
     fs.invalidate_cache()
     url = to_url(fs, root)
-    lease = _live_lease(fs, root, time.time())
+    lay = _layout.detect(fs, root) or _layout.CURRENT
+    lease = _live_lease(fs, root, time.time(), lay)
     if lease is not None and not force:
         when = lease.get("expires_at")
         until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when)) if when else "unknown (unreadable lease)"
@@ -82,12 +85,12 @@ def collect_garbage(output: str, *, dry_run: bool = False, force: bool = False,
         raise LeaseHeldError(f"{url} is leased by {owner} until {until}: a run may be writing there, and its staged "
                              f"files would be removed. Wait for it, or pass --force if that run is known to be dead",
                              lease)
-    records = read_records(fs, root)
+    records = read_records(fs, root, layout=lay)
     if records is None:
-        raise FileNotFoundError(f"{url}: not a gq tokenize output (no {UNITS}/ folder); gc removes only files that "
-                                f"commit records prove to be orphans, so it does nothing here")
+        raise FileNotFoundError(f"{url}: not a gq tokenize output (no {lay.units}/ folder); gc removes only files "
+                                f"that commit records prove to be orphans, so it does nothing here")
     report = GcReport(url, dry_run, committed_units=len(records))
-    rf = roll_forward(fs, root, records, dry_run=dry_run)
+    rf = roll_forward(fs, root, records, dry_run=dry_run, layout=lay)
     report.rolled_forward = rf.published
     report.mismatched = rf.mismatched
     report.stale_staging = list(rf.cleaned)  # staging of committed units (removed by roll_forward unless dry_run)
@@ -97,7 +100,7 @@ def collect_garbage(output: str, *, dry_run: bool = False, force: bool = False,
             remove_tree(fs, posixpath.join(root, folder))
     keep = committed_paths(records)
     present = set(rf.published)
-    for sub in DATA_DIRS:
+    for sub in lay.file_dirs:
         for p in _ls(fs, posixpath.join(root, sub)):
             rel = f"{sub}/{posixpath.basename(p)}"
             name = posixpath.basename(p)
@@ -105,13 +108,14 @@ def collect_garbage(output: str, *, dry_run: bool = False, force: bool = False,
                 report.temporaries.append(rel)
             elif rel in keep:
                 present.add(rel)
-            elif sub == "webdataset" and name == "index.json":
+            elif rel == _layout.LEGACY_WIDS_INDEX:
                 continue
             elif name.endswith((".parquet", ".tar")):
                 report.orphans.append(rel)
             else:
                 report.kept_unknown.append(rel)
-    for p in _ls(fs, posixpath.join(root, UNITS)) + _ls(fs, root):
+    meta = posixpath.dirname(lay.units)  # .gq (version 1: the root itself)
+    for p in _ls(fs, posixpath.join(root, lay.units)) + _ls(fs, posixpath.join(root, meta) if meta else root):
         name = posixpath.basename(p)
         if ".tmp-" in name:
             report.temporaries.append(posixpath.relpath(p, root))
@@ -122,8 +126,8 @@ def collect_garbage(output: str, *, dry_run: bool = False, force: bool = False,
                 fs.rm_file(posixpath.join(root, rel))
             except FileNotFoundError:
                 pass
-        if not staged_files(fs, root):
-            remove_tree(fs, posixpath.join(root, STAGING))
+        if not staged_files(fs, root, lay):
+            remove_tree(fs, posixpath.join(root, lay.staging))
     for name in ("orphans", "stale_staging", "temporaries", "kept_unknown", "rolled_forward"):
         setattr(report, name, sorted(set(getattr(report, name))))
     return report
@@ -136,7 +140,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "temporaries. Refuses while a run holds the output's lease.")
     p.add_argument("output", help="tokenize output root (local path or fsspec URL)")
     p.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
-    p.add_argument("--force", action="store_true", help="run even though _lease.json says a run holds the output "
+    p.add_argument("--force", action="store_true", help="run even though the output's lease says a run holds it "
                                                         "(only when that run is known to be dead)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=run)

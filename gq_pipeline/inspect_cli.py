@@ -2,9 +2,10 @@
 
 Counts (shards, samples, and the manifest's inputs/tokenized/errors with its ``tokenized + errors == inputs``
 invariant checked against the files), fingerprints (a mix is reported, not refused: this is the tool you run to find
-out), errors by kind from ``errors/*.parquet``, and codebook usage: a token histogram, the share of codes used and
-the perplexity ``exp(entropy)``. Low usage or perplexity flags a collapsed or mismatched tokenizer before anyone
-trains on the tokens. Exit status 1 when something is wrong (unreadable shard, mixed codebooks, counts that disagree).
+out), errors by kind from the output's error files (``.gq/errors/*.parquet``; ``errors/`` in version-1 outputs), and
+codebook usage: a token histogram, the share of codes used and the perplexity ``exp(entropy)``. Low usage or
+perplexity flags a collapsed or mismatched tokenizer before anyone trains on the tokens. Exit status 1 when
+something is wrong (unreadable shard, mixed codebooks, counts that disagree).
 """
 from __future__ import annotations
 
@@ -138,11 +139,13 @@ def build_report(args: argparse.Namespace) -> dict:
     if ss.committed:  # files a plain reader sees that no record covers (crash leftovers of old runs, copies)
         from gq_pipeline.commitset import read_records, uncommitted_files
 
-        extra = uncommitted_files(ss.fsref.fs, ss.root, read_records(ss.fsref.fs, ss.root) or {})
+        lay = ss.layout
+        extra = uncommitted_files(ss.fsref.fs, ss.root, read_records(ss.fsref.fs, ss.root, layout=lay) or {}, lay)
         report["uncommitted_files"] = extra
         if extra:
             report["problems"].append(f"{len(extra)} file(s) no commit record covers (e.g. {extra[0]}): gq's readers "
                                       f"skip them, plain Parquet/WebDataset readers do not; `gq gc` removes them")
+    _check_schema(ss, report)
     manifest = read_manifest(ss.fsref, ss.root)
     errors, bad_errors = read_error_tables(ss.fsref, ss.root, ss.error_files)
     report["unreadable"] += [msg for _, msg in bad_errors]
@@ -167,19 +170,36 @@ def build_report(args: argparse.Namespace) -> dict:
     return report
 
 
+def _check_schema(ss, report: dict) -> None:
+    """The output's declared pass-through columns (format version 2: one schema per output), and any Parquet shard
+    whose columns differ from them (its record lists its columns: no footer is read)."""
+    declared = ss.passthrough_schema
+    report["passthrough_columns"] = declared.names if declared is not None else None
+    if declared is None or ss.format != "parquet":
+        return
+    for shard in ss.shards:
+        extra = [c for c in shard.columns if c not in TOKEN_AND_CORE]
+        if shard.columns and extra != declared.names:
+            report["problems"].append(f"{ss.url(shard)} has pass-through columns {extra}, the output declares "
+                                      f"{declared.names}")
+
+
+TOKEN_AND_CORE = ("key", "source", "member", "tokens", "token_shape", "width", "height", "latent", "latent_shape")
+
+
 def _check_manifest(manifest: dict, report: dict, by_kind: dict, ss) -> None:
     problems = report["problems"]
     inputs, tokenized, errors = (manifest.get(k) for k in ("inputs", "tokenized", "errors"))
     if None not in (inputs, tokenized, errors) and tokenized + errors != inputs:
-        problems.append(f"manifest.json: tokenized {tokenized} + errors {errors} != inputs {inputs}")
+        problems.append(f"manifest: tokenized {tokenized} + errors {errors} != inputs {inputs}")
     if tokenized is not None and not report["unreadable"] and tokenized != ss.num_samples:
-        problems.append(f"manifest.json says {tokenized} samples were tokenized, the {ss.format} shards hold "
+        problems.append(f"the manifest says {tokenized} samples were tokenized, the {ss.format} shards hold "
                         f"{ss.num_samples}")
     if errors is not None and sum(by_kind.values()) != errors:
-        problems.append(f"manifest.json counts {errors} errors, errors/*.parquet holds {sum(by_kind.values())}")
+        problems.append(f"the manifest counts {errors} errors, the error files hold {sum(by_kind.values())}")
     fp = manifest.get("codebook_fingerprint")
     if fp and report.get("codebook_fingerprint") and fp != report["codebook_fingerprint"]:
-        problems.append(f"manifest.json codebook {fp} differs from the shards' {report['codebook_fingerprint']}")
+        problems.append(f"the manifest's codebook {fp} differs from the shards' {report['codebook_fingerprint']}")
 
 
 def format_text(r: dict) -> str:
@@ -190,6 +210,8 @@ def format_text(r: dict) -> str:
     m = r.get("manifest")
     if m:
         lines.append(f"  manifest: inputs {m['inputs']}  tokenized {m['tokenized']}  errors {m['errors']}")
+    if r.get("passthrough_columns") is not None:
+        lines.append(f"  pass-through columns: {', '.join(r['passthrough_columns']) or 'none'}")
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"]["by_kind"].items())) or "none"
     lines.append(f"  errors: {r['errors']['total']} ({kinds})")
     t = r.get("token_stats")

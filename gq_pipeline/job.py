@@ -29,7 +29,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from gq_model.storage import check_storage_options
-from gq_pipeline.commitset import WIDS_INDEX, staged_files
+from gq_pipeline.commitset import staged_files
+from gq_pipeline.layout import LEGACY_WIDS_INDEX
 from gq_pipeline.convert import CONVERTED, NEEDS_MODEL, UNCHANGED, convert_unit, why_not_convertible
 from gq_pipeline.lease import LeaseHeldError, LeaseLostError, OutputLease
 from gq_pipeline.manifest import IncompatibleOutputError, OutputStore, manifest_unit_entry
@@ -39,7 +40,7 @@ from gq_pipeline.progress import ProgressReporter
 from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS, check_policy, preprocess_settings
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
-from gq_pipeline.sources import ignored_counts, ignored_note, plan_units
+from gq_pipeline.sources import Unit, ignored_counts, ignored_note, plan_units
 from gq_pipeline.scheduler import (ActorPool, FailureBudget, FailureBudgetExceeded, Interrupted, LocalPool,
                                    NoWorkersError, run_units)
 from gq_pipeline.stages import ModelRunner, model_payload
@@ -281,6 +282,7 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     formats = FORMATS[format]
     storage_options = check_storage_options(storage_options, "storage_options")
     store = OutputStore(output, storage_options)
+    store.refuse_older_layout()  # a version-1 output (gq_pipeline.layout) is refused before anything is written
 
     # ---------------------------------------------------------------- model and its identity
     gq = load_model(model, config=config, preset=preset, trust_checkpoint=trust_checkpoint,
@@ -400,11 +402,11 @@ def _output_current(store: OutputStore, state, records: dict[str, dict[str, Any]
         return False
     if {u.get("unit_id") for u in m.get("units", []) if isinstance(u, dict)} != set(records):
         return False
-    if staged_files(store.fs, store.root) or store.fs.exists(store.path("webdataset", "index.json")):
+    if staged_files(store.fs, store.root) or store.fs.exists(store.path(LEGACY_WIDS_INDEX)):
         return False
     want = store.wids_index_bytes([records[k] for k in sorted(records)])
     try:
-        have = store.fs.cat_file(store.path(WIDS_INDEX))
+        have = store.fs.cat_file(store.path(store.layout.wids_index))
     except FileNotFoundError:
         have = None
     return want == have
@@ -467,7 +469,7 @@ def _run_planned(*, store, ctx, plan, inputs, formats, latents, unit_size, input
     # changed folder reads committed shards back from their final names.
     work = None if staged_files(store.fs, store.root) else _survey(store, state, plan, unit_size, formats, latents)
     if input_list:
-        how = "read from the persisted plan" if plan.list_units.reused else "planned into _plan/"
+        how = "read from the persisted plan" if plan.list_units.reused else "planned into .gq/plan/"
         _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
     if work is not None and not work.planned and not work.records and not allow_empty:
         raise _no_inputs(inputs, input_list, plan)
@@ -514,6 +516,8 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
     records = work.records
     tally.records = records
     replanned, planned, todo, skipped = work.replanned, work.planned, list(work.todo), work.skipped
+    # One schema per output (gq_pipeline.schema): the committed one, or the union over this run's inputs
+    ctx = store.resolve_schema(ctx, state, [Unit.from_dict(u) for u in todo], image_column, storage_options)
     if replanned.changed_dirs:
         _log(progress, "note: " + replanned.describe())
     plan_s = time.perf_counter() - t0
@@ -523,7 +527,7 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
         # This run replaces records (formats or latents added). manifest.json caches records, and a run stopped
         # after a replace but before its new manifest would leave a cache naming fewer files than units/ does (gc
         # would take the added shards for orphans): the stale cache goes first, and is rebuilt at the end.
-        store.fs.rm_file(store.path("manifest.json"))
+        store.fs.rm_file(store.path(store.layout.manifest))
 
     # ---------------------------------------------------------------- conversions (no model call)
     failed: list[dict[str, str]] = []
@@ -694,7 +698,7 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
             raise JobError(f"writing {store.url}/manifest.json failed: {_one_line(e)}. {tally.describe()} (the "
                            f"manifest is rebuilt from units/ by the rerun)") from e
     else:  # nothing to write: the manifest on storage is current
-        manifest["wids_index"] = WIDS_INDEX if store.wids_index_bytes(all_records) is not None else None
+        manifest["wids_index"] = store.layout.wids_index if store.wids_index_bytes(all_records) is not None else None
         _log(progress, "nothing to do: every planned unit is committed and manifest.json is current (nothing was "
                        "written)")
     if interrupted:

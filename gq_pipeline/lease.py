@@ -1,4 +1,4 @@
-"""One writer per output: ``_lease.json`` at the output root, held by the run that writes there.
+"""One writer per output: ``.gq/lease.json`` under the output root, held by the run that writes there.
 
 Two ``gq tokenize`` runs on one output would each plan from a listing of ``units/`` that does not hold the other's
 work yet, cut the inputs into different units and tokenize some twice. The lease makes the second run refuse instead:
@@ -38,11 +38,12 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from gq_model.storage import create_exclusive, delete_if_match, read_versioned, replace_if_match
+from gq_pipeline.layout import CURRENT
 
 __all__ = ["OutputLease", "LeaseHeldError", "LeaseLostError", "LEASE_NAME", "DEFAULT_TTL_S", "read_lease",
            "describe_owner"]
 
-LEASE_NAME = "_lease.json"
+LEASE_NAME = CURRENT.lease  # gq_pipeline.layout: .gq/lease.json (version 1: _lease.json)
 LEASE_VERSION = 1
 DEFAULT_TTL_S = 600.0
 
@@ -67,9 +68,9 @@ def _parse_time(s: str) -> float:
     return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
 
 
-def read_lease(fs, root: str) -> dict[str, Any] | None:
+def read_lease(fs, root: str, name: str = LEASE_NAME) -> dict[str, Any] | None:
     """The lease document under ``root`` (None if there is none); ``{"unreadable": ...}`` if it is not JSON."""
-    got = read_versioned(fs, posixpath.join(root.rstrip("/"), LEASE_NAME))
+    got = read_versioned(fs, posixpath.join(root.rstrip("/"), name))
     if got is None:
         return None
     try:

@@ -1,11 +1,12 @@
-"""The output directory's bookkeeping: commit records, the compatibility guard, ``manifest.json`` and the wids index.
+"""The output directory's bookkeeping: commit records, the compatibility guard, the manifest, the wids index and the
+output's one Parquet schema. Paths are :mod:`gq_pipeline.layout`'s (``.gq/...``).
 
-A unit is done exactly when ``units/<unit_id>.json`` exists; it is created after the unit's files are staged and
+A unit is done exactly when ``.gq/units/<unit_id>.json`` exists; it is created after the unit's files are staged and
 before they are published (:mod:`gq_pipeline.commit`, :mod:`gq_pipeline.commitset`), so a crash at any moment leaves
 either an uncommitted unit that no plain reader sees and a rerun redoes (same names, same bytes), or a committed unit
 whose staged files the next run's :meth:`OutputStore.prepare` rolls forward.
-Resuming reads ``manifest.json`` plus only the commit records the manifest does not list yet, so a rerun costs one
-listing of ``units/`` and a few reads, never a scan of the shards or a re-read of finished inputs.
+Resuming reads the manifest plus only the commit records the manifest does not list yet, so a rerun costs one
+listing of ``.gq/units/`` and a few reads, never a scan of the shards or a re-read of finished inputs.
 """
 from __future__ import annotations
 
@@ -15,16 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gq_model.storage import create_exclusive, read_versioned, replace_if_match
-from gq_pipeline.commitset import WIDS_INDEX, RollForward, read_records, roll_forward, staged_files
+from gq_pipeline import layout as _layout
+from gq_pipeline.commitset import RollForward, read_records, roll_forward, staged_files
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.sources import get_fs, is_local_fs, to_url
 from gq_pipeline.writers import ShardContext, put_atomic
 
-__all__ = ["OutputStore", "OutputState", "IncompatibleOutputError", "manifest_unit_entry", "RUN_CONSTANTS"]
+__all__ = ["OutputStore", "OutputState", "IncompatibleOutputError", "OlderLayoutError", "manifest_unit_entry",
+           "RUN_CONSTANTS"]
 
-SUBDIRS = ("parquet", "webdataset", "errors", "units")
-# Commit-record fields that are the same for the whole output: stored once at the top of manifest.json.
-RUN_CONSTANTS = ("format_version", "model_fingerprint", "codebook_fingerprint", "preprocess", "codebook_size")
+SUBDIRS = _layout.CURRENT.dirs
+# Commit-record fields that are the same for the whole output: stored once at the top of the manifest.
+RUN_CONSTANTS = ("format_version", "model_fingerprint", "codebook_fingerprint", "preprocess", "codebook_size",
+                 "passthrough_schema")
 # A temporary younger than this may belong to a write in progress (prepare() leaves it when told to).
 TEMP_STALE_S = 900.0
 
@@ -44,6 +48,10 @@ def manifest_unit_entry(record: dict[str, Any]) -> dict[str, Any]:
 
 class IncompatibleOutputError(ValueError):
     """The output already holds tokens made by another model, codebook or preprocessing."""
+
+
+class OlderLayoutError(IncompatibleOutputError):
+    """The output was written by an earlier gq in layout version 1: readable, but this gq does not add to it."""
 
 
 @dataclass
@@ -81,15 +89,35 @@ class OutputStore:
         self.local = is_local_fs(self.fs)
         self.root = normalised_root(root, url, self.local)
         self.url = to_url(self.fs, self.root)
+        self.layout = _layout.CURRENT  # what this gq writes; refuse_older_layout() guards older outputs
+        self.passthrough = None  # the output's pass-through schema once resolve_schema() decided it
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
     @staticmethod
     def shard_relpath(fmt: str, unit_id: str, model_fp: str) -> str:
-        sub, ext = {"parquet": ("parquet", "parquet"), "webdataset": ("webdataset", "tar"),
-                    "errors": ("errors", "parquet")}[fmt]
-        return f"{sub}/{unit_id}-{model_fp}.{ext}"
+        return _layout.CURRENT.shard(fmt, unit_id, model_fp)
+
+    def refuse_older_layout(self) -> None:
+        """Raise :class:`OlderLayoutError` when the output is a version-1 one (records and manifest at the root).
+
+        Adding version-2 units to it would give an output that is neither: two manifests, errors in two places.
+        Called before anything is written (the lease, persisted plans), so a refused output is left as it was."""
+        found = _layout.detect(self.fs, self.root)
+        if found is not None and found.version != self.layout.version and not self.fs.isdir(self.path(found.units)):
+            try:  # only a manifest.json at the root: gq's, or someone else's file of that name?
+                doc = json.loads(self.fs.cat_file(self.path(found.manifest)))
+                found = found if isinstance(doc, dict) and "format_version" in doc and "units" in doc else None
+            except (OSError, ValueError):
+                found = None
+        if found is not None and found.version != self.layout.version:
+            raise OlderLayoutError(
+                f"{self.url} was written by an earlier gq in output format version {found.version} ({found.manifest}, "
+                f"{found.units}/ and {found.errors}/ at its root). This gq writes version {self.layout.version} "
+                f"(those under {_layout.META}/, so that directory readers of the output see token rows only) and does "
+                f"not add to a version-{found.version} output. Its tokens stay readable (TokenDataset, gq decode, "
+                f"gq inspect, gq gc). To tokenize more, write to a new --output, or use the gq version that made it.")
 
     # ------------------------------------------------------------------ start of a run
     def prepare(self, temp_stale_s: float = 0.0) -> None:
@@ -101,8 +129,8 @@ class OutputStore:
         (:data:`TEMP_STALE_S`): a temporary younger than that may be a write that run is finishing."""
         self._prepare_dirs(temp_stale_s)
         self.fs.invalidate_cache()
-        if staged_files(self.fs, self.root):  # one listing; usually empty
-            self.roll_forward(read_records(self.fs, self.root, torn=[]) or {})
+        if staged_files(self.fs, self.root, self.layout):  # one listing; usually empty
+            self.roll_forward(read_records(self.fs, self.root, torn=[], layout=self.layout) or {})
 
     def _prepare_dirs(self, temp_stale_s: float = 0.0) -> None:
         if not self.local:
@@ -119,10 +147,15 @@ class OutputStore:
         cutoff = time.time() - temp_stale_s
         stale = []
         for sub in SUBDIRS:
-            self.fs.makedirs(self.path(sub), exist_ok=True)
+            if sub not in _layout.DATA_DIRS:  # parquet/, webdataset/ appear with their first shard (format's own)
+                self.fs.makedirs(self.path(sub), exist_ok=True)
             stale += self.fs.glob(self.path(sub, "*.tmp-*"))
-        # _lease.json's temporaries belong to runs contending for the lease right now (gq_pipeline.lease)
-        stale += [p for p in self.fs.glob(self.path("*.tmp-*")) if not posixpath.basename(p).startswith("_lease.")]
+        # the lease's temporaries belong to runs contending for the lease right now (gq_pipeline.lease)
+        lease_dir, lease_name = posixpath.split(self.layout.lease)
+        lease_stem = lease_name.split(".", 1)[0] + "."
+        stale += [p for p in self.fs.glob(self.path(self.layout.staging.rsplit("/", 1)[0], "*.tmp-*"))
+                  if not (posixpath.dirname(p) == self.path(lease_dir).rstrip("/")
+                          and posixpath.basename(p).startswith(lease_stem))]
         for p in stale:
             try:
                 if temp_stale_s <= 0 or self.fs.modified(p).timestamp() < cutoff:
@@ -140,14 +173,17 @@ class OutputStore:
         self.fs.invalidate_cache()  # another process (an earlier, killed run) may have written since
         state = OutputState()
         try:
-            state.manifest = json.loads(self.fs.cat_file(self.path("manifest.json")))
+            state.manifest = json.loads(self.fs.cat_file(self.path(self.layout.manifest)))
         except FileNotFoundError:
             state.manifest = None
         except ValueError as e:
-            raise ValueError(f"{self.url}/manifest.json is not valid JSON ({e}); it is rewritten at the end of every "
-                             f"run, so delete it and rerun to rebuild it from units/") from e
-        state.records = read_records(self.fs, self.root, state.manifest or {}, torn=state.torn) or {}
-        for sub in ("parquet", "webdataset"):
+            raise ValueError(f"{self.url}/{self.layout.manifest} is not valid JSON ({e}); it is rewritten at the end "
+                             f"of every run, so delete it and rerun to rebuild it from {self.layout.units}/") from e
+        if state.manifest is None:
+            self.refuse_older_layout()
+        state.records = read_records(self.fs, self.root, state.manifest or {}, torn=state.torn,
+                                     layout=self.layout) or {}
+        for sub in _layout.DATA_DIRS:
             for n in self._ls_names(sub):
                 if n.endswith((".parquet", ".tar")):
                     state.foreign_shards.append(f"{sub}/{n}")
@@ -157,7 +193,7 @@ class OutputStore:
         """Publish the staged files of committed units (a run killed between a record and its publish); call at the
         start of a run, after :meth:`load`. Staging folders of uncommitted units are left for ``gq gc``."""
         self.fs.invalidate_cache()
-        return roll_forward(self.fs, self.root, records, dry_run=dry_run)
+        return roll_forward(self.fs, self.root, records, dry_run=dry_run, layout=self.layout)
 
     def committed_sources(self, record: dict[str, Any]) -> list[str]:
         """The ``source`` of every sample a committed unit wrote (tokens and errors), read back from its shards.
@@ -218,6 +254,21 @@ class OutputStore:
                 f"{self.url} holds shards of model(s) {other} (this run: {ctx.model_fingerprint}); write to a new "
                 f"--output (or delete this one)")
 
+    def resolve_schema(self, ctx: ShardContext, state: OutputState, todo: list, image_column: str | None,
+                       storage_options: dict | None) -> ShardContext:
+        """``ctx`` with the output's one pass-through schema (gq_pipeline.schema): the committed one, or, for a new
+        output, the union over the units still to do (Parquet footers read here, tars' fixed set). Refuses a run
+        whose inputs would add columns to committed shards (:class:`gq_pipeline.schema.SchemaConflictError`)."""
+        from dataclasses import replace
+
+        from gq_pipeline.schema import output_passthrough, run_passthrough
+        from gq_pipeline.shards import declared_passthrough
+
+        committed = declared_passthrough(state.records, state.manifest)
+        run = run_passthrough(todo, image_column, storage_options)
+        self.passthrough = output_passthrough(committed, run, self.url, bool(state.records))
+        return replace(ctx, passthrough_schema=self.passthrough)
+
     # ------------------------------------------------------------------ writing
     def put(self, relpath: str, data: bytes) -> None:
         put_atomic(self.fs, self.path(relpath), data)
@@ -231,7 +282,7 @@ class OutputStore:
         the first wins. The one exception is a record this one supersedes: the same unit committed with fewer
         formats or without latents, which a rerun with more asks for; it is replaced by a compare-and-swap on the
         version read, so a concurrent change wins over us rather than being overwritten."""
-        path = self.path(f"units/{record['unit_id']}.json")
+        path = self.path(self.layout.record(record["unit_id"]))
         data = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
         if create_exclusive(self.fs, path, data):
             return True
@@ -249,9 +300,20 @@ class OutputStore:
             return False
         return replace_if_match(self.fs, path, data, version) is not None
 
+    def _declared_columns(self, manifest: dict[str, Any]) -> list[dict[str, str]]:
+        from gq_pipeline.records import tokens_fit_uint16
+
+        tok = "uint16" if tokens_fit_uint16(int(manifest.get("codebook_size") or 0)) else "int32"
+        cols = [("key", "string"), ("source", "string"), ("member", "string"), ("tokens", f"list<element: {tok}>"),
+                ("token_shape", "list<element: int32>"), ("width", "int32"), ("height", "int32")]
+        cols += [(f.name, str(f.type)) for f in self.passthrough]
+        if any(u.get("latents") for u in manifest.get("units", ())):
+            cols += [("latent", "list<element: halffloat>"), ("latent_shape", "list<element: int32>")]
+        return [{"name": n, "type": t} for n, t in cols]
+
     def read_record(self, unit_id: str) -> dict[str, Any] | None:
         """The commit record of ``unit_id`` as the store holds it (None if the unit is not committed)."""
-        got = read_versioned(self.fs, self.path(f"units/{unit_id}.json"))
+        got = read_versioned(self.fs, self.path(self.layout.record(unit_id)))
         return json.loads(got[0]) if got is not None else None
 
     def wids_index_bytes(self, records: list[dict[str, Any]]) -> bytes | None:
@@ -261,14 +323,14 @@ class OutputStore:
         if not shards:
             return None
         index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": posixpath.basename(self.root),
-                 "shardlist": [{"url": p, "nsamples": n} for p, n in shards]}
+                 "shardlist": [{"url": self.layout.wids_url(p), "nsamples": n} for p, n in shards]}
         return json.dumps(index, indent=1).encode("utf-8")
 
     def write_wids_index(self, records: list[dict[str, Any]]) -> str | None:
-        """``webdataset-index.json`` at the output root (a wids index of the committed tars). It is not inside
+        """``.gq/webdataset-index.json`` (a wids index of the committed tars, URLs relative to it). It is not inside
         ``webdataset/``: there ``ray.data.read_webdataset`` read it as a tar and HF ``datasets`` as the data. An index
         an older gq left in ``webdataset/`` is removed for the same reason."""
-        old = self.path("webdataset", "index.json")
+        old = self.path(_layout.LEGACY_WIDS_INDEX)
         try:
             if self.fs.exists(old):
                 self.fs.rm_file(old)
@@ -277,8 +339,15 @@ class OutputStore:
         data = self.wids_index_bytes(records)
         if data is None:
             return None
-        self.put(WIDS_INDEX, data)
-        return WIDS_INDEX
+        self.put(self.layout.wids_index, data)
+        return self.layout.wids_index
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        self.put("manifest.json", json.dumps(manifest, indent=1, sort_keys=False).encode("utf-8"))
+        """Write the manifest; with a resolved schema (:meth:`resolve_schema`) it declares it: ``passthrough_schema``
+        (exact) and ``schema``, every Parquet column of the token shards with its type."""
+        if self.passthrough is not None and "passthrough_schema" not in manifest:
+            from gq_pipeline.schema import schema_to_json
+
+            manifest = dict(manifest, passthrough_schema=schema_to_json(self.passthrough),
+                            schema=self._declared_columns(manifest))
+        self.put(self.layout.manifest, json.dumps(manifest, indent=1, sort_keys=False).encode("utf-8"))

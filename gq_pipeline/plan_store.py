@@ -1,12 +1,12 @@
-"""Plans persisted under the output (``_plan/``), so a rerun with the same inputs does not list or read them again.
+"""Plans persisted under the output (``.gq/plan/``), so a rerun with the same inputs does not list or read them again.
 
 Only plans that cannot go stale are kept (docs/architecture.md, "Planning"):
 
-* an input list, under ``_plan/lists/<key>/``, where ``key`` hashes the list's URL, its identity (ETag, generation,
+* an input list, under ``.gq/plan/lists/<key>/``, where ``key`` hashes the list's URL, its identity (ETag, generation,
   or mtime and size: :func:`gq_pipeline.input_list.open_input_list`), the unit size and the column. A changed list
   has another key, so it is planned afresh; unit ids do not depend on the key (:class:`ListUnits`);
 * a brace pattern whose expansion named files only (``s3://b/shards/{00000..99999}.tar``), under
-  ``_plan/inputs/<key>.json.gz``: the files it matched. Files named one by one are taken to be immutable, as their
+  ``.gq/plan/inputs/<key>.json.gz``: the files it matched. Files named one by one are taken to be immutable, as their
   unit ids (their URLs) already assume.
 
 Folders and globs are listed on every run: they may gain files between runs, and
@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from gq_pipeline.input_list import InputList, row_kind
+from gq_pipeline.layout import CURRENT
 from gq_pipeline.records import IMAGE_EXTENSIONS
 
 __all__ = ["ListUnits", "PLAN_DIR", "load_brace_plan", "save_brace_plan", "units_per_part"]
 
-PLAN_DIR = "_plan"
+PLAN_DIR = CURRENT.plan  # gq_pipeline.layout: .gq/plan (version 1: _plan)
 PLAN_VERSION = 1
 _PART_ROWS = 1 << 18  # rows per part file (rounded to whole units)
 _PART_UNITS = 4096  # at most this many tar/Parquet units per part, so a list of tars is planned in bounded memory
@@ -75,7 +76,7 @@ class ListUnits:
 
     source: InputList
     unit_size: int
-    plan_url: str  # the output's _plan directory
+    plan_url: str  # the output's plan directory (.gq/plan)
     storage_options: dict | None = None
     relist: bool = False
     rows: int = 0

@@ -10,12 +10,14 @@ import json
 import re
 from typing import Any
 
-__all__ = ["FORMAT_VERSION", "tokens_fit_uint16", "ERROR_KINDS", "SampleError", "make_key", "make_unit_id", "ROW_OK",
+__all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "tokens_fit_uint16", "ERROR_KINDS", "SampleError", "make_key", "make_unit_id", "ROW_OK",
            "ROW_ERROR", "checked_dimension", "printable", "is_utf8", "INT32_MAX", "RESERVED_COLUMNS",
            "IMAGE_EXTENSIONS", "TAR_EXTENSIONS", "PARQUET_EXTENSIONS"]
 
 # Token shard format version (docs/token-format.md): writers stamp it, readers refuse newer ones.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this gq reads (version 1: the layout with records, errors and manifest at the output root).
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 def tokens_fit_uint16(codebook_size: int) -> bool:

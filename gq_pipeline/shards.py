@@ -2,12 +2,13 @@
 
 Everything that touches shard *files* lives here, so that ``TokenDataset``, ``gq decode`` and ``gq inspect`` agree on
 what a shard set is: which files belong to it (never temporaries), how many samples each holds (Parquet footers,
-``webdataset/index.json``), which codebook made them (refuse a mix: the same integer means a different codeword in
+the wids index), which codebook made them (refuse a mix: the same integer means a different codeword in
 another codebook), and how a run of rows becomes sample dicts (uint16 widened to int64, never sign-extended).
 
-An output written by ``gq tokenize`` is read through its *commit set*: the records ``units/*.json`` (with
-``manifest.json`` as a cache) name exactly the committed shards with their row counts, row groups, columns and token
-shapes, so listing costs one listing of ``units/`` and one read of the manifest, no footer per shard, and a file no
+An output written by ``gq tokenize`` is read through its *commit set*: the records ``.gq/units/*.json`` (with the
+manifest as a cache; version-1 outputs keep both at the root, :mod:`gq_pipeline.layout`) name exactly the committed
+shards with their row counts, row groups, columns and token shapes, so listing costs one listing of the records
+folder and one read of the manifest, no footer per shard, and a file no
 record covers (a crash leftover, a planted copy) is never read. Folders without records (shards written by another
 tool, a glob, a list of files) are described from metadata instead (Parquet footers, ``index.json``). Either way a
 dataset can be split into exact sample ranges before any token is decoded.
@@ -38,14 +39,17 @@ import pyarrow.parquet as pq
 import torch
 
 from gq_model.storage import options_for
-from gq_pipeline.commitset import WIDS_INDEX, read_records, staged_files, staged_relpath
+from gq_pipeline import layout as _layout
+from gq_pipeline.commitset import read_records, staged_files, staged_relpath
 from gq_pipeline.records import FORMAT_VERSION as _WRITTEN_FORMAT_VERSION
+from gq_pipeline.records import READABLE_FORMAT_VERSIONS as _READABLE
 
 __all__ = ["ShardError", "FingerprintMismatchError", "FSRef", "Shard", "ShardSet", "list_shards", "read_manifest",
            "read_error_tables", "read_parquet_rows", "iter_tar_rows", "tokens_to_int64", "FORMAT_VERSION",
            "BlockReader", "ShardCache", "is_transient", "row_token_shapes", "take_tar_rows"]
 
 FORMAT_VERSION = str(_WRITTEN_FORMAT_VERSION)  # as stored in the gq.format_version metadata string
+READABLE_VERSIONS = tuple(str(v) for v in _READABLE)
 TOKEN_COLUMNS = ("tokens", "token_shape", "latent", "latent_shape")
 _MODEL_FP = re.compile(r"^(?P<unit>.+)-(?P<fp>[0-9a-f]{16})$")
 
@@ -118,8 +122,12 @@ class ShardSet:
     shards: list[Shard]
     root: str | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)  # (url, message) of unreadable shards (strict=False)
-    error_files: list[str] | None = None  # the committed errors/*.parquet (None: not read through a commit set)
-    committed: bool = False  # True when listed from commit records (units/*.json)
+    error_files: list[str] | None = None  # the committed error files (None: not read through a commit set)
+    committed: bool = False  # True when listed from commit records
+    # The output's declared pass-through columns (manifest/records "passthrough_schema", format version 2): every
+    # Parquet shard has them, with nulls where an input had none. None when not declared (version 1, other tools).
+    passthrough_schema: pa.Schema | None = None
+    layout: Any = None  # gq_pipeline.layout.Layout of the output, when read through a commit set
 
     @property
     def num_samples(self) -> int:
@@ -243,20 +251,24 @@ def _from_commit_set(fsref: FSRef, path: str, format: str, strict: bool,
     try:
         if not fs.isdir(path):
             return None
-        manifest = read_manifest(fsref, root) or {}
-        records = read_records(fs, root, manifest)
+        manifest, lay, meta = _manifest_and_layout(fsref, root)
+        if lay is None:
+            return None
+        records = read_records(fs, root, manifest or {}, lay)
     except FileNotFoundError:
         return None
     if records is None:
         return None
+    manifest = manifest or {}
     if format == "auto":
         have = {s["format"] for r in records.values() for s in r.get("shards", ())}
         format = "parquet" if "parquet" in have or not have else "webdataset"
     # Files of committed units that a crash left staged (record written, not yet published): read the staged copy.
     staged = {}
-    for attempt, rels in staged_files(fs, root).items():
+    has_staging = meta is None or posixpath.basename(lay.staging) in meta  # the .gq listing said (saves 3 requests)
+    for attempt, rels in (staged_files(fs, root, lay) if has_staging else {}).items():
         for rel in rels:
-            staged.setdefault((attempt.split(".", 1)[0], rel), posixpath.join(root, staged_relpath(attempt, rel)))
+            staged.setdefault((attempt.split(".", 1)[0], rel), posixpath.join(root, staged_relpath(attempt, rel, lay)))
 
     def where(uid: str, rel: str) -> str:
         final = posixpath.join(root, rel)
@@ -277,9 +289,9 @@ def _from_commit_set(fsref: FSRef, path: str, format: str, strict: bool,
             continue
         shard_path = where(uid, entry["path"])
         version = str(rec.get("format_version", manifest.get("format_version", FORMAT_VERSION)))
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             err = ShardError(f"{fsref.url(shard_path)}: token format version {version} is not supported by this "
-                             f"reader (version {FORMAT_VERSION}); upgrade gq")
+                             f"reader (versions {', '.join(READABLE_VERSIONS)}); upgrade gq")
             if strict:
                 raise err
             problems.append((fsref.url(shard_path), str(err)))
@@ -312,7 +324,39 @@ def _from_commit_set(fsref: FSRef, path: str, format: str, strict: bool,
         raise FileNotFoundError(f"no committed {format} shards under {fsref.url(root)} ({len(records)} commit "
                                 f"record(s) in units/)")
     shards.sort(key=lambda s: s.name)
-    return ShardSet(fsref, format, shards, root, problems, error_files=sorted(error_files), committed=True)
+    return ShardSet(fsref, format, shards, root, problems, error_files=sorted(error_files), committed=True,
+                    passthrough_schema=declared_passthrough(records, manifest), layout=lay)
+
+
+def declared_passthrough(records: dict[str, dict[str, Any]], manifest: dict | None) -> pa.Schema | None:
+    """The output's one pass-through schema (format version 2 records it once per output, in the manifest and in
+    every record), or None when the records do not declare one."""
+    from gq_pipeline.schema import schema_from_json
+
+    blob = (manifest or {}).get("passthrough_schema")
+    if blob is None:
+        blob = next((r["passthrough_schema"] for r in records.values() if r.get("passthrough_schema") is not None),
+                    None)
+    return schema_from_json(blob) if blob is not None else None
+
+
+def _manifest_and_layout(fsref: FSRef, root: str) -> tuple[dict | None, Any, set[str] | None]:
+    """(manifest or None, layout or None, names in ``.gq/`` or None) of the output at ``root``. One listing of
+    ``.gq/`` tells a current output, whether it has a manifest and whether anything is staged; else the layout is
+    detected from the root (version 1)."""
+    fs = fsref.fs
+    try:
+        meta = {posixpath.basename(p.rstrip("/")) for p in fs.ls(posixpath.join(root, _layout.META), detail=False)}
+    except (FileNotFoundError, NotADirectoryError):
+        meta = set()
+    cur = _layout.CURRENT
+    if posixpath.basename(cur.units) in meta or posixpath.basename(cur.manifest) in meta:
+        m = _read_json(fsref, posixpath.join(root, cur.manifest)) if posixpath.basename(cur.manifest) in meta else None
+        return m, cur, meta
+    lay = _layout.detect(fs, root)
+    if lay is None or lay is cur:
+        return None, lay, meta
+    return _read_json(fsref, posixpath.join(root, lay.manifest)), lay, None
 
 
 def _root_of(directory: str) -> str:
@@ -321,11 +365,12 @@ def _root_of(directory: str) -> str:
 
 
 def _index_next_to(fs, directory: str) -> str | None:
-    """The wids index for a folder of tars: ``<root>/webdataset-index.json`` (gq's layout) or an ``index.json``
-    inside the folder (older gq versions, other tools)."""
+    """The wids index for a folder of tars: ``<root>/.gq/webdataset-index.json`` (gq's layout; version 1 kept it at
+    the root) or an ``index.json`` inside the folder (older gq versions, other tools)."""
     candidates = [posixpath.join(directory, "index.json")]
-    if posixpath.basename(directory) == "webdataset":
-        candidates.insert(0, posixpath.join(posixpath.dirname(directory), WIDS_INDEX))
+    if posixpath.basename(directory) == _layout.WEBDATASET:
+        parent = posixpath.dirname(directory)
+        candidates[:0] = [posixpath.join(parent, lay.wids_index) for lay in (_layout.V2, _layout.V1)]
     return next((c for c in candidates if fs.exists(c)), None)
 
 
@@ -404,9 +449,9 @@ def _describe_parquet(fsref: FSRef, paths: list[str], strict: bool) -> tuple[lis
 def _check_meta(url: str, meta: dict, columns: tuple) -> ShardError | None:
     if "gq.format_version" not in meta:
         return ShardError(f"{url}: not a gq token shard (no gq.format_version in the Parquet schema metadata)")
-    if meta["gq.format_version"] != FORMAT_VERSION:
+    if meta["gq.format_version"] not in READABLE_VERSIONS:
         return ShardError(f"{url}: token format version {meta['gq.format_version']} is not supported by this "
-                          f"reader (version {FORMAT_VERSION}); upgrade gq")
+                          f"reader (versions {', '.join(READABLE_VERSIONS)}); upgrade gq")
     if "tokens" not in columns:
         return ShardError(f"{url}: no 'tokens' column")
     return None
@@ -470,15 +515,25 @@ def _describe_tars(fsref: FSRef, paths: list[str], root: str | None, index_path:
 
 
 def read_manifest(fsref: FSRef, root: str | None) -> dict | None:
-    """``manifest.json`` at the output root, or None when absent (e.g. shards copied without it)."""
+    """The output's manifest (``.gq/manifest.json``, or ``manifest.json`` at the root of a version-1 output), or
+    None when absent (e.g. shards copied without it)."""
     if not root:
         return None
-    path = posixpath.join(root, "manifest.json")
+    for lay in (_layout.V2, _layout.V1):
+        m = _read_json(fsref, posixpath.join(root, lay.manifest))
+        if m is not None:
+            return m
+    return None
+
+
+def _read_json(fsref: FSRef, path: str) -> dict | None:
     fs = fsref.fs
-    if not fs.exists(path):
+    try:
+        blob = fs.cat_file(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
     try:
-        return json.loads(fs.cat_file(path))
+        return json.loads(blob)
     except ValueError as e:
         raise ShardError(f"{fsref.url(path)}: not valid JSON ({e})") from e
 
@@ -486,15 +541,17 @@ def read_manifest(fsref: FSRef, root: str | None) -> dict | None:
 def read_error_tables(fsref: FSRef, root: str | None, paths: list[str] | None = None
                       ) -> tuple[pa.Table | None, list[tuple[str, str]]]:
     """All error rows concatenated (None when there are none) and the files that could not be read: those of
-    ``paths`` (a commit set's ``error_files``), else every ``errors/*.parquet`` under ``root``."""
+    ``paths`` (a commit set's ``error_files``), else every error file under ``root`` (``.gq/errors/*.parquet``, or
+    ``errors/`` in a version-1 output)."""
     fs = fsref.fs
     if paths is None:
         if not root:
             return None, []
-        path = posixpath.join(root, "errors")
-        if not fs.isdir(path):
+        folder = next((p for p in (posixpath.join(root, lay.errors) for lay in (_layout.V2, _layout.V1))
+                       if fs.isdir(p)), None)
+        if folder is None:
             return None, []
-        paths = _children(fs, path, ".parquet")
+        paths = _children(fs, folder, ".parquet")
     tables, problems = [], []
     for p in paths:
         try:

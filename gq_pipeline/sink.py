@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from gq_pipeline.layout import SINK_TMP
 from gq_pipeline.manifest import SUBDIRS, IncompatibleOutputError, OutputStore, manifest_unit_entry
 from gq_pipeline.plugin import LATENT_COLUMNS, OUTPUT_COLUMNS, GQTokenizer, parse_error
 from gq_pipeline.preprocess import preprocess_settings
@@ -95,7 +96,7 @@ class GQShardSink(_Base):
         store = OutputStore(output, storage_options)
         self.url, self.local = store.url, store.local
         # Staging names only: a fresh id per sink, so two sinks writing to one output never share a staging store.
-        self.staging_rel = f"_tmp/sink-{uuid.uuid4().hex[:12]}"
+        self.staging_rel = f"{SINK_TMP}/sink-{uuid.uuid4().hex[:12]}"
         self.result: dict[str, Any] | None = None  # the manifest summary, set by on_write_complete
 
     # ------------------------------------------------------------------ Ray Datasink interface
@@ -370,9 +371,9 @@ class GQShardSink(_Base):
                 store.fs.rm(path, recursive=True)
         except FileNotFoundError:
             pass
-        if store.local:  # leave no empty _tmp/ behind
+        if store.local:  # leave no empty tmp folder behind
             try:
-                store.fs.rmdir(store.path("_tmp"))
+                store.fs.rmdir(store.path(SINK_TMP))
             except OSError:
                 pass
 
@@ -384,6 +385,7 @@ def _move(store: OutputStore, src_rel: str, dst_rel: str) -> None:
 
     src, dst = store.path(src_rel), store.path(dst_rel)
     if store.local:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)  # parquet/, webdataset/ appear with their first shard
         os.replace(src, dst)
     else:
         store.fs.copy(src, dst)

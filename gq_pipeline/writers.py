@@ -25,7 +25,7 @@ from gq_pipeline.sources import is_local_fs
 __all__ = ["ShardContext", "put_atomic", "build_token_table", "build_error_table", "parquet_bytes",
            "tar_bytes"]
 
-_TAR_PASSTHROUGH = (("txt", pa.string()), ("json", pa.string()), ("cls", pa.int64()))
+_TAR_PASSTHROUGH = (("txt", pa.string()), ("json", pa.string()), ("cls", pa.int64()))  # = schema.TAR_PASSTHROUGH
 
 
 @dataclass
@@ -42,6 +42,9 @@ class ShardContext:
     preprocess: dict[str, Any]
     latents: bool = False
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    # The output's one pass-through schema (gq_pipeline.schema): every token shard gets exactly these columns, null
+    # where a sample's input had none. None (GQShardSink) keeps each unit's own columns.
+    passthrough_schema: pa.Schema | None = None
 
     @property
     def token_type(self) -> pa.DataType:
@@ -84,8 +87,26 @@ def _extras(rows: pa.Table) -> list[dict[str, Any]]:
     return [pickle.loads(b) if b else {} for b in rows.column("extra").to_pylist()]
 
 
-def _passthrough_columns(extras: list[dict[str, Any]], passthrough_schema: pa.Schema | None
-                         ) -> list[tuple[str, pa.Array]]:
+def _passthrough_columns(extras: list[dict[str, Any]], passthrough_schema: pa.Schema | None,
+                         output_schema: pa.Schema | None = None) -> list[tuple[str, pa.Array]]:
+    if output_schema is not None:  # the output's union: every column, null where this unit's inputs have none
+        unit = {f.name: f.type for f in passthrough_schema} if passthrough_schema is not None else {}
+        lost = [n for n in unit if n not in output_schema.names] or \
+            sorted({k for e in extras for k in e if e.get(k) is not None} - set(output_schema.names))
+        if lost:  # never drop an input's values silently
+            raise ValueError(f"this unit's input has pass-through column(s) {lost} that the output's schema "
+                             f"({output_schema.names}) lacks: the file changed since the run was planned; rerun")
+        cols = []
+        for f in output_schema:
+            values = [e.get(f.name) for e in extras]
+            try:
+                arr = pa.array(values, type=f.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+                if f.name not in unit:
+                    raise
+                arr = pa.array(values, type=unit[f.name]).cast(f.type)  # e.g. int16 input under an int64 union
+            cols.append((f.name, arr))
+        return cols
     if passthrough_schema is not None:  # Parquet input: keep the input's own types
         return [(f.name, pa.array([e.get(f.name) for e in extras], type=f.type)) for f in passthrough_schema]
     cols = []
@@ -97,7 +118,8 @@ def _passthrough_columns(extras: list[dict[str, Any]], passthrough_schema: pa.Sc
 
 def build_token_table(rows: pa.Table, ctx: ShardContext, unit_id: str,
                       passthrough_schema: pa.Schema | None) -> pa.Table:
-    """``ok`` rows (sorted by idx) -> the Parquet token table of docs/token-format.md."""
+    """``ok`` rows (sorted by idx) -> the Parquet token table of docs/token-format.md. ``passthrough_schema`` is the
+    unit's own pass-through columns (a Parquet input's); ``ctx.passthrough_schema``, when set, the output's."""
     n = rows.num_rows
     tok_np = ctx.token_numpy
     token_bytes = rows.column("tokens").to_pylist()
@@ -113,7 +135,7 @@ def build_token_table(rows: pa.Table, ctx: ShardContext, unit_id: str,
         ("width", rows.column("width").combine_chunks()),
         ("height", rows.column("height").combine_chunks()),
     ]
-    cols += _passthrough_columns(_extras(rows), passthrough_schema)
+    cols += _passthrough_columns(_extras(rows), passthrough_schema, ctx.passthrough_schema)
     if ctx.latents:
         lat_bytes = rows.column("latent").to_pylist()
         lflat = np.frombuffer(b"".join(lat_bytes), dtype=np.float16)

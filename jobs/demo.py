@@ -8,7 +8,7 @@ WebDataset shards, error accounting, manifest), prints the run summary, decodes 
 * ``OUT/demo-grid.png``: originals (the exact pixels the tokenizer saw) above their reconstructions from the tokens;
 * ``OUT/demo-grid-small.png``: the same at web size (the README picture, ``docs/images/demo-grid.png``);
 * ``OUT/codebook-usage.png``: the token histogram of the run (the plot of ``gq inspect --plot``);
-* ``OUT/tokens/``: the tokenize output (``parquet/``, ``webdataset/``, ``errors/``, ``manifest.json``);
+* ``OUT/tokens/``: the tokenize output (``parquet/``, ``webdataset/``, and ``.gq/`` with errors, records and the manifest);
 * ``OUT/summary.json``: the summary printed at the end.
 """
 from __future__ import annotations

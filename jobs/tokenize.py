@@ -41,12 +41,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a list of inputs instead of (or besides) listing folders: .txt (one URL or path per line), "
                         ".csv/.tsv or .parquet with a url/path column (compressed text ok, e.g. .txt.gz), or an S3 "
                         "Inventory manifest.json. Paths resolve against the list's directory; rows are cut into "
-                        "units of --unit-size rows, planned once into OUTPUT/_plan/")
+                        "units of --unit-size rows, planned once into OUTPUT/.gq/plan/")
     p.add_argument("--input-list-column", metavar="NAME", help="the URL column of a CSV/Parquet --input-list "
                    "(default: url, path, uri, file, filename or key)")
     p.add_argument("--relist", action="store_true",
                    help="plan the --input-list and brace patterns again instead of reading the plan persisted under "
-                        "OUTPUT/_plan/ (folders and globs are listed on every run anyway)")
+                        "OUTPUT/.gq/plan/ (folders and globs are listed on every run anyway)")
     p.add_argument("--output", required=True, metavar="URL", help="output directory or URL (see docs/token-format.md)")
     p.add_argument("--format", default="parquet", choices=["parquet", "webdataset", "both"])
     p.add_argument("--image-size", type=int, default=256, help="shorter side after resizing (default 256)")
@@ -114,7 +114,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--object-store-memory", type=int, default=None, help="bytes, local Ray instance only")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     p.add_argument("--force-lease", action="store_true",
-                   help="take the output's lease (_lease.json) even though another run holds it: for an owner that "
+                   help="take the output's lease (.gq/lease.json) even though another run holds it: for an owner that "
                         "crashed on another machine; a live owner would then write alongside this run")
     p.add_argument("--summary-json", metavar="PATH", help="also write the run summary to this local file")
     p.add_argument("--quiet", action="store_true", help="no progress messages")

@@ -35,8 +35,12 @@ def write_token_output(url: str, samples_per_shard=(5, 3, 7), *, token_shape=(1,
                        formats=("parquet", "webdataset"), row_group_size: int | None = None, latents: bool = False,
                        seed: int = 0, tokens_fn=random_tokens, errors: dict[str, int] | None = None,
                        manifest: bool = True, unit_offset: int = 0, storage_options: dict | None = None,
-                       index: bool = True) -> dict[str, dict]:
-    """Write shards under ``url``; return ``{key: {"tokens": int64 array [G,h,w], **fields}}`` for every sample."""
+                       index: bool = True, version: int = 2) -> dict[str, dict]:
+    """Write shards under ``url``; return ``{key: {"tokens": int64 array [G,h,w], **fields}}`` for every sample.
+    ``version`` is the format version, whose layout (gq_pipeline.layout) places manifest, errors and index."""
+    from gq_pipeline.layout import layout_of_version
+
+    lay = layout_of_version(version)
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     dtype = np.uint16 if codebook_size <= 65536 else np.int32
     rng = np.random.default_rng(seed)
@@ -55,7 +59,7 @@ def write_token_output(url: str, samples_per_shard=(5, 3, 7), *, token_shape=(1,
                 row["latent"] = rng.standard_normal((16,) + tuple(token_shape[1:])).astype(np.float16)
             rows.append(row)
             expected[key] = row
-        meta = {"gq.format_version": "1", "gq.model_fingerprint": model_fp, "gq.codebook_fingerprint": codebook_fp,
+        meta = {"gq.format_version": str(version), "gq.model_fingerprint": model_fp, "gq.codebook_fingerprint": codebook_fp,
                 "gq.codebook_size": str(codebook_size), "gq.group": "16", "gq.seed": "42", "gq.beta": "1.0",
                 "gq.arch": "unet", "gq.preprocess": json.dumps({"image_size": 32, "crop": "center"}),
                 "gq.unit_id": uid}
@@ -68,7 +72,7 @@ def write_token_output(url: str, samples_per_shard=(5, 3, 7), *, token_shape=(1,
             path = posixpath.join(root, "webdataset", name + ".tar")
             _write_tar(fs, path, rows, dtype, latents)
             shards.append(f"webdataset/{name}.tar")
-            shardlist.append({"url": f"webdataset/{name}.tar", "nsamples": n})
+            shardlist.append({"url": lay.wids_url(f"webdataset/{name}.tar"), "nsamples": n})
         units.append({"unit_id": uid, "source": f"s3://in/{uid}.tar", "inputs": n, "tokenized": n, "errors": 0,
                       "shards": shards})
     n_err = 0
@@ -77,23 +81,25 @@ def write_token_output(url: str, samples_per_shard=(5, 3, 7), *, token_shape=(1,
         tbl = pa.table({"key": [f"bad{i}" for i in range(len(kinds))], "source": ["s3://in/x.tar"] * len(kinds),
                         "member": pa.array([None] * len(kinds), pa.string()), "error": kinds,
                         "message": [f"{k} failed" for k in kinds]})
-        fs.makedirs(posixpath.join(root, "errors"), exist_ok=True)
-        with fs.open(posixpath.join(root, "errors", f"u-errors-{model_fp}.parquet"), "wb") as f:
+        fs.makedirs(posixpath.join(root, lay.errors), exist_ok=True)
+        with fs.open(posixpath.join(root, lay.errors, f"u-errors-{model_fp}.parquet"), "wb") as f:
             pq.write_table(tbl, f)
         n_err = len(kinds)
         units[0]["errors"] += n_err
         units[0]["inputs"] += n_err
     if "webdataset" in formats and index:
         idx = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "tokens", "shardlist": shardlist}
-        with fs.open(posixpath.join(root, "webdataset-index.json"), "w") as f:
+        fs.makedirs(posixpath.dirname(posixpath.join(root, lay.wids_index)), exist_ok=True)
+        with fs.open(posixpath.join(root, lay.wids_index), "w") as f:
             json.dump(idx, f)
     if manifest:
         total = sum(samples_per_shard)
-        m = {"format_version": 1, "model_fingerprint": model_fp, "codebook_fingerprint": codebook_fp,
+        m = {"format_version": version, "model_fingerprint": model_fp, "codebook_fingerprint": codebook_fp,
              "codebook_size": codebook_size, "group": 16, "preprocess": {"image_size": 32},
              "inputs": total + n_err, "tokenized": total, "errors": n_err, "errors_by_kind": dict(errors or {}),
              "units": units, "throughput": {}, "codebook_usage": {}}
-        with fs.open(posixpath.join(root, "manifest.json"), "w") as f:
+        fs.makedirs(posixpath.dirname(posixpath.join(root, lay.manifest)), exist_ok=True)
+        with fs.open(posixpath.join(root, lay.manifest), "w") as f:
             json.dump(m, f)
     return expected
 

@@ -72,7 +72,7 @@ def test_gq_demo_end_to_end(ray_cluster, tmp_path):
         assert im.size[0] >= 4 * 256 and im.size[1] >= 2 * 256
     assert list((out / "tokens" / "parquet").glob("*.parquet"))
     assert list((out / "tokens" / "webdataset").glob("*.tar"))
-    manifest = json.loads((out / "tokens" / "manifest.json").read_text())
+    manifest = json.loads((out / "tokens" / ".gq" / "manifest.json").read_text())
     assert manifest["tokenized"] + manifest["errors"] == manifest["inputs"] == 5
     assert manifest["errors_by_kind"] == {"decode": 1}
     # the Parquet and WebDataset shards hold the same tokens

@@ -90,7 +90,7 @@ def test_wids_on_index_json(out, tmp_path):
 
     from wids.wids import default_decoder
 
-    ds = wids.ShardListDataset(f"{root}/webdataset-index.json", cache_dir=str(tmp_path / "wids"),
+    ds = wids.ShardListDataset(f"{root}/.gq/webdataset-index.json", cache_dir=str(tmp_path / "wids"),
                                transformations=[partial(default_decoder, format="numpy")])
     assert len(ds) == 15
     seen = []

@@ -160,7 +160,7 @@ def test_ray_job_submit_train_reproduces_the_deepspeed_launcher(ray_head, deepsp
 
 def _shard_hashes(root: str) -> dict[str, str]:
     hashes = {}
-    for sub in ("parquet", "webdataset", "errors"):
+    for sub in ("parquet", "webdataset", ".gq/errors"):
         folder = os.path.join(root, sub)
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             with open(os.path.join(folder, name), "rb") as f:
@@ -187,7 +187,7 @@ def test_ray_job_submit_tokenize_matches_in_process_run(ray_head, ray_cluster, t
     _submit(ray_head, sys.executable, "-m", "jobs.tokenize", "--model", tiny_model_dir, "--input", str(images),
             "--output", str(submitted), "--format", "both", "--image-size", "32", "--batch-size", "4",
             "--unit-size", "3", "--quiet")
-    with open(submitted / "manifest.json", encoding="utf-8") as f:
+    with open(submitted / ".gq" / "manifest.json", encoding="utf-8") as f:
         manifest = json.load(f)
     assert (manifest["inputs"], manifest["tokenized"], manifest["errors"]) == (6, 5, 1)
     remote, ours = _shard_hashes(str(submitted)), _shard_hashes(str(local))

@@ -176,7 +176,7 @@ def test_crash_then_changed_folder_and_rerun_every_reader_sees_every_input_once(
 
     assert os.listdir(os.path.join(out, "webdataset")) == [n for n in os.listdir(os.path.join(out, "webdataset"))
                                                            if n.endswith(".tar")]
-    index = wids.ShardListDataset(os.path.join(out, "webdataset-index.json"), cache_dir=out + "-wids")
+    index = wids.ShardListDataset(os.path.join(out, ".gq", "webdataset-index.json"), cache_dir=out + "-wids")
     assert sorted(index[i][".json"]["source"] for i in range(len(index))) == sorted(expected)  # decoded by wids
     seen = _sources_everywhere(out)
     _assert_once(seen, expected)
@@ -197,7 +197,7 @@ def test_planted_shard_is_invisible_to_gq_readers_and_gc_removes_exactly_the_orp
     first = sorted(glob.glob(f"{out}/parquet/*.parquet"))[0]
     shutil.copy(first, f"{out}/parquet/u-00000000deadbeef-{fp}.parquet")
     shutil.copy(sorted(glob.glob(f"{out}/webdataset/*.tar"))[0], f"{out}/webdataset/u-00000000deadbeef-{fp}.tar")
-    open(f"{out}/units/u-0000000000000000.json.tmp-1-abc", "w").write("{")
+    open(f"{out}/.gq/units/u-0000000000000000.json.tmp-1-abc", "w").write("{")
     os.makedirs(f"{out}/{STAGING}/u-00000000cafecafe.0123", exist_ok=True)
     open(f"{out}/{STAGING}/u-00000000cafecafe.0123/x.parquet.tmp-9-zz", "wb").write(b"partial")
     for fmt in ("parquet", "webdataset"):
@@ -215,24 +215,24 @@ def test_planted_shard_is_invisible_to_gq_readers_and_gc_removes_exactly_the_orp
     plan = collect_garbage(out, dry_run=True)
     orphans = sorted([f"parquet/u-00000000deadbeef-{fp}.parquet", f"webdataset/u-00000000deadbeef-{fp}.tar"])
     assert plan.orphans == orphans
-    assert plan.temporaries == ["units/u-0000000000000000.json.tmp-1-abc"]
+    assert plan.temporaries == [".gq/units/u-0000000000000000.json.tmp-1-abc"]
     assert f"{STAGING}/{s2.attempt}" in plan.stale_staging and f"{STAGING}/u-00000000cafecafe.0123" in \
         plan.stale_staging
     assert not plan.damaged and not plan.rolled_forward and not plan.kept_unknown
     assert _tree(out) == before
     # a live lease refuses; an expired one does not
     lease = {"owner": "host:1234", "expires_at": time.time() + 600}
-    open(f"{out}/_lease.json", "w").write(json.dumps(lease))
+    open(f"{out}/.gq/lease.json", "w").write(json.dumps(lease))
     with pytest.raises(LeaseHeldError, match="host:1234"):
         collect_garbage(out)
-    assert gq_main(["gc", out]) == 2 and _tree(out) == dict(before, **{"_lease.json": json.dumps(lease).encode()})
-    open(f"{out}/_lease.json", "w").write(json.dumps(dict(lease, expires_at=time.time() - 1)))
+    assert gq_main(["gc", out]) == 2 and _tree(out) == dict(before, **{".gq/lease.json": json.dumps(lease).encode()})
+    open(f"{out}/.gq/lease.json", "w").write(json.dumps(dict(lease, expires_at=time.time() - 1)))
     assert gq_main(["gc", out]) == 0
     after = _tree(out)
     removed = set(before) - set(after)
     assert {p for p in removed if not p.startswith(STAGING)} == set(orphans) | set(plan.temporaries)
     assert not [p for p in after if p.startswith(STAGING)]
-    assert set(after) - set(before) == {"_lease.json"}
+    assert set(after) - set(before) == {".gq/lease.json"}
     assert all(after[p] == before[p] for p in after if p in before)  # nothing committed was touched
     _assert_once(_sources_everywhere(out), expected)
     assert gq_main(["inspect", out, "--no-tokens"]) == 0
@@ -361,7 +361,7 @@ def test_records_describe_shards_as_their_footers_do(crashed, tiny_model):
         assert (a.path, a.num_rows, a.row_groups, a.codebook_fingerprint, a.model_fingerprint, a.codebook_size,
                 a.columns) == (b.path, b.num_rows, b.row_groups, b.codebook_fingerprint, b.model_fingerprint,
                                b.codebook_size, b.columns)
-    for p in glob.glob(f"{out}/units/*.json"):  # as an older gq wrote them
+    for p in glob.glob(f"{out}/.gq/units/*.json"):  # as an older gq wrote them
         rec = json.load(open(p))
         for s in rec["shards"]:
             for k in ("row_groups", "columns", "token_shapes"):

@@ -61,9 +61,9 @@ CLUSTER_SCRIPT = textwrap.dedent("""
         # remove the node once its worker is up and units are being committed, so it dies with work in flight
         deadline = time.time() + 180
         while t.is_alive() and time.time() < deadline and not (
-                len(glob.glob(os.path.join(out, "units", "*.json"))) >= 3 and worker_alive_on(other)):
+                len(glob.glob(os.path.join(out, ".gq", "units", "*.json"))) >= 3 and worker_alive_on(other)):
             time.sleep(0.02)
-        result["committed_at_removal"] = len(glob.glob(os.path.join(out, "units", "*.json")))
+        result["committed_at_removal"] = len(glob.glob(os.path.join(out, ".gq", "units", "*.json")))
         cluster.remove_node(other, allow_graceful=False)
     t.join(timeout=300)
     print("RESULT " + json.dumps(result, default=str))
@@ -106,7 +106,7 @@ def _check_exactly_once(out: str, images: list[bytes], model) -> None:
         want = model.tokenize(preprocess_image(data, SIZE)[None])[0].numpy()
         got = np.asarray(r["tokens"], dtype=np.int64).reshape(r["token_shape"])
         assert np.array_equal(got, want), i
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    manifest = json.load(open(os.path.join(out, ".gq", "manifest.json")))
     assert manifest["inputs"] == manifest["tokenized"] == len(images)
 
 
@@ -178,7 +178,7 @@ def test_one_bad_image_is_an_error_record_and_one_failing_unit_is_retried_then_r
     # batch the white one breaks is retried image by image. Both units commit.
     assert s["units_failed"] == [] and s["units_committed"] == 2
     assert s["tokenized"] == 6 and s["errors_by_kind"] == {"model": 2} and s["inputs"] == 8
-    errors = pq.read_table(glob.glob(os.path.join(out, "errors", "*.parquet"))).to_pylist()
+    errors = pq.read_table(glob.glob(os.path.join(out, ".gq", "errors", "*.parquet"))).to_pylist()
     messages = {os.path.basename(e["source"]): e["message"] for e in errors}
     assert messages == {"black.png": "ValueError: cannot encode an all-black image",
                         "white.png": "RuntimeError: this batch breaks the encoder"}
@@ -204,7 +204,7 @@ def test_a_unit_that_keeps_failing_is_recorded_and_the_job_goes_on_to_exit_3(tmp
     assert "fails on every image of a batch of 3" in failed["reason"]
     assert s["throughput"]["faults"]["retries"] == 2
     assert EXIT_UNITS_FAILED == 3
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    manifest = json.load(open(os.path.join(out, ".gq", "manifest.json")))
     assert manifest["failed_units"][0]["unit_id"] == failed["unit_id"]
     again = gq_pipeline.tokenize(make_tiny_model(), [str(root)], out, image_size=SIZE, unit_size=10, progress=False,
                                  model_placement="driver")
@@ -221,7 +221,7 @@ def test_the_failed_unit_budget_stops_a_runaway_job(tmp_path):
     with pytest.raises(JobError, match="more than --max-failed-units allows"):
         gq_pipeline.tokenize(_picky(make_tiny_model()), [str(root)], out, image_size=SIZE, progress=False,
                              model_placement="driver", max_failed_units=1, max_attempts=1)
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    manifest = json.load(open(os.path.join(out, ".gq", "manifest.json")))
     assert len(manifest["failed_units"]) >= 2 and manifest["inputs"] == 0
 
 

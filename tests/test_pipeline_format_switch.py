@@ -69,7 +69,7 @@ def _run(model, inputs, out, fmt, **kw):
 
 def _files(out) -> dict[str, bytes]:
     found = {}
-    for sub in ("parquet", "webdataset", "errors", "units"):
+    for sub in ("parquet", "webdataset", ".gq/errors", ".gq/units"):
         d = os.path.join(out, sub)
         for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
             found[f"{sub}/{name}"] = open(os.path.join(d, name), "rb").read()
@@ -81,10 +81,10 @@ def _same_as_fresh(out, fresh) -> None:
     assert sorted(mine) == sorted(theirs)
     for rel in mine:
         assert mine[rel] == theirs[rel], rel  # shards, error files and commit records: the bytes of a fresh run
-    index = json.load(open(os.path.join(out, "webdataset-index.json")))
-    want = json.load(open(os.path.join(fresh, "webdataset-index.json")))
+    index = json.load(open(os.path.join(out, ".gq", "webdataset-index.json")))
+    want = json.load(open(os.path.join(fresh, ".gq", "webdataset-index.json")))
     assert index["shardlist"] == want["shardlist"]
-    manifest, fresh_manifest = (json.load(open(os.path.join(d, "manifest.json"))) for d in (out, fresh))
+    manifest, fresh_manifest = (json.load(open(os.path.join(d, ".gq", "manifest.json"))) for d in (out, fresh))
     assert manifest["units"] == fresh_manifest["units"]
     assert manifest["inputs"] == manifest["tokenized"] + manifest["errors"] == fresh_manifest["inputs"]
 
@@ -92,7 +92,7 @@ def _same_as_fresh(out, fresh) -> None:
 def _clean(out) -> None:
     report = collect_garbage(str(out), dry_run=True)
     assert report.removed == [] and report.damaged == [] and report.mismatched == [], report
-    assert not os.listdir(os.path.join(out, ".staging"))
+    assert not os.listdir(os.path.join(out, ".gq", "staging"))
 
 
 def test_parquet_webdataset_parquet_both_makes_no_model_call(tmp_path, model, monkeypatch):
@@ -181,7 +181,7 @@ def test_a_conversion_stopped_at_either_side_of_its_commit_point_is_finished_by_
     monkeypatch.setattr(convert, target, stop)
     s = _run(model, inputs, out, "webdataset", max_attempts=1)
     assert s["units_failed"] and all(f"stopped {step}" in f["reason"] for f in s["units_failed"])
-    staged = [p for p in (out / ".staging").rglob("*.tar")]
+    staged = [p for p in (out / ".gq" / "staging").rglob("*.tar")]
     assert staged  # the tars wait in staging, where no plain reader looks
     assert not list((out / "webdataset").glob("*.tar")) if (out / "webdataset").exists() else True
     monkeypatch.setattr(convert, target, real)
@@ -204,10 +204,10 @@ def test_a_format_switch_on_s3(tmp_path, model, moto_s3, s3, monkeypatch):
     s3.invalidate_cache()
     want = _files(fresh_both)
     got = {}
-    for sub in ("parquet", "webdataset", "errors", "units"):
+    for sub in ("parquet", "webdataset", ".gq/errors", ".gq/units"):
         for p in s3.ls(f"gq-switch/out/{sub}", detail=False):
             got[f"{sub}/{p.rsplit('/', 1)[-1]}"] = s3.cat_file(p)
     assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
-    assert not s3.find("gq-switch/out/.staging")
+    assert not s3.find("gq-switch/out/.gq/staging")
     report = collect_garbage("s3://gq-switch/out", dry_run=True, storage_options=moto_s3)
     assert report.removed == [] and report.damaged == []

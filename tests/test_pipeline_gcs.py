@@ -59,7 +59,7 @@ def test_gcs_folder_and_tar_in_gcs_out_resume_and_read_back(ray_cluster, fake_gc
     for k, data in expected.items():
         assert by_source[k]["tokens"] == _direct_tokens(tiny_model, data), k
     assert by_source[("shards/shard-000.tar", "s1")]["txt"] == "caption 1"
-    errors = [r for f in first if "/errors/" in f for r in pq.read_table(f, filesystem=gcs).to_pylist()]
+    errors = [r for f in first if "/.gq/errors/" in f for r in pq.read_table(f, filesystem=gcs).to_pylist()]
     assert [(e["source"].rsplit("/", 1)[1], e["error"]) for e in errors] == [("broken.jpg", "decode")]
 
     # The rerun finds every unit committed and leaves every shard as it was (the manifest records the new run).
@@ -96,7 +96,7 @@ def test_mixed_stores_s3_model_and_images_gcs_shards(ray_cluster, moto_s3, s3, f
                         np.load(io.BytesIO(data)).reshape(-1).tolist()
                         for name, data in members.items() if name.endswith(".tokens.npy")}
     assert tokens_by_member == {smp["__key__"]: _direct_tokens(tiny_model, smp["jpg"]) for smp in samples}
-    manifest = json.loads(gcs.cat("gq-mixed-out/run/manifest.json"))
+    manifest = json.loads(gcs.cat("gq-mixed-out/run/.gq/manifest.json"))
     assert manifest["tokenized"] == 4
 
 

@@ -419,8 +419,8 @@ def test_one_run_over_every_bad_file_commits_all_its_units(tmp_path):
     assert (summary["inputs"], summary["tokenized"], summary["errors"]) == (7, 4, 3)
     assert summary["errors_by_kind"] == {"too_large": 1, "unsupported": 1, "read": 1}
     assert summary["ignored_decodable"] == 1 and summary["skipped_files"] == 1
-    errors = [r for n in os.listdir(tmp_path / "out" / "errors")
-              for r in pq.read_table(tmp_path / "out" / "errors" / n).to_pylist()]
+    errors = [r for n in os.listdir(tmp_path / "out" / ".gq" / "errors")
+              for r in pq.read_table(tmp_path / "out" / ".gq" / "errors" / n).to_pylist()]
     assert sorted(r["source"].rsplit("/", 1)[1] for r in errors) == ["a\\xe9.jpg", "badwidth.bmp", "loop.jpg"]
     json.dumps(summary)
     assert set(summary["errors_by_kind"]) <= set(ERROR_KINDS)

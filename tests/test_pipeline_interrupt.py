@@ -35,7 +35,7 @@ def _start(model_dir: str, src: str, out: str) -> subprocess.Popen:
 
 def _wait_for_commits(out: str, proc: subprocess.Popen, n: int = 2, timeout: float = 120) -> None:
     deadline = time.time() + timeout
-    while len(glob.glob(os.path.join(out, "units", "*.json"))) < n:
+    while len(glob.glob(os.path.join(out, ".gq", "units", "*.json"))) < n:
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "the run committed nothing in time"
         time.sleep(0.05)
@@ -55,7 +55,7 @@ def test_one_signal_stops_cleanly_and_a_rerun_resumes(tiny_model_dir, many_image
     assert "Traceback" not in stderr, stderr[-3000:]
     line = [ln for ln in stderr.splitlines() if "interrupted" in ln]
     assert len(line) == 1 and "units committed" in line[0] and "rerun the same command" in line[0], stderr[-2000:]
-    committed = len(glob.glob(os.path.join(out, "units", "*.json")))
+    committed = len(glob.glob(os.path.join(out, ".gq", "units", "*.json")))
     assert 2 <= committed < N_IMAGES // 4
     rerun = subprocess.run([sys.executable, "-m", "jobs.tokenize", "--model", tiny_model_dir, "--input",
                             many_images, "--output", out, "--image-size", "96", "--unit-size", "4", "--quiet"],

@@ -25,7 +25,7 @@ def _direct_tokens(model, data: bytes, crop: str = "center") -> np.ndarray:
 
 def _tree_hashes(root: str) -> dict[str, str]:
     out = {}
-    for sub in ("parquet", "webdataset", "errors", "units"):
+    for sub in ("parquet", "webdataset", ".gq/errors", ".gq/units"):
         for p in glob.glob(os.path.join(root, sub, "*")):
             out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
     return out
@@ -54,12 +54,12 @@ def test_counts_add_up_and_error_kinds(folder_run):
     assert s["inputs"] == len(images) and s["errors"] == len(bad) and s["tokenized"] == len(images) - len(bad)
     assert s["errors_by_kind"] == {"decode": 2, "empty": 1, "too_large": 1}
     assert s["ignored_files"] == 1  # notes.txt
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    manifest = json.load(open(os.path.join(out, ".gq", "manifest.json")))
     for u in manifest["units"]:
         assert u["tokenized"] + u["errors"] == u["inputs"]
         assert sum(u["errors_by_kind"].values()) == u["errors"]
     assert sum(u["inputs"] for u in manifest["units"]) == manifest["inputs"] == len(images)
-    errors = pq.read_table(sorted(glob.glob(os.path.join(out, "errors", "*.parquet")))).to_pylist()
+    errors = pq.read_table(sorted(glob.glob(os.path.join(out, ".gq", "errors", "*.parquet")))).to_pylist()
     by_name = {os.path.basename(e["source"]): e["error"] for e in errors}
     assert by_name == bad
     assert s["throughput"]["images_per_s"] > 0 and set(s["throughput"]["time_split"]) == \
@@ -100,7 +100,7 @@ def test_webdataset_and_wids_read_back(folder_run):
         assert sample["tokens.npy"].dtype == np.uint16 and sample["json"]["source"] == r["source"]
         seen += 1
     assert seen == s["tokenized"]
-    ds = wids.ShardListDataset(os.path.join(out, "webdataset-index.json"))
+    ds = wids.ShardListDataset(os.path.join(out, ".gq", "webdataset-index.json"))
     assert len(ds) == s["tokenized"] and ds[0][".tokens.npy"] is not None
 
 
@@ -112,7 +112,7 @@ def test_rerun_skips_and_redo_reproduces_bytes(folder_run, tiny_model_dir):
     assert again["units_committed"] == 0 and again["units_skipped"] == s["units_planned"]
     assert again["inputs"] == s["inputs"] and _tree_hashes(out) == before
     # Forget two units (as if killed before their commit records) and a shard: only they are redone, same bytes.
-    units = sorted(glob.glob(os.path.join(out, "units", "*.json")))[:2]
+    units = sorted(glob.glob(os.path.join(out, ".gq", "units", "*.json")))[:2]
     for p in units:
         os.remove(p)
     os.remove(sorted(glob.glob(os.path.join(out, "parquet", "*.parquet")))[0])
@@ -152,7 +152,8 @@ def test_shards_without_any_commit_record_are_refused_by_their_names(folder_run,
     shutil.copy(shard, orphan / "parquet")
     with pytest.raises(IncompatibleOutputError, match=rf"holds shards of model\(s\) \['{s['model_fingerprint']}'\]"):
         gq_pipeline.tokenize(make_tiny_model(seed=1), [folder], str(orphan), image_size=SIZE, progress=False)
-    assert os.listdir(orphan) == ["parquet"]  # refused before anything was written
+    # refused before anything was written (the lease's folder is left, empty)
+    assert sorted(os.listdir(orphan)) == [".gq", "parquet"] and os.listdir(orphan / ".gq") == []
 
 
 def test_bf16_without_gpu_actors_is_an_error_not_a_silent_fp32_run(ray_cluster, tiny_model, tmp_path):
@@ -226,14 +227,19 @@ def test_s3_tars_and_parquet_in_s3_out_via_cli(ray_cluster, moto_s3, s3, tiny_mo
     with tarfile.open(fileobj=io.BytesIO(s3.cat(tar_path))) as tf:
         names = tf.getnames()
     assert any(n.endswith(".tokens.npy") for n in names)
-    # A second input set into the same output is fine (same model); its units are added to the manifest.
-    s2 = gq_pipeline.tokenize(tiny_model, ["s3://gq-in/pq/part-1.parquet"], "s3://gq-out/run1", format="both",
+    # A second input set with a column the committed shards lack (part-1 has a `key` column, stored as `input_key`)
+    # is refused: one output has one Parquet schema (docs/token-format.md). Into a new output it is fine.
+    from gq_pipeline.schema import SchemaConflictError
+
+    with pytest.raises(SchemaConflictError, match="input_key"):
+        gq_pipeline.tokenize(tiny_model, ["s3://gq-in/pq/part-1.parquet"], "s3://gq-out/run1", format="both",
+                             image_size=SIZE, storage_options=moto_s3, progress=False)
+    s2 = gq_pipeline.tokenize(tiny_model, ["s3://gq-in/pq/part-1.parquet"], "s3://gq-out/run2", format="both",
                               image_size=SIZE, storage_options=moto_s3, progress=False)
-    assert s2["this_run"] == {"inputs": 3, "tokenized": 3, "errors": 0} and s2["inputs"] == 13
-    manifest = json.loads(s3.cat("gq-out/run1/manifest.json"))
-    assert len(manifest["units"]) == 4 and manifest["inputs"] == 13
-    p1 = [t for f, t in pq_tables(s3, "gq-out/run1").items()
-          if t.column("source")[0].as_py().endswith("part-1.parquet")][0]
+    assert s2["this_run"] == {"inputs": 3, "tokenized": 3, "errors": 0} and s2["inputs"] == 3
+    manifest = json.loads(s3.cat("gq-out/run1/.gq/manifest.json"))
+    assert len(manifest["units"]) == 3 and manifest["inputs"] == 10
+    p1 = next(iter(pq_tables(s3, "gq-out/run2").values()))
     assert "input_key" in p1.column_names and p1.column("label").type == "int16"
 
 
@@ -268,8 +274,8 @@ def test_a_model_failing_on_every_image_stops_the_job(ray_cluster, tmp_path, pla
     out = tmp_path / "out"
     with pytest.raises(JobError, match="NaN"):
         gq_pipeline.tokenize(broken, [str(src)], str(out), image_size=SIZE, progress=False, model_placement=placement)
-    assert not glob.glob(str(out / "units" / "*.json"))  # nothing was committed as "model" errors
-    assert json.load(open(out / "manifest.json"))["inputs"] == 0
+    assert not glob.glob(str(out / ".gq" / "units" / "*.json"))  # nothing was committed as "model" errors
+    assert json.load(open(out / ".gq" / "manifest.json"))["inputs"] == 0
 
 
 def test_vit_tokens_are_stored_as_g_h_w(ray_cluster, tmp_path):
@@ -354,4 +360,4 @@ def test_workers_that_can_never_be_placed_stop_the_job_after_the_timeout(ray_clu
     with pytest.raises(JobError, match=r"only 0 model worker\(s\) ready, fewer than the 1"):
         gq_pipeline.tokenize(tiny_model, [str(src)], str(tmp_path / "out"), image_size=SIZE, progress=False,
                              model_placement="actors", cpus_per_worker=64, worker_timeout_s=3)
-    assert not glob.glob(str(tmp_path / "out" / "units" / "*.json"))
+    assert not glob.glob(str(tmp_path / "out" / ".gq" / "units" / "*.json"))

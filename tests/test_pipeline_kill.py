@@ -24,7 +24,7 @@ ARGS = ["--image-size", "32", "--unit-size", "2", "--batch-size", "4", "--format
 
 def _hashes(root: str) -> dict[str, str]:
     out = {}
-    for sub in ("parquet", "webdataset", "errors", "units"):
+    for sub in ("parquet", "webdataset", ".gq/errors", ".gq/units"):
         for p in glob.glob(os.path.join(root, sub, "*")):
             if ".tmp-" not in p:
                 out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
@@ -54,7 +54,7 @@ def clean_run(ray_cluster, tiny_model_dir, kill_inputs, tmp_path_factory):
 
 
 # (what to wait for before killing, extra random delay upper bound in seconds)
-TRIALS = [("units", 1, 0.15), ("parquet", 6, 0.3), ("time", None, 9.0)]
+TRIALS = [(".gq/units", 1, 0.15), ("parquet", 6, 0.3), ("time", None, 9.0)]
 
 
 @pytest.mark.parametrize("trial", range(len(TRIALS)))
@@ -74,7 +74,7 @@ def test_sigkill_then_rerun_equals_clean_run(trial, ray_cluster, tiny_model_dir,
         time.sleep(rng.uniform(3.0, jitter))
     else:
         while proc.poll() is None and time.monotonic() < deadline:
-            if _count(out, what, ".json" if what == "units" else ".parquet") >= threshold:
+            if _count(out, what, ".json" if what.endswith("units") else ".parquet") >= threshold:
                 break
             time.sleep(0.01)
         time.sleep(rng.uniform(0, jitter))
@@ -93,7 +93,7 @@ def test_sigkill_then_rerun_equals_clean_run(trial, ray_cluster, tiny_model_dir,
     after_kill = _hashes(out) if os.path.isdir(out) else {}
     for name, digest in after_kill.items():
         assert clean.get(name) == digest, f"{name} is visible but not identical to the clean run's"
-    committed = [n for n in after_kill if n.startswith("units/")]
+    committed = [n for n in after_kill if n.startswith(".gq/units/")]
     for n in committed:
         rec = json.load(open(os.path.join(out, n)))
         for shard in rec["shards"]:

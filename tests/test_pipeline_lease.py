@@ -1,5 +1,5 @@
 """One writer per output: the conditional-write primitives (local disk, S3 on moto, GCS on fake-gcs-server), the
-``_lease.json`` lease (create once, expiry, force, release only if ours, heartbeat, lost detection), real processes
+``.gq/lease.json`` lease (create once, expiry, force, release only if ours, heartbeat, lost detection), real processes
 racing for it, commit records created once, and two ``gq tokenize`` runs on one output (local and S3)."""
 from __future__ import annotations
 
@@ -255,11 +255,13 @@ def test_commit_records_are_created_once(where):
 def test_prepare_removes_temporaries_but_spares_fresh_ones_of_a_possibly_live_owner(tmp_path):
     store = OutputStore(str(tmp_path / "out"))
     store.prepare()
-    old, fresh = tmp_path / "out" / "units" / "a.json.tmp-1-aa", tmp_path / "out" / "parquet" / "b.parquet.tmp-2-bb"
+    old = tmp_path / "out" / ".gq" / "units" / "a.json.tmp-1-aa"
+    fresh = tmp_path / "out" / "parquet" / "b.parquet.tmp-2-bb"
     old.write_bytes(b"x")
+    fresh.parent.mkdir(exist_ok=True)  # parquet/ appears with the first shard
     fresh.write_bytes(b"y")
     os.utime(old, (time.time() - 3600, time.time() - 3600))
-    contender = tmp_path / "out" / "_lease.json.tmp-3-cc"  # another run trying to take the lease right now
+    contender = tmp_path / "out" / ".gq" / "lease.json.tmp-3-cc"  # another run trying to take the lease right now
     contender.write_bytes(b"z")
     store.prepare(temp_stale_s=900)
     assert not old.exists() and fresh.exists()
@@ -342,7 +344,7 @@ def test_two_tokenize_runs_on_one_output_one_refuses_and_every_input_is_there_on
                .column("source").to_pylist()]
     names = sorted(os.path.basename(s) for s in sources)
     assert names == sorted(f"img_{i:03d}.jpg" for i in range(30))  # every input exactly once
-    manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
+    manifest = json.loads(fs.cat_file(f"{root}/.gq/manifest.json"))
     assert manifest["inputs"] == manifest["tokenized"] == 30
     assert sum(u["inputs"] for u in manifest["units"]) == 30
 

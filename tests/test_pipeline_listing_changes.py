@@ -126,7 +126,7 @@ def _image(path, seed):
 
 def _keys_and_sources(out):
     sources = []
-    for sub in ("parquet", "errors"):
+    for sub in ("parquet", ".gq/errors"):
         folder = os.path.join(out, sub)
         for n in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             sources += pq.read_table(os.path.join(folder, n), columns=["source"]).column("source").to_pylist()

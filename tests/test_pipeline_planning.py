@@ -352,14 +352,14 @@ def test_tokenize_input_list_end_to_end(ray_cluster, tiny_model_dir, tmp_path):
     assert (s["inputs"], s["tokenized"], s["errors"]) == (8, 6, 2)
     assert s["errors_by_kind"] == {"decode": 1, "read": 1}
     tokens = pq.read_table(os.path.join(out, "parquet")).to_pylist()
-    errors = pq.read_table(os.path.join(out, "errors")).to_pylist()
+    errors = pq.read_table(os.path.join(out, ".gq", "errors")).to_pylist()
     sources = sorted(r["source"] for r in tokens + errors)
     listed = sorted(f"file://{tmp_path}/{r}" for r in rows[:7]) + [f"file://{tmp_path}/shard.tar"]
     assert sources == sorted(listed)  # every listed input exactly once: tokens + errors = inputs
     assert len({r["key"] for r in tokens + errors}) == 8
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    manifest = json.load(open(os.path.join(out, ".gq", "manifest.json")))
     assert sorted(u["kind"] for u in manifest["units"]) == ["list", "list", "list", "tar"]
-    assert os.path.isfile(os.path.join(out, "_plan", "lists", os.listdir(os.path.join(out, "_plan", "lists"))[0],
+    assert os.path.isfile(os.path.join(out, ".gq", "plan", "lists", os.listdir(os.path.join(out, ".gq", "plan", "lists"))[0],
                                        "plan.json"))
     # A rerun reads the persisted plan and skips every committed unit.
     assert main(args) == 0

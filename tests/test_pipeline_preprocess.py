@@ -265,9 +265,9 @@ def test_tokenize_records_the_reference_policy_and_refuses_mixing(tiny_model_dir
     base = ["tokenize", "--model", tiny_model_dir, "--input", str(folder), "--output", out, "--image-size", str(S),
             "--unit-size", "2", "--quiet"]
     assert gq_main(base + ["--preprocess", "reference"]) == 0
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    manifest = json.load(open(os.path.join(out, ".gq", "manifest.json")))
     assert manifest["preprocess"]["policy"] == "reference" and "bilinear" in manifest["preprocess"]["resize"]
-    records = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "units", "*.json")))]
+    records = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, ".gq", "units", "*.json")))]
     assert len(records) == 2 and all(r["preprocess"] == manifest["preprocess"] for r in records)
     rows = []
     for p in sorted(glob.glob(os.path.join(out, "parquet", "*.parquet"))):
@@ -286,7 +286,7 @@ def test_tokenize_records_the_reference_policy_and_refuses_mixing(tiny_model_dir
     assert gq_main(base) == 1  # the default policy, gq, on the reference output
     err = capsys.readouterr().err
     assert "policy 'reference' (this run: 'gq')" in err
-    assert json.load(open(os.path.join(out, "manifest.json")))["preprocess"]["policy"] == "reference"
+    assert json.load(open(os.path.join(out, ".gq", "manifest.json")))["preprocess"]["policy"] == "reference"
 
 
 def test_training_data_with_the_reference_policy_sees_the_tokenizer_pixels(tmp_path):

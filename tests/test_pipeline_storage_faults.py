@@ -66,14 +66,14 @@ def _exactly_once(out: str, n_inputs: int, fs=None) -> None:
     if fs is None:
         shards = sorted(glob.glob(os.path.join(out, "parquet", "*.parquet")))
         keys = pq.read_table(shards, columns=["key"]).column("key").to_pylist() if shards else []
-        manifest = json.load(open(os.path.join(out, "manifest.json")))
+        manifest = json.load(open(os.path.join(out, ".gq", "manifest.json")))
     else:
         shards = sorted(fs.glob(f"{out}/parquet/*.parquet"))
         keys = []
         for p in shards:
             with fs.open(p, "rb") as f:
                 keys += pq.read_table(f, columns=["key"]).column("key").to_pylist()
-        manifest = json.loads(fs.cat_file(f"{out}/manifest.json"))
+        manifest = json.loads(fs.cat_file(f"{out}/.gq/manifest.json"))
     assert len(keys) == len(set(keys)) == n_inputs, (len(keys), len(set(keys)), n_inputs)
     assert manifest["inputs"] == manifest["tokenized"] + manifest["errors"] == n_inputs
 
@@ -170,7 +170,7 @@ def test_a_full_disk_stops_in_one_line_and_the_rerun_completes(tmp_path, model_d
         out = os.path.join(fs.path, "out")
         rc, err = _run_cli(capsys, _cli(model_dir, src, out, "--max-attempts", "1"))
         _one_line_failure(rc, err, "No space left on device")
-        committed = len(glob.glob(os.path.join(out, "units", "*.json")))
+        committed = len(glob.glob(os.path.join(out, ".gq", "units", "*.json")))
         assert committed < 20
         fs.remount("size=16m")
         rc, err = _run_cli(capsys, _cli(model_dir, src, out, "--quiet"))
@@ -212,7 +212,7 @@ def test_an_s3_server_stopped_mid_run(tmp_path, model_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while len(fs.glob("gq-midrun/out/units/*.json")) < 3:
+        while len(fs.glob("gq-midrun/out/.gq/units/*.json")) < 3:
             assert proc.poll() is None, proc.communicate()
             assert time.time() < deadline, "nothing committed in time"
             time.sleep(0.05)
@@ -253,10 +253,10 @@ def test_a_torn_record_is_named_and_its_unit_redone(tmp_path, model_dir, capsys)
     out = str(tmp_path / "out")
     rc, err = _run_cli(capsys, _cli(model_dir, src, out, "--quiet"))
     assert rc == 0, err
-    victim = sorted(glob.glob(os.path.join(out, "units", "*.json")))[1]
+    victim = sorted(glob.glob(os.path.join(out, ".gq", "units", "*.json")))[1]
     blob = open(victim, "rb").read()
     open(victim, "wb").write(blob[: len(blob) // 2])  # cut short, as a truncated copy leaves it
-    os.remove(os.path.join(out, "manifest.json"))  # the manifest caches records: without it, units/ is read
+    os.remove(os.path.join(out, ".gq", "manifest.json"))  # the manifest caches records: without it, units/ is read
     with pytest.raises(TornRecordError, match=os.path.basename(victim)):
         read_records(__import__("fsspec").filesystem("file"), out)
     with pytest.raises(ValueError, match=os.path.basename(victim)):

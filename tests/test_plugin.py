@@ -225,8 +225,8 @@ def test_sink_output_read_by_gq_readers(ray_cluster, tiny_model, tiny_model_dir,
     out = str(tmp_path / "tokens")
     sink = GQShardSink(out, tiny_model_dir, format="both", image_size=SIZE, rows_per_shard=3)
     _tokenized(ray, tiny_model, sink_input, batch_format).write_datasink(sink)
-    assert not os.path.exists(os.path.join(out, "_tmp"))
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert not os.path.exists(os.path.join(out, ".gq", "tmp"))
+    manifest = json.load(open(os.path.join(out, ".gq", "manifest.json")))
     assert (manifest["inputs"], manifest["tokenized"], manifest["errors"]) == (6, 5, 1)
     assert manifest["errors_by_kind"] == {"decode": 1} and manifest["model_fingerprint"] == tiny_model.model_fingerprint
     want = {os.path.join(sink_input, k): v for k, v in _expected(tiny_model, jpegs).items()}
@@ -238,7 +238,7 @@ def test_sink_output_read_by_gq_readers(ray_cluster, tiny_model, tiny_model_dir,
             assert tuple(got[src]["tokens"].shape) == (1, 4, 4)
     meta = pq.read_schema(glob.glob(os.path.join(out, "parquet", "*.parquet"))[0]).metadata
     assert meta[b"gq.model_fingerprint"] == tiny_model.model_fingerprint.encode()
-    errors = pq.read_table(glob.glob(os.path.join(out, "errors", "*.parquet"))[0])
+    errors = pq.read_table(glob.glob(os.path.join(out, ".gq", "errors", "*.parquet"))[0])
     assert errors.column("error").to_pylist() == ["decode"]
     assert errors.column("source").to_pylist() == [os.path.join(sink_input, "broken.jpg")]
     capsys.readouterr()
@@ -260,11 +260,11 @@ def test_sink_refuses_rows_of_another_model(ray_cluster, tiny_model, sink_input,
     with pytest.raises(Exception, match="refusing to mix"):
         _tokenized(ray, other, sink_input).write_datasink(GQShardSink(out, tiny_model, image_size=SIZE))
     assert glob.glob(os.path.join(out, "**", "*.parquet"), recursive=True) == []
-    assert not os.path.exists(os.path.join(out, "_tmp")) and not os.path.exists(os.path.join(out, "manifest.json"))
+    assert not os.path.exists(os.path.join(out, ".gq", "tmp")) and not os.path.exists(os.path.join(out, ".gq", "manifest.json"))
     # a correct write to the same output still works, and a second write is refused unless appending
     tok = GQTokenizer(tiny_model, image_size=SIZE, image_column="bytes")
     _tokenized(ray, tiny_model, sink_input).write_datasink(GQShardSink(out, tok, key_column=None))
-    assert len(glob.glob(os.path.join(out, "units", "*.json"))) >= 1
+    assert len(glob.glob(os.path.join(out, ".gq", "units", "*.json"))) >= 1
     with pytest.raises(Exception, match="already holds"):
         _tokenized(ray, tiny_model, sink_input).write_datasink(GQShardSink(out, tok))
 
