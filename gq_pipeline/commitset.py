@@ -79,7 +79,7 @@ def _parse_record(path: str, blob: bytes) -> dict[str, Any]:
     return rec
 
 
-def read_records(fs, root: str, manifest: dict | None = None, torn: list[str] | None = None,
+def read_records(fs, root: str, manifest: dict | None = None, torn: list[str] | None = None, *,
                  layout: Layout = CURRENT) -> dict[str, dict[str, Any]] | None:
     """Every commit record under ``root`` (``.gq/units/*.json``), or None when the output has no records folder.
 

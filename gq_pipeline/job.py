@@ -282,7 +282,12 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
     formats = FORMATS[format]
     storage_options = check_storage_options(storage_options, "storage_options")
     store = OutputStore(output, storage_options)
-    store.refuse_older_layout()  # a version-1 output (gq_pipeline.layout) is refused before anything is written
+    try:  # a version-1 output (gq_pipeline.layout) is refused before anything is written
+        store.refuse_older_layout()
+    except _PASS_THROUGH:
+        raise
+    except Exception as e:  # the output's storage is unreachable: the same one line as any storage fault
+        raise JobError(f"the run stopped: {_one_line(e)}. {_Tally().describe()}") from e
 
     # ---------------------------------------------------------------- model and its identity
     gq = load_model(model, config=config, preset=preset, trust_checkpoint=trust_checkpoint,

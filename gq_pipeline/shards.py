@@ -254,7 +254,7 @@ def _from_commit_set(fsref: FSRef, path: str, format: str, strict: bool,
         manifest, lay, meta = _manifest_and_layout(fsref, root)
         if lay is None:
             return None
-        records = read_records(fs, root, manifest or {}, lay)
+        records = read_records(fs, root, manifest or {}, layout=lay)
     except FileNotFoundError:
         return None
     if records is None:
@@ -607,7 +607,9 @@ def _list_column(table: pa.Table, name: str, shape_name: str, where: str, dtype=
 def read_parquet_rows(table: pa.Table, where: str, *, latents: bool = False,
                       codebook_size: int | None = None) -> list[dict[str, Any]]:
     """Sample dicts (``tokens`` int64 [G,h,w], ``key``, pass-through fields, optional ``latent``) from a table slice.
-    Null strings (``member`` of plain image files) become "" so the dicts collate with torch's default_collate."""
+    A null ``member`` (plain image files) becomes "" so the dicts collate with torch's default_collate; a null
+    pass-through value (a column of the output's schema that this sample's input had not) stays None, as a tar
+    sample without that member gives none, and the dataset's collate keeps it None."""
     tokens = _list_column(table, "tokens", "token_shape", where, codebook_size=codebook_size)
     lat = None
     if latents:
@@ -615,8 +617,7 @@ def read_parquet_rows(table: pa.Table, where: str, *, latents: bool = False,
             raise ShardError(f"{where}: no 'latent' column (tokenize with --latents to store latents)")
         lat = _list_column(table, "latent", "latent_shape", where, dtype=np.float32)
     passthrough = [c for c in table.column_names if c not in TOKEN_COLUMNS]
-    strings = {c for c in passthrough if pa.types.is_string(table.schema.field(c).type)
-               or pa.types.is_large_string(table.schema.field(c).type)}
+    strings = {c for c in passthrough if c == "member"}
     rows = table.select(passthrough).to_pylist()
     for i, row in enumerate(rows):
         for c in strings:
