@@ -18,7 +18,8 @@ Every torch pickle among these is read by :func:`gq_model.safe_load.load_torch_f
 This is also the one place a ``GQModel`` is assembled from a file: the readers (:mod:`gq_model.bundle`,
 :mod:`gq_model.reference_checkpoint`, :mod:`gq_model.zero_checkpoint`, :mod:`gq_model.hub`) return
 ``(config, state_dict)`` and never import the model, and :meth:`GQModel.from_parts` checks and loads the weights, so
-the import graph runs one way: model <- readers <- loading (``GQModel.from_pretrained`` is a door to here).
+imports run one way: this module imports the model and the readers, none of them imports it back
+(``GQModel.from_pretrained`` is the model's door to here; ``tests/test_model_layering.py`` checks the graph).
 """
 from __future__ import annotations
 
