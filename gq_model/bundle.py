@@ -4,7 +4,7 @@ The bundle stores the encoder/decoder weights *and* the codebook tensor with its
 regenerated from (K, m, seed) on load and compared with the stored one, so a bundle made with a different codebook
 (seed, size, or a torch whose Sobol differs) is refused with a message saying what differs instead of silently
 producing other tokens. ``config.json`` records the sha256 of the weights file, and a bundle without it is refused
-(:func:`load_bundle` says how to re-save it), so a swapped or damaged weights file never loads silently. No pickle is
+(:func:`read_bundle` says how to re-save it), so a swapped or damaged weights file never loads silently. No pickle is
 involved anywhere.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import torch
@@ -24,8 +24,8 @@ from gq_model.codebook import codebook_fingerprint
 from gq_model.config import GQConfig
 from gq_model.storage import url_to_fs
 
-__all__ = ["save_bundle", "load_bundle", "read_bundle_config", "resolve_model_url", "BUNDLE_FORMAT",
-           "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_bundle", "read_bundle", "BundleParts", "read_bundle_config", "verify_codebook", "resolve_model_url",
+           "BUNDLE_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 BUNDLE_FORMAT = "gq-bundle"
 BUNDLE_VERSION = 1
@@ -107,15 +107,25 @@ def read_bundle_config(url: str, storage_options: dict[str, Any] | None = None) 
     return meta
 
 
-def load_bundle(url: str, map_location: str | torch.device = "cpu", storage_options: dict[str, Any] | None = None,
-                *, trust_unhashed: bool = False):
-    """Load a GQModel from a bundle directory or URL, verifying weights and codebook.
+class BundleParts(NamedTuple):
+    """What a bundle holds: the architecture and weights a ``GQModel`` is assembled from, plus what checks them."""
+
+    config: GQConfig
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any]  # the parsed config.json
+    codebook: torch.Tensor | None  # the stored codebook, compared with the regenerated one
+    weights_path: str  # named in errors
+
+
+def read_bundle(url: str, storage_options: dict[str, Any] | None = None, *, trust_unhashed: bool = False
+                ) -> BundleParts:
+    """The parts of a bundle (:class:`BundleParts`), its weights verified against their sha256.
 
     ``config.json`` must record the sha256 of ``model.safetensors``; a bundle without it (saved before gq wrote the
-    hash) loads only with ``trust_unhashed=True``, meant for re-saving it once with the hash.
+    hash) is read only with ``trust_unhashed=True``, meant for re-saving it once with the hash. The model is
+    assembled by :func:`gq_model.loading.load_bundle`, which also checks the stored codebook
+    (:func:`verify_codebook`).
     """
-    from gq_model.model import GQModel
-
     url = resolve_model_url(url)
     meta = read_bundle_config(url, storage_options)
     fs, path = url_to_fs(url, storage_options)
@@ -138,30 +148,14 @@ def load_bundle(url: str, map_location: str | torch.device = "cpu", storage_opti
         tensors = load_safetensors_bytes(payload)
     except Exception as e:  # safetensors raises its own error types for truncated headers
         raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
-
-    model = GQModel(GQConfig.from_dict(meta["config"]))
-    _verify_codebook(url, meta, tensors.pop(CODEBOOK_KEY, None), model)
-    missing, unexpected = _compare_keys(model.state_dict(), tensors)
-    if missing or unexpected:
-        raise ValueError(f"{weights_path} does not match its config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}"
-                         f", unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    model.load_state_dict(tensors, strict=True)
-    return model.to(map_location).eval()
+    codebook = tensors.pop(CODEBOOK_KEY, None)
+    return BundleParts(GQConfig.from_dict(meta["config"]), tensors, meta, codebook, weights_path)
 
 
-def _compare_keys(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    bad_shapes = [f"{k}: {tuple(got[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                  if k in got and tuple(got[k].shape) != tuple(v.shape)]
-    if bad_shapes:
-        raise ValueError(f"weight shapes do not match the config: {bad_shapes[:5]}")
-    return missing, unexpected
-
-
-def _verify_codebook(url: str, meta: dict[str, Any], stored: torch.Tensor | None, model) -> None:
-    cfg = model.config
-    regenerated = model.fingerprint
+def verify_codebook(url: str, meta: dict[str, Any], stored: torch.Tensor | None, config: GQConfig,
+                    regenerated: str) -> None:
+    """Refuse a bundle whose stored codebook is missing, modified, or not the one ``config`` regenerates here."""
+    cfg = config
     recorded = meta.get("codebook_fingerprint")
     where = f"(K={cfg.codebook_size}, m={cfg.group}, seed={cfg.seed})"
     if stored is None:
@@ -176,3 +170,12 @@ def _verify_codebook(url: str, meta: dict[str, Any], stored: torch.Tensor | None
         raise ValueError(f"{url}: the bundle's codebook (fingerprint {stored_fp}) differs from the codebook this "
                          f"installation regenerates for {where} (fingerprint {regenerated}); its tokens would not "
                          f"match. Was the bundle made with another seed or another torch Sobol implementation?")
+
+
+def __getattr__(name: str):
+    """``load_bundle`` moved to :mod:`gq_model.loading` (it assembles a model); the old import path still works."""
+    if name == "load_bundle":
+        from gq_model.loading import load_bundle
+
+        return load_bundle
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

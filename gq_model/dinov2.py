@@ -167,26 +167,14 @@ class DINOv2(nn.Module):
 
     def check_state_dict(self, state_dict: Mapping[str, Any], source: str = "DINOv2 state dict") -> dict[str, Any]:
         """The state dict with the optional ``mask_token`` dropped; ``ValueError`` naming every mismatch."""
-        ours = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        from gq_model.state_dict_check import check_keys
+
         given = {k: v for k, v in state_dict.items() if k not in _OPTIONAL_KEYS}
-        missing = sorted(set(ours) - set(given))
-        unexpected = sorted(set(given) - set(ours))
-        shapes = sorted(f"{k}: file {tuple(given[k].shape)} vs model {ours[k]}" for k in set(ours) & set(given)
-                        if tuple(given[k].shape) != ours[k])
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:8])}"
-                            f"{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:8])}"
-                            f"{' ...' if len(unexpected) > 8 else ''}")
-        if shapes:
-            problems.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:8])}")
-        if problems:
-            raise ValueError(
-                f"{source} does not match this DINOv2 (embed_dim {self.embed_dim}, {len(self.blocks)} blocks, "
-                f"patch {self.patch_size}, {self.grid}x{self.grid} pos_embed): {' | '.join(problems)}. Expected the "
-                f"timm vit_*_patch14_dinov2.lvd142m or facebookresearch dinov2_vit*14_pretrain.pth layout")
+        check_keys(self.state_dict(), given,
+                   what=f"{source} does not match this DINOv2 (embed_dim {self.embed_dim}, {len(self.blocks)} blocks, "
+                        f"patch {self.patch_size}, {self.grid}x{self.grid} pos_embed)",
+                   hint="Expected the timm vit_*_patch14_dinov2.lvd142m or facebookresearch dinov2_vit*14_pretrain.pth "
+                        "layout")
         return dict(given)
 
 

@@ -25,10 +25,11 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["OFFICIAL_REPO", "HubFile", "parse_hub_spec", "is_hub_spec", "infer_preset", "download", "load_hub_model",
-           "gq_cache_dir"]
+           "gq_cache_dir", "HubCheckpoint", "fetch_hub_checkpoint", "verify_cached_file", "save_cached_bundle",
+           "discard_cached_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ def gq_cache_dir() -> str:
 # ------------------------------------------------------------------------------------------------ download
 def download(hub_file: HubFile, *, verify: bool = True) -> str:
     """Local path of the file in the Hub cache, downloaded when it is not there yet, and verified unless told not to
-    (:func:`load_hub_model` verifies only when it reads the file, not when its converted bundle is cached)."""
+    (:func:`gq_model.loading.load_hub_model` verifies only when it reads the file, not when its converted bundle is
+    cached)."""
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
@@ -149,7 +151,7 @@ def download(hub_file: HubFile, *, verify: bool = True) -> str:
     except HfHubHTTPError as e:
         raise OSError(f"{hub_file.spec}: the Hub refused {hub_file.url()}: {str(e).splitlines()[0]}") from e
     if verify:
-        _verify_cached_file(hub_file, path)
+        verify_cached_file(hub_file, path)
     return path
 
 
@@ -162,7 +164,7 @@ def _file_digest(path: str, algorithm: str, prefix: bytes = b"") -> str:
     return h.hexdigest()
 
 
-def _verify_cached_file(hub_file: HubFile, path: str) -> None:
+def verify_cached_file(hub_file: HubFile, path: str) -> None:
     """Check the cached blob against its name, the Hub's ETag: sha256 for LFS files, git blob sha1 otherwise."""
     blob = os.path.realpath(path)
     etag = os.path.basename(blob)
@@ -212,29 +214,43 @@ def _architecture(hub_file: HubFile, config: str | None, preset: str | None) -> 
     return None, preset, preset
 
 
-def load_hub_model(spec: str, *, config: str | None = None, preset: str | None = None, cache_bundle: bool = True):
-    """A GQModel from ``hf://...`` or ``official:NAME`` (see the module docstring for each step)."""
-    from gq_model.bundle import load_bundle
-    from gq_model.reference_checkpoint import load_reference_checkpoint
+class HubCheckpoint(NamedTuple):
+    """A Hub checkpoint on local disk, with the architecture to read it with and its converted bundle's place."""
 
+    hub_file: HubFile
+    path: str  # the downloaded file (not yet verified against the Hub's checksum)
+    config: str | None  # reference YAML, or None
+    preset: str | None  # preset name, or None
+    bundle_dir: str  # $GQ_CACHE/bundles/<sha256>-<architecture>
+
+
+def fetch_hub_checkpoint(spec: str, *, config: str | None = None, preset: str | None = None) -> HubCheckpoint:
+    """Download ``hf://...`` / ``official:NAME`` (steps 1 and 4 of the module docstring). The model is assembled by
+    :func:`gq_model.loading.load_hub_model`, which verifies the file (:func:`verify_cached_file`) unless its converted
+    bundle is already cached."""
     hub_file = parse_hub_spec(spec)
     config, preset, arch_key = _architecture(hub_file, config, preset)
     path = download(hub_file, verify=False)
     bundle_dir = os.path.join(gq_cache_dir(), "bundles", f"{_content_sha256(path)}-{arch_key}")
-    if cache_bundle and os.path.isfile(os.path.join(bundle_dir, "config.json")):
-        try:
-            return load_bundle(bundle_dir)  # checks its own weights_sha256
-        except (ValueError, OSError) as e:  # a damaged cache entry is rebuilt, never used
-            log.warning("%s: cached bundle %s is unusable (%s); rebuilding it from the checkpoint", spec, bundle_dir, e)
-            shutil.rmtree(bundle_dir, ignore_errors=True)
-    _verify_cached_file(hub_file, path)
-    model = load_reference_checkpoint(path, config, preset=preset, trust_checkpoint=False)
-    if cache_bundle:
-        _save_cached_bundle(model, bundle_dir, spec, hub_file)
-    return model
+    return HubCheckpoint(hub_file, path, config, preset, bundle_dir)
 
 
-def _save_cached_bundle(model, bundle_dir: str, spec: str, hub_file: HubFile) -> None:
+def discard_cached_bundle(spec: str, bundle_dir: str, error: Exception) -> None:
+    """A damaged cache entry is rebuilt, never used."""
+    log.warning("%s: cached bundle %s is unusable (%s); rebuilding it from the checkpoint", spec, bundle_dir, error)
+    shutil.rmtree(bundle_dir, ignore_errors=True)
+
+
+def __getattr__(name: str):
+    """``load_hub_model`` moved to :mod:`gq_model.loading` (it assembles a model); the old import path still works."""
+    if name == "load_hub_model":
+        from gq_model.loading import load_hub_model
+
+        return load_hub_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def save_cached_bundle(model, bundle_dir: str, spec: str, hub_file: HubFile) -> None:
     """Write the bundle beside its final name, then rename: a reader never sees half a cache entry."""
     tmp = f"{bundle_dir}.tmp-{os.getpid()}"
     try:

@@ -14,13 +14,20 @@ forms, resolved here and nowhere else:
 
 Every torch pickle among these is read by :func:`gq_model.safe_load.load_torch_file`, ``weights_only`` unless
 ``trust_checkpoint`` is set; Hub files are never trusted. Bundles are safetensors, no pickle at all.
+
+This is also the one place a ``GQModel`` is assembled from a file: the readers (:mod:`gq_model.bundle`,
+:mod:`gq_model.reference_checkpoint`, :mod:`gq_model.zero_checkpoint`, :mod:`gq_model.hub`) return
+``(config, state_dict)`` and never import the model, and :meth:`GQModel.from_parts` checks and loads the weights, so
+imports run one way: this module imports the model and the readers, none of them imports it back
+(``GQModel.from_pretrained`` is the model's door to here; ``tests/test_model_layering.py`` checks the graph).
 """
 from __future__ import annotations
 
 import os
 from typing import Any
 
-__all__ = ["load_model", "describe_spec"]
+__all__ = ["load_model", "describe_spec", "load_pretrained", "load_bundle", "load_reference_checkpoint",
+           "load_model_from_zero_checkpoint", "load_hub_model"]
 
 
 def describe_spec(spec: Any) -> str:
@@ -71,8 +78,6 @@ def load_model(spec: Any, *, config: str | None = None, preset: str | None = Non
         raise ValueError(f"--model {spec} is a {kind} model, which records its own architecture: --config/--preset "
                          f"only apply to reference .ckpt files and hf:// / official: models")
     if kind == "hub":
-        from gq_model.hub import load_hub_model
-
         if trust_checkpoint:
             raise ValueError(f"--trust-checkpoint does not apply to {spec}: files from the Hub are always read "
                              f"weights_only")
@@ -84,18 +89,12 @@ def load_model(spec: Any, *, config: str | None = None, preset: str | None = Non
             hint = infer_preset(spec)
             raise ValueError(f"{spec} is a reference .ckpt: pass its YAML with --config or a built-in --preset "
                              f"(e.g. --preset {hint or 'sd3unet_gq_0.25'})")
-        from gq_model.reference_checkpoint import load_reference_checkpoint
-
         model = load_reference_checkpoint(spec, config, preset=preset, trust_checkpoint=trust_checkpoint,
                                           storage_options=storage_options)
     elif kind == "deepspeed":
-        from gq_model.zero_checkpoint import load_model_from_zero_checkpoint
-
         local = spec[len("file://"):] if spec.startswith("file://") else spec
         model = load_model_from_zero_checkpoint(local, trust_checkpoint=trust_checkpoint)
     else:  # bundle or built-in name
-        from gq_model.bundle import load_bundle
-
         if kind == "bundle":
             _check_bundle_dir(spec, storage_options)
         model = load_bundle(spec, storage_options=storage_options)
@@ -120,3 +119,74 @@ def _check_bundle_dir(spec: str, storage_options: dict | None) -> None:
         raise FileNotFoundError(f"--model {spec}: no such file, directory or built-in model")
     raise ValueError(f"--model {spec}: unrecognised file; expected a .ckpt, a bundle directory, a DeepSpeed checkpoint "
                      f"directory, hf://owner/repo/file.ckpt or official:NAME")
+
+
+# ------------------------------------------------------------------------------------------------ assembling
+def load_pretrained(url: str, map_location: Any = "cpu", *, storage_options: dict | None = None,
+                    preset: str | None = None, config: str | None = None, trust_unhashed: bool = False):
+    """:meth:`GQModel.from_pretrained`: a bundle, a built-in name or a Hub checkpoint (the forms it has always
+    taken; :func:`load_model` takes every form)."""
+    from gq_model.hub import is_hub_spec
+
+    if is_hub_spec(str(url)):
+        return load_hub_model(str(url), config=config, preset=preset).to(map_location).eval()
+    if preset is not None or config is not None:
+        raise ValueError(f"{url}: preset/config only apply to reference checkpoints (hf://, official:); a bundle "
+                         f"records its own architecture")
+    return load_bundle(url, map_location=map_location, storage_options=storage_options, trust_unhashed=trust_unhashed)
+
+
+def load_bundle(url: str, map_location: Any = "cpu", storage_options: dict | None = None, *,
+                trust_unhashed: bool = False):
+    """A GQModel from a bundle directory or URL, weights and codebook verified (see :func:`gq_model.bundle.read_bundle`)."""
+    from gq_model.bundle import read_bundle, verify_codebook
+    from gq_model.model import GQModel
+
+    parts = read_bundle(url, storage_options, trust_unhashed=trust_unhashed)
+    model = GQModel(parts.config)
+    verify_codebook(url, parts.meta, parts.codebook, model.config, model.fingerprint)
+    model.load_checked(parts.state_dict, what=f"{parts.weights_path} does not match its config")
+    return model.to(map_location).eval()
+
+
+def load_reference_checkpoint(checkpoint: str, config: str | None = None, *, preset: str | None = None,
+                              trust_checkpoint: bool = False, storage_options: dict | None = None):
+    """A GQModel from the reference YAML (or a preset) and the checkpoint's autoencoder, loaded strictly; the model's
+    ``load_report`` lists the trainer keys ignored and any unexpected ones."""
+    from gq_model.model import GQModel
+    from gq_model.reference_checkpoint import read_reference_checkpoint
+
+    parts = read_reference_checkpoint(checkpoint, config, preset=preset, trust_checkpoint=trust_checkpoint,
+                                      storage_options=storage_options)
+    model = GQModel.from_parts(parts.config, parts.state_dict, got_name="checkpoint", expected_name="config",
+                               what=f"{checkpoint} does not fit the {parts.config.arch} config {parts.source}",
+                               hint="Is this a checkpoint for another architecture or bit rate?")
+    model.load_report = parts.report
+    return model
+
+
+def load_model_from_zero_checkpoint(ckpt_dir: str, tag: str | None = None, *, trust_checkpoint: bool = False):
+    """A GQModel (eval mode, fp32, CPU) from a training checkpoint of any ZeRO stage
+    (see :func:`gq_model.zero_checkpoint.read_zero_checkpoint`)."""
+    from gq_model.model import GQModel
+    from gq_model.zero_checkpoint import GQ_CONFIG_NAME, read_zero_checkpoint
+
+    config, weights, where = read_zero_checkpoint(ckpt_dir, tag, trust_checkpoint=trust_checkpoint)
+    return GQModel.from_parts(config, weights, what=f"checkpoint {where} does not match its {GQ_CONFIG_NAME}")
+
+
+def load_hub_model(spec: str, *, config: str | None = None, preset: str | None = None, cache_bundle: bool = True):
+    """A GQModel from ``hf://...`` or ``official:NAME`` (see :mod:`gq_model.hub` for each step)."""
+    from gq_model import hub
+
+    found = hub.fetch_hub_checkpoint(spec, config=config, preset=preset)
+    if cache_bundle and os.path.isfile(os.path.join(found.bundle_dir, "config.json")):
+        try:
+            return load_bundle(found.bundle_dir)  # checks its own weights_sha256
+        except (ValueError, OSError) as e:
+            hub.discard_cached_bundle(spec, found.bundle_dir, e)
+    hub.verify_cached_file(found.hub_file, found.path)
+    model = load_reference_checkpoint(found.path, found.config, preset=found.preset, trust_checkpoint=False)
+    if cache_bundle:
+        hub.save_cached_bundle(model, found.bundle_dir, spec, found.hub_file)
+    return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -174,6 +174,26 @@ class GQModel(nn.Module):
         device = next(self.decoder.parameters()).device
         return self.decode_latent(self.quantizer.dequantize(indices.to(device)))
 
+    # ------------------------------------------------------------------ token layout
+    # Shards, datasets and decode keep one layout for every architecture, a grid ``[B, C, h, w]`` (C = groups for
+    # tokens, latent channels for mu). The UNet already works in it; the ViT works in sequences ``[B, L, C]`` with
+    # L = h * w in row-major order. The model owns this mapping, both ways, so no caller re-derives it.
+    def to_grid(self, x: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Tokens or latents in this model's layout (:meth:`tokenize`) -> ``[B, C, h, w]`` for images of
+        ``image_size`` (H, W)."""
+        if self.config.latent_format == "bchw":
+            return x
+        f = self.downsample_factor
+        b, _, c = x.shape
+        return x.transpose(1, 2).reshape(b, c, int(image_size[0]) // f, int(image_size[1]) // f)
+
+    def from_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` tokens or latents -> this model's layout (what :meth:`detokenize` takes)."""
+        if self.config.latent_format == "bchw":
+            return x
+        b, c = x.shape[:2]
+        return x.reshape(b, c, -1).transpose(1, 2)
+
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, quantized: bool = True) -> torch.Tensor:
         """Quantized (default) or Gaussian-mean reconstruction of ``x``."""
@@ -192,6 +212,29 @@ class GQModel(nn.Module):
         save_bundle(self, url, storage_options, **extra)
 
     @classmethod
+    def from_parts(cls, config: GQConfig | dict[str, Any], state_dict: Mapping[str, torch.Tensor], *,
+                   what: str = "state dict", hint: str = "", got_name: str = "file",
+                   expected_name: str = "model") -> "GQModel":
+        """Assemble a model (eval mode) from an architecture and its weights, every key and shape checked.
+
+        Loaders (:mod:`gq_model.bundle`, :mod:`gq_model.reference_checkpoint`, :mod:`gq_model.zero_checkpoint`)
+        only read ``(config, state_dict)``; the model builds itself here, so no loader imports this module back.
+        """
+        return cls(config).load_checked(state_dict, what=what, hint=hint, got_name=got_name,
+                                        expected_name=expected_name).eval()
+
+    def load_checked(self, state_dict: Mapping[str, torch.Tensor], *, what: str = "state dict", hint: str = "",
+                     got_name: str = "file", expected_name: str = "model") -> "GQModel":
+        """Load ``state_dict`` strictly after :func:`gq_model.state_dict_check.check_keys` named any mismatch."""
+        from gq_model.state_dict_check import check_keys
+
+        check_keys(self.state_dict(), state_dict, what=what, hint=hint, got_name=got_name,
+                   expected_name=expected_name)
+        self.load_state_dict(dict(state_dict), strict=True)
+        return self
+
+    # Doors to the loaders above this module (gq_model.loading); the loaders never import this module back.
+    @classmethod
     def from_pretrained(cls, url: str, map_location: str | torch.device = "cpu", *,
                         storage_options: dict[str, Any] | None = None, preset: str | None = None,
                         config: str | None = None, trust_unhashed: bool = False) -> "GQModel":
@@ -201,21 +244,12 @@ class GQModel(nn.Module):
         For Hub checkpoints the architecture is the preset named like the file unless ``preset`` (or the reference
         YAML ``config``) is given; the file is verified against the Hub's checksum, read ``weights_only`` and cached as
         a bundle (see :mod:`gq_model.hub`). ``trust_unhashed`` loads a bundle saved before bundles recorded their
-        weights' sha256, to re-save it.
+        weights' sha256, to re-save it. Every other model spec goes through :func:`gq_model.loading.load_model`.
         """
-        from gq_model.hub import is_hub_spec
+        from gq_model.loading import load_pretrained
 
-        if is_hub_spec(str(url)):
-            from gq_model.hub import load_hub_model
-
-            return load_hub_model(str(url), config=config, preset=preset).to(map_location).eval()
-        if preset is not None or config is not None:
-            raise ValueError(f"{url}: preset/config only apply to reference checkpoints (hf://, official:); a bundle "
-                             f"records its own architecture")
-        from gq_model.bundle import load_bundle
-
-        return load_bundle(url, map_location=map_location, storage_options=storage_options,
-                           trust_unhashed=trust_unhashed)
+        return load_pretrained(url, map_location, storage_options=storage_options, preset=preset, config=config,
+                               trust_unhashed=trust_unhashed)
 
     @classmethod
     def from_reference_checkpoint(cls, checkpoint: str, config: str | None = None, *, preset: str | None = None,
@@ -224,6 +258,6 @@ class GQModel(nn.Module):
 
         Only ``encoder.*``/``decoder.*`` are taken (strictly); ``loss.*`` and trainer state are ignored.
         """
-        from gq_model.reference_checkpoint import load_reference_checkpoint
+        from gq_model.loading import load_reference_checkpoint
 
         return load_reference_checkpoint(checkpoint, config, preset=preset, trust_checkpoint=trust_checkpoint)

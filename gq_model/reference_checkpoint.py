@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from gq_model.config import GQConfig
 
-__all__ = ["load_reference_checkpoint", "read_reference_state_dict", "split_reference_state_dict", "LoadReport"]
+__all__ = ["read_reference_checkpoint", "ReferenceParts", "read_reference_state_dict", "split_reference_state_dict",
+           "LoadReport"]
 
 log = logging.getLogger(__name__)
 
@@ -60,38 +62,41 @@ def split_reference_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str
     return weights, report
 
 
-def load_reference_checkpoint(checkpoint: str, config: str | None = None, *, preset: str | None = None,
-                              trust_checkpoint: bool = False, storage_options: dict | None = None):
-    """Build a GQModel from the reference YAML (or a preset) and load the checkpoint's autoencoder strictly."""
-    from gq_model.model import GQModel
+class ReferenceParts(NamedTuple):
+    """A reference checkpoint read for a ``GQModel``: architecture, autoencoder weights (float32) and what was left."""
+
+    config: GQConfig
+    state_dict: dict[str, torch.Tensor]
+    report: LoadReport
+    source: str  # the reference YAML or preset the architecture came from (named in errors)
+
+
+def read_reference_checkpoint(checkpoint: str, config: str | None = None, *, preset: str | None = None,
+                              trust_checkpoint: bool = False, storage_options: dict | None = None) -> ReferenceParts:
+    """The architecture from the reference YAML (or a preset) and the checkpoint's ``encoder.*``/``decoder.*``.
+
+    :func:`gq_model.loading.load_reference_checkpoint` assembles the model from these, strictly.
+    """
     from gq_model.reference_config import load_reference_config, preset_config
 
     if (config is None) == (preset is None):
         raise ValueError("give exactly one of config (the reference YAML) or preset (e.g. 'sd3unet_gq_0.25')")
     ref = load_reference_config(config) if config is not None else preset_config(preset)
-    model = GQModel(GQConfig.from_reference(ref))
+    gq_config = GQConfig.from_reference(ref)
     weights, report = split_reference_state_dict(read_reference_state_dict(
         checkpoint, trust_checkpoint=trust_checkpoint, storage_options=storage_options))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs config {tuple(v.shape)}"
-              for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    if missing or extra or shapes:
-        problems = []
-        if shapes:
-            problems.append(f"{len(shapes)} shape mismatches, e.g. {shapes[:3]}")
-        if missing:
-            problems.append(f"{len(missing)} keys missing from the checkpoint, e.g. {missing[:3]}")
-        if extra:
-            problems.append(f"{len(extra)} autoencoder keys the config does not have, e.g. {extra[:3]}")
-        raise ValueError(f"{checkpoint} does not fit the {model.config.arch} config "
-                         f"{ref.get('source', config or preset)}: " + "; ".join(problems)
-                         + ". Is this a checkpoint for another architecture or bit rate?")
-    model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
     report.loaded = len(weights)
     if report.unexpected:
         log.warning("%s: %d unexpected keys were not loaded, e.g. %s", checkpoint, len(report.unexpected),
                     report.unexpected[:5])
-    model.load_report = report
-    return model.eval()
+    return ReferenceParts(gq_config, {k: v.to(torch.float32) for k, v in weights.items()}, report,
+                          str(ref.get("source", config or preset)))
+
+
+def __getattr__(name: str):
+    """``load_reference_checkpoint`` moved to :mod:`gq_model.loading` (it assembles a model); the old path works."""
+    if name == "load_reference_checkpoint":
+        from gq_model.loading import load_reference_checkpoint
+
+        return load_reference_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,7 @@ import torch
 from gq_model.safe_load import load_torch_file
 
 __all__ = ["CKPT_SUBDIR", "GQ_CONFIG_NAME", "read_latest", "resolve_checkpoint", "is_deepspeed_checkpoint",
-           "read_gq_config", "read_generator_state_dict", "load_model_from_zero_checkpoint"]
+           "read_gq_config", "read_generator_state_dict", "read_zero_checkpoint", "load_model_from_zero_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -238,23 +238,26 @@ def _fp32_master_weights(ckpt: dict, where: str) -> dict[str, torch.Tensor]:
     return {n: t.float() for n, t in zip(names, flat)}
 
 
-def load_model_from_zero_checkpoint(ckpt_dir: str, tag: str | None = None, *, trust_checkpoint: bool = False):
-    """A GQModel (eval mode, fp32, CPU) from a training checkpoint of any ZeRO stage.
+def read_zero_checkpoint(ckpt_dir: str, tag: str | None = None, *, trust_checkpoint: bool = False
+                         ) -> tuple[Any, dict[str, torch.Tensor], str]:
+    """``(GQConfig, encoder/decoder state dict in fp32, "root/tag")`` of a training checkpoint of any ZeRO stage.
 
-    ``ckpt_dir`` is a run dir, its ``checkpoints`` dir (``tag`` defaults to ``latest``) or one tag dir.
+    ``ckpt_dir`` is a run dir, its ``checkpoints`` dir (``tag`` defaults to ``latest``) or one tag dir. The model is
+    assembled by :func:`gq_model.loading.load_model_from_zero_checkpoint`.
     """
-    from gq_model.model import GQModel
-
     root, tag = resolve_checkpoint(ckpt_dir, tag)
     config = read_gq_config(root, tag)
     sd = read_generator_state_dict(root, tag, trust_checkpoint=trust_checkpoint)
     weights = {k[len(MODEL_PREFIX):]: v for k, v in sd.items()
                if k.startswith(MODEL_PREFIX + "encoder.") or k.startswith(MODEL_PREFIX + "decoder.")}
-    model = GQModel(config)
-    missing = sorted(set(model.state_dict()) - set(weights))
-    unexpected = sorted(set(weights) - set(model.state_dict()))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {root}/{tag} does not match its {GQ_CONFIG_NAME}: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
-    model.load_state_dict(weights, strict=True)
-    return model.eval()
+    return config, weights, f"{root}/{tag}"
+
+
+def __getattr__(name: str):
+    """``load_model_from_zero_checkpoint`` moved to :mod:`gq_model.loading` (it assembles a model); the old path
+    still works."""
+    if name == "load_model_from_zero_checkpoint":
+        from gq_model.loading import load_model_from_zero_checkpoint
+
+        return load_model_from_zero_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,11 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def model_layout(model, tokens):
-    """Shards store ``[B, G, h, w]``; ViT models take ``[B, L, G]`` (L = h*w), as the format page says."""
-    if model.config.latent_format == "bchw":
-        return tokens
-    b, g = tokens.shape[:2]
-    return tokens.reshape(b, g, -1).transpose(1, 2)
+    """Shards store ``[B, G, h, w]``; the model maps them to its own layout (:meth:`GQModel.from_grid`)."""
+    return model.from_grid(tokens)
 
 
 def to_uint8(images):
@@ -145,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     fs.makedirs(out, exist_ok=True)
     decoded: dict[int, Any] = {}
     for positions, keys, tokens in iter_shape_batches(ds, args.batch_size, args.limit):
-        images = to_uint8(model.detokenize(model_layout(model, tokens.to(args.device))))
+        images = to_uint8(model.detokenize(model.from_grid(tokens.to(args.device))))
         for pos, key, img in zip(positions, keys, images):
             _save_png(fs, posixpath.join(out, file_name_for_key(key, ".png")), img)
             decoded[pos] = img

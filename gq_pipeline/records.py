@@ -1,4 +1,4 @@
-"""Names shared by every pipeline stage: error kinds, sample keys, unit ids and the row layout between stages.
+"""Names shared by every pipeline stage: format version, error kinds, reserved columns, extensions, keys, unit ids.
 
 Keys and unit ids are pure functions of the input (never of time, host or run) so that a rerun writes the same shard
 names and the same bytes; see docs/token-format.md.

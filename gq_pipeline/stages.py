@@ -132,7 +132,7 @@ def encode_uint8(model, images: np.ndarray, device, *, autocast: bool, latents: 
 
     The one model call of gq: ``gq tokenize``'s workers (``ModelRunner``) and the plugin (``GQTokenizer``) both use
     it, so their tokens are the same bits. Float conversion with ``to_model_input``, encoder (bf16 autocast on CUDA
-    when asked), float32 moments, the quantizer; ViT ``[B,L,*]`` outputs laid out as ``[B,*,h,w]``.
+    when asked), float32 moments, the quantizer; outputs in the grid layout (:meth:`GQModel.to_grid`).
     """
     import torch
 
@@ -142,12 +142,7 @@ def encode_uint8(model, images: np.ndarray, device, *, autocast: bool, latents: 
             mu, logvar = model.encode_moments(x)
         mu, logvar = mu.float(), logvar.float()
         idx, _ = model.quantizer.quantize(mu, logvar)
-    if model.config.arch == "vit":
-        b, _, g = idx.shape
-        f = model.downsample_factor
-        h, w = images.shape[2] // f, images.shape[3] // f
-        idx = idx.permute(0, 2, 1).reshape(b, g, h, w)
-        mu = mu.permute(0, 2, 1).reshape(b, mu.shape[2], h, w)
+    idx, mu = model.to_grid(idx, images.shape[2:]), model.to_grid(mu, images.shape[2:])  # shards store [B,*,h,w]
     tokens = idx.cpu().numpy().astype(token_dtype)
     lat = mu.to(torch.float16).cpu().numpy() if latents else None
     return tokens, lat

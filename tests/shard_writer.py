@@ -1,7 +1,7 @@
 """Test helper: write a small ``gq tokenize``-style output (docs/token-format.md) with known tokens.
 
-The readers are tested against this writer until the real job exists; it follows the format page column by column so
-that a reader passing here reads the job's output too (the end-to-end test through the job checks that claim).
+Reader tests use it to choose exact tokens and layouts (many units, mixed schemas) without running the job; it follows
+the format page column by column, so a reader passing here reads the job's output too (the end-to-end test checks it).
 """
 from __future__ import annotations
 

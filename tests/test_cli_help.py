@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from gq_model.cli import SUBCOMMANDS, main, plain_text
+from jobs.cli import SUBCOMMANDS, main, plain_text
 
 
 def _help(capsys, argv: list[str]) -> str:
@@ -39,6 +39,16 @@ def test_every_decode_option_has_help(capsys):
 
 def test_console_script_help_is_plain():
     """The installed entry point, as a user runs it (a real process, the real argparse output)."""
-    out = subprocess.run([sys.executable, "-m", "gq_model.cli", "tokenize", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "tokenize", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--allow-empty" in out.stdout and "``" not in out.stdout
+
+
+def test_old_entry_point_still_works():
+    """``gq_model.cli`` was the command's first home; scripts and installs that name it keep working."""
+    import gq_model.cli
+    import jobs.cli
+    assert gq_model.cli.main is jobs.cli.main and gq_model.cli.plain_text is jobs.cli.plain_text
+    out = subprocess.run([sys.executable, "-m", "gq_model.cli", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "tokenize" in out.stdout

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gq_model.cli import main
+from jobs.cli import main
 from gq_pipeline.decode_cli import to_uint8
 from tests.shard_writer import write_token_output
 

@@ -180,7 +180,7 @@ def test_reference_checkpoint_with_its_yaml(tmp_path):
     assert torch.equal(model.tokenize(x), source.tokenize(x))
     # gq convert writes a bundle that tokenizes identically
     out = tmp_path / "converted"
-    r = subprocess.run([sys.executable, "-m", "gq_model.cli", "convert", str(tmp_path / "small.ckpt"), str(out),
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", "convert", str(tmp_path / "small.ckpt"), str(out),
                         "--config", str(yaml_path)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert torch.equal(GQModel.from_pretrained(out).tokenize(x), source.tokenize(x))
@@ -232,7 +232,7 @@ def test_official_sized_checkpoint_via_preset(tmp_path):
 
 
 def test_convert_help():
-    r = subprocess.run([sys.executable, "-m", "gq_model.cli", "convert", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", "convert", "--help"], capture_output=True, text=True,
                        cwd=REPO)
     assert r.returncode == 0 and "--preset" in r.stdout
 

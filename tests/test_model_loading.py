@@ -84,7 +84,7 @@ def test_reference_ckpt_with_malicious_pickle_is_refused(reference_files, tmp_pa
         load_model(str(ckpt), config=str(yaml_path))
     assert not marker.exists()
     # the CLI refuses it too, with the same message and no traceback
-    r = subprocess.run([sys.executable, "-m", "gq_model.cli", "convert", str(ckpt), str(tmp_path / "out"),
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", "convert", str(ckpt), str(tmp_path / "out"),
                         "--config", str(yaml_path)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode != 0 and "--trust-checkpoint" in r.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()

@@ -184,7 +184,7 @@ def test_hf_checkpoint_downloads_once_verifies_and_caches_a_bundle(hub, small, t
 
     assert same_tokens(_load_model({"model": spec, "reference_config": yaml_path, "preset": None}), source)
     assert same_tokens(pipeline_load_model(spec, config=yaml_path), source)
-    from gq_model.cli import main as gq_main
+    from jobs.cli import main as gq_main
 
     assert gq_main(["convert", spec, str(tmp_path / "converted"), "--config", yaml_path]) == 0
     assert same_tokens(GQModel.from_pretrained(tmp_path / "converted"), source)

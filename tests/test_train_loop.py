@@ -232,7 +232,7 @@ def test_tdc_settings_come_from_the_reference_yaml_unless_overridden(tmp_path):
 
 
 def test_cli_registers_train_and_export():
-    from gq_model.cli import build_parser
+    from jobs.cli import build_parser
 
     args = build_parser(["train", TINY, "run.max_steps=3", "--ray-workers", "2"]).parse_args(
         ["train", TINY, "run.max_steps=3", "--ray-workers", "2"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import fsspec
@@ -17,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gq_model.config import GQConfig
 
-__all__ = ["DEFAULTS", "load_config", "to_container", "build_gq_config", "tdc_settings", "tdc_variant", "validate"]
+__all__ = ["DEFAULTS", "load_config", "to_container", "build_gq_config", "tdc_settings", "tdc_variant", "validate",
+           "TrainSettings", "train_settings"]
 
 DEFAULTS: dict[str, Any] = {
     "model": {
@@ -244,3 +246,128 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if int(cfg.run.max_steps) < 0:
         raise ValueError("run.max_steps must be >= 0")
+
+
+# ------------------------------------------------------------------------------------------------ typed view
+# The trainer reads its scalars from these, built once from the validated DictConfig, instead of casting
+# ``int(cfg.run.max_steps)`` at each use. Free-form sections (``deepspeed.config``, the model) and the loss modules
+# still read the DictConfig itself.
+@dataclass(frozen=True)
+class RunSettings:
+    out_dir: str
+    max_steps: int
+    seed: int
+    ckpt_every: int
+    keep_last: int
+    resume: str
+    log_every: int
+    image_every: int
+    n_images: int
+    progress: bool
+    tensorboard: bool
+    export_bundle: bool
+    threads: int
+    crash_at_step: int | None
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    train: Any
+    val: Any
+    holdout: int
+    image_column: str
+    image_size: int
+    resize: int | None
+    crop: str
+    flip: bool
+    repeat: int
+    batch_size: int
+    num_workers: int
+    shuffle: bool
+    seed: int
+    storage_options: dict[str, Any]
+    preprocess: str = "gq"   # gq | reference (gq_pipeline.preprocess.PREPROCESS_POLICIES)
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float
+    betas: Any
+    warmup_steps: int
+    decay: str
+    min_lr_ratio: float
+
+
+@dataclass(frozen=True)
+class DiscSettings:
+    enabled: bool
+    ndf: int
+    n_layers: int
+    actnorm: bool
+    lr: float  # loss.disc.lr, else optim.lr
+    betas: Any  # loss.disc.betas, else optim.betas
+
+
+@dataclass(frozen=True)
+class VFSettings:
+    enabled: bool
+    model: Any
+    weights: Any
+    model_kwargs: dict[str, Any]
+    input_size: int  # loss.vf.input_size, else data.image_size
+    feature_dim: int | None
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    enabled: bool
+    backend: str
+    zero_stage: int
+    disc_zero_stage: int | None
+    precision: str
+    grad_accum: int
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    run: RunSettings
+    data: DataSettings
+    optim: OptimSettings
+    disc: DiscSettings
+    vf: VFSettings
+    deepspeed: DeepSpeedSettings
+    learn_logvar: bool
+    logvar_init: float
+    perceptual_weight: float
+
+
+def train_settings(cfg: DictConfig) -> TrainSettings:
+    """The typed view of a config that :func:`load_config` validated."""
+    r, d, o, ds, loss = cfg.run, cfg.data, cfg.optim, cfg.deepspeed, cfg.loss
+    return TrainSettings(
+        run=RunSettings(out_dir=str(r.out_dir), max_steps=int(r.max_steps), seed=int(r.seed),
+                        ckpt_every=int(r.ckpt_every), keep_last=int(r.keep_last), resume=str(r.resume or "never"),
+                        log_every=int(r.log_every), image_every=int(r.image_every), n_images=int(r.n_images),
+                        progress=bool(r.progress), tensorboard=bool(r.tensorboard),
+                        export_bundle=bool(r.export_bundle), threads=int(r.threads),
+                        crash_at_step=None if r.crash_at_step is None else int(r.crash_at_step)),
+        data=DataSettings(train=d.train, val=d.val, holdout=int(d.holdout), image_column=d.image_column,
+                          image_size=int(d.image_size), resize=None if d.resize is None else int(d.resize),
+                          crop=d.crop, flip=bool(d.flip), repeat=int(d.repeat), batch_size=int(d.batch_size),
+                          num_workers=int(d.num_workers), shuffle=bool(d.shuffle), seed=int(d.seed),
+                          storage_options=OmegaConf.to_container(d.storage_options) if d.storage_options else {},
+                          preprocess=str(d.get("preprocess", "gq"))),
+        optim=OptimSettings(lr=float(o.lr), betas=o.betas, warmup_steps=int(o.warmup_steps), decay=str(o.decay),
+                            min_lr_ratio=float(o.min_lr_ratio)),
+        disc=DiscSettings(enabled=bool(loss.disc.enabled), ndf=int(loss.disc.ndf), n_layers=int(loss.disc.n_layers),
+                          actnorm=bool(loss.disc.actnorm), lr=float(loss.disc.lr or o.lr),
+                          betas=loss.disc.betas or o.betas),
+        vf=VFSettings(enabled=bool(loss.vf.enabled), model=loss.vf.model, weights=loss.vf.weights,
+                      model_kwargs=to_container(loss.vf.model_kwargs or {}),
+                      input_size=int(loss.vf.input_size or d.image_size),
+                      feature_dim=int(loss.vf.feature_dim) if loss.vf.feature_dim else None),
+        deepspeed=DeepSpeedSettings(enabled=bool(ds.enabled), backend=ds.backend, zero_stage=int(ds.zero_stage),
+                                    disc_zero_stage=None if ds.disc_zero_stage is None else int(ds.disc_zero_stage),
+                                    precision=str(ds.precision), grad_accum=int(ds.grad_accum)),
+        learn_logvar=bool(loss.learn_logvar), logvar_init=float(loss.logvar_init),
+        perceptual_weight=float(loss.perceptual_weight))

@@ -36,7 +36,8 @@ from gq_model.losses import NLayerDiscriminator, build_lpips, load_feature_model
 from gq_model.losses.lpips import WeightsUnavailable, resolve_lpips_files
 from gq_model.tdc import kl_bits_per_group
 from jobs.training import checkpoint as ckpt
-from jobs.training.config import build_gq_config, load_config, tdc_settings, tdc_variant, to_container
+from jobs.training.config import TrainSettings, build_gq_config, load_config, tdc_settings, tdc_variant, \
+    to_container, train_settings
 from jobs.training.data import BatchStream, ImageTransform, SampleIndex, SampleReader, build_index, load_images, \
     make_loader
 from jobs.training.engines import broadcast_module, make_engine, setup_distributed
@@ -84,118 +85,141 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
-        cfg = self.cfg
-        if int(cfg.run.threads) > 0:
-            torch.set_num_threads(int(cfg.run.threads))
+        """Build the run, in this order (seeds and collective calls depend on it): process, weights that can be
+        missing, data, modules, losses, engines, resume, loader; then the loop's own RNG streams."""
+        self.settings = s = train_settings(self.cfg)
+        self._start_process(s)
+        lpips_files = self._resolve_perceptual()  # before any data or model: missing weights stop the run here
+        vf_model, vf_dim = self._build_feature_model(s.vf)  # e.g. DINOv2 without its local weight file stops here
+        self.gq_config = build_gq_config(self.cfg)
+        self.ga = s.deepspeed.grad_accum
+        self._setup_data()
+        gen, disc = self._build_modules(s, vf_dim)
+        self._build_losses(lpips_files, vf_model)
+        self._build_engines(s, gen, disc)
+        self.step = 0
+        self.batches_consumed = 0
+        resumed = self._maybe_resume()
+        self.monitor = Monitor(self.out_dir, self.dist.is_main, s.run.max_steps, self.step, s.run.progress,
+                               s.run.tensorboard, s.run.log_every)
+        self._build_loader(s.data)
+        if self.dist.is_main:
+            self._write_run_files()
+            self._log_start(s, gen, disc, resumed)
+        self._seed_loop(s.run.seed, resumed)  # last: the RNG streams the loop uses
+        return self
+
+    def _start_process(self, s: TrainSettings) -> None:
+        """Threads, the distributed group, logging, the output folders and the build-time seeds."""
+        if s.run.threads > 0:
+            torch.set_num_threads(s.run.threads)
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*", category=FutureWarning)
-        self.dist = d = setup_distributed(bool(cfg.deepspeed.enabled), cfg.deepspeed.backend)
+        self.dist = d = setup_distributed(s.deepspeed.enabled, s.deepspeed.backend)
         _configure_logging(d.is_main)
-        self.out_dir = os.path.abspath(cfg.run.out_dir)
+        self.out_dir = os.path.abspath(s.run.out_dir)
         self.ckpt_root = os.path.join(self.out_dir, ckpt.CKPT_SUBDIR)
         if d.is_main:
             os.makedirs(self.ckpt_root, exist_ok=True)
-        seed = int(cfg.run.seed)
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
+        torch.manual_seed(s.run.seed)
+        np.random.seed(s.run.seed)
+        random.seed(s.run.seed)
+        self.storage_options = s.data.storage_options
 
-        self.storage_options = OmegaConf.to_container(cfg.data.storage_options) if cfg.data.storage_options else {}
-        lpips_files = self._resolve_perceptual()  # before any data or model: missing weights stop the run here
-        # the frozen VF feature model too (e.g. DINOv2 without its local weight file stops the run here)
-        vf_model, vf_dim = None, None
-        if cfg.loss.vf.enabled:
-            vf_model = load_feature_model(cfg.loss.vf.model, cfg.loss.vf.weights,
-                                          to_container(cfg.loss.vf.model_kwargs or {}),
-                                          self.storage_options).to(d.device)
-            vf_dim = cfg.loss.vf.feature_dim
-            if not vf_dim:
-                size = int(cfg.loss.vf.input_size or cfg.data.image_size)
-                with torch.no_grad():
-                    from gq_model.losses import feature_grid
+    def _build_feature_model(self, vf) -> tuple[torch.nn.Module | None, int | None]:
+        """The frozen VF feature model and its feature width (probed with one blank image unless configured)."""
+        if not vf.enabled:
+            return None, None
+        device = self.dist.device
+        model = load_feature_model(vf.model, vf.weights, vf.model_kwargs, self.storage_options).to(device)
+        if vf.feature_dim:
+            return model, vf.feature_dim
+        from gq_model.losses import feature_grid
 
-                    vf_dim = feature_grid(vf_model(torch.zeros(1, 3, size, size, device=d.device))).shape[1]
-        self.gq_config = build_gq_config(cfg)
-        self.ga = int(cfg.deepspeed.grad_accum)
-        self._setup_data()
+        with torch.no_grad():
+            probe = model(torch.zeros(1, 3, vf.input_size, vf.input_size, device=device))
+        return model, feature_grid(probe).shape[1]
 
-        model = GQModel(self.gq_config)
-        gen = GeneratorModule(model, bool(cfg.loss.learn_logvar), float(cfg.loss.logvar_init), vf_dim).to(d.device)
+    def _build_modules(self, s: TrainSettings, vf_dim: int | None):
+        """Generator (GQModel + learned log-variance + VF head) and discriminator, identical on every rank."""
+        device = self.dist.device
+        gen = GeneratorModule(GQModel(self.gq_config), s.learn_logvar, s.logvar_init, vf_dim).to(device)
         disc = None
-        if cfg.loss.disc.enabled:
-            disc = NLayerDiscriminator(3, int(cfg.loss.disc.ndf), int(cfg.loss.disc.n_layers),
-                                       bool(cfg.loss.disc.actnorm)).to(d.device)
-            if cfg.loss.disc.actnorm:
+        if s.disc.enabled:
+            disc = NLayerDiscriminator(3, s.disc.ndf, s.disc.n_layers, s.disc.actnorm).to(device)
+            if s.disc.actnorm:
                 disc.init_actnorm(self.monitor_images)  # identical batch on every rank (see _setup_data)
         broadcast_module(gen)
         if disc is not None:
             broadcast_module(disc)
+        return gen, disc
 
+    def _build_losses(self, lpips_files: dict | None, vf_model) -> None:
         lpips = None
         if lpips_files is not None:
-            lpips = build_lpips(resolved=lpips_files, storage_options=self.storage_options).to(d.device)
+            lpips = build_lpips(resolved=lpips_files, storage_options=self.storage_options).to(self.dist.device)
         gc = self.gq_config
         self.tdc = TDCRegularizer(codebook_size=gc.codebook_size, group=gc.group, logvar_range=gc.logvar_range,
-                                  layout=gc.layout, **tdc_settings(cfg), **tdc_variant(cfg)).to(d.device)
-        self.loss = GQLoss(cfg, self.tdc, lpips, vf_model)
+                                  layout=gc.layout, **tdc_settings(self.cfg), **tdc_variant(self.cfg)
+                                  ).to(self.dist.device)
+        self.loss = GQLoss(self.cfg, self.tdc, lpips, vf_model)
 
-        o = cfg.optim
-        factor = functools.partial(lr_factor, warmup=int(o.warmup_steps), decay=str(o.decay),
-                                   total=int(cfg.run.max_steps), min_ratio=float(o.min_lr_ratio))
+    def _build_engines(self, s: TrainSettings, gen, disc) -> None:
+        """One engine (and optimizer) per network; the generator's with the learning-rate schedule."""
+        o, cfg = s.optim, self.cfg
+        factor = functools.partial(lr_factor, warmup=o.warmup_steps, decay=o.decay, total=s.run.max_steps,
+                                   min_ratio=o.min_lr_ratio)
         sched_fn = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)) \
-            if int(o.warmup_steps) > 0 or o.decay != "constant" else None
-        gen_params = [p for p in gen.parameters() if p.requires_grad]
-        stage = int(cfg.deepspeed.zero_stage)
-        self.engine_g, _ = make_engine(gen, gen_params, cfg, stage, int(cfg.data.batch_size), float(cfg.optim.lr),
-                                       cfg.optim.betas, sched_fn)
+            if o.warmup_steps > 0 or o.decay != "constant" else None
+        self.gen_params = [p for p in gen.parameters() if p.requires_grad]
+        stage = s.deepspeed.zero_stage
+        self.engine_g, _ = make_engine(gen, self.gen_params, cfg, stage, s.data.batch_size, o.lr, o.betas, sched_fn)
         self.engine_d = None
         if disc is not None:
             # The generator's loss runs the discriminator inside the generator engine's forward, and its backward
             # goes through the discriminator's weights: under ZeRO-3 those are partitioned again by then (measured:
             # "weight should have at least three dimensions" in conv2d's backward). The discriminator is small, so by
             # default it gets at most ZeRO-2 (optimizer state and gradients still partitioned).
-            dstage = min(stage, 2) if cfg.deepspeed.disc_zero_stage is None else int(cfg.deepspeed.disc_zero_stage)
+            dstage = min(stage, 2) if s.deepspeed.disc_zero_stage is None else s.deepspeed.disc_zero_stage
             if dstage == 3:
                 raise ValueError("deepspeed.disc_zero_stage=3 is not supported: the generator's backward runs through "
                                  "the discriminator's weights, which ZeRO-3 has partitioned by then; use 2 or less")
-            self.engine_d, _ = make_engine(disc, list(disc.parameters()), cfg, dstage, int(cfg.data.batch_size),
-                                           float(cfg.loss.disc.lr or cfg.optim.lr),
-                                           cfg.loss.disc.betas or cfg.optim.betas)
+            self.engine_d, _ = make_engine(disc, list(disc.parameters()), cfg, dstage, s.data.batch_size,
+                                           s.disc.lr, s.disc.betas)
         self.gen = self.engine_g.module
         self.disc = self.engine_d.module if self.engine_d is not None else None
         self._restore_codebook()
-        self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+        self.dtype = torch.bfloat16 if s.deepspeed.precision == "bf16" else torch.float32
         self.gen.attach(self.loss, self.disc)  # after the engines exist: the probes' hooks run after DeepSpeed's
 
-        self.step = 0
-        self.batches_consumed = 0
-        resumed = self._maybe_resume()
-        self.monitor = Monitor(self.out_dir, d.is_main, int(cfg.run.max_steps), self.step, bool(cfg.run.progress),
-                               bool(cfg.run.tensorboard), int(cfg.run.log_every))
-        stream = BatchStream(self.index, self.train_ids, int(cfg.data.batch_size), self.train_transform, self.reader,
-                             rank=d.rank, world_size=d.world_size, seed=int(cfg.data.seed),
-                             shuffle=bool(cfg.data.shuffle), repeat=int(cfg.data.repeat),
-                             start_batch=self.batches_consumed)
+    def _build_loader(self, data) -> None:
+        """This rank's batches, from the position a resumed run reached."""
+        d = self.dist
+        stream = BatchStream(self.index, self.train_ids, data.batch_size, self.train_transform, self.reader,
+                             rank=d.rank, world_size=d.world_size, seed=data.seed, shuffle=data.shuffle,
+                             repeat=data.repeat, start_batch=self.batches_consumed)
         self.batches_per_epoch = stream.batches_per_epoch
-        self.loader = make_loader(stream, int(cfg.data.num_workers), seed=int(cfg.data.seed))
-        if d.is_main:
-            self._write_run_files()
-            n_g = sum(p.numel() for p in gen_params)
-            n_d = sum(p.numel() for p in disc.parameters()) if disc is not None else 0
-            log.info("GQ training: %d rank(s), ZeRO-%d, %s, generator %.2fM params, discriminator %.2fM, "
-                     "%d training images (%d batches/epoch/rank), %d held-out, %s", d.world_size, stage,
-                     cfg.deepspeed.precision if cfg.deepspeed.enabled else "plain PyTorch", n_g / 1e6, n_d / 1e6,
-                     len(self.train_ids), self.batches_per_epoch, self.monitor_images.shape[0],
-                     f"resumed at step {self.step}" if resumed else "fresh start")
-        # Last: the RNG streams the loop uses (restored on resume, per-rank seeds otherwise).
+        self.loader = make_loader(stream, data.num_workers, seed=data.seed)
+
+    def _log_start(self, s: TrainSettings, gen, disc, resumed: bool) -> None:
+        d = self.dist
+        n_g = sum(p.numel() for p in self.gen_params)
+        n_d = sum(p.numel() for p in disc.parameters()) if disc is not None else 0
+        log.info("GQ training: %d rank(s), ZeRO-%d, %s, generator %.2fM params, discriminator %.2fM, "
+                 "%d training images (%d batches/epoch/rank), %d held-out, %s", d.world_size, s.deepspeed.zero_stage,
+                 s.deepspeed.precision if s.deepspeed.enabled else "plain PyTorch", n_g / 1e6, n_d / 1e6,
+                 len(self.train_ids), self.batches_per_epoch, self.monitor_images.shape[0],
+                 f"resumed at step {self.step}" if resumed else "fresh start")
+
+    def _seed_loop(self, seed: int, resumed: bool) -> None:
+        """The RNG streams the loop uses: restored on resume, distinct per rank (and per step) otherwise."""
         if resumed and self._rng_state is not None:
             ckpt.restore_rng(self._rng_state)
-        else:  # fresh start, or a resume on another number of ranks: distinct streams per rank (and per step)
-            rs = seed + 100003 * (d.rank + 1) + 7919 * self.step
+        else:  # fresh start, or a resume on another number of ranks
+            rs = seed + 100003 * (self.dist.rank + 1) + 7919 * self.step
             torch.manual_seed(rs)
             np.random.seed(rs % (2 ** 32))
             random.seed(rs)
-        return self
 
     def _resolve_perceptual(self) -> dict | None:
         """The LPIPS-VGG weight files when ``loss.perceptual_weight > 0`` (None when it is 0, on purpose).
@@ -205,7 +229,7 @@ class Trainer:
         then the other ranks find the files in the cache.
         """
         cfg, d = self.cfg, self.dist
-        if float(cfg.loss.perceptual_weight) <= 0:
+        if self.settings.perceptual_weight <= 0:
             log.info("perceptual loss off: loss.perceptual_weight=%s", cfg.loss.perceptual_weight)
             return None
         lp = cfg.loss.lpips
@@ -230,35 +254,32 @@ class Trainer:
         return files if files is not None else resolve()
 
     def _setup_data(self) -> None:
-        cfg, d = self.cfg, self.dist
+        data, d = self.settings.data, self.dist
         so = self.storage_options
-        policy = str(cfg.data.get("preprocess", "gq"))
-        self.reader = SampleReader(cfg.data.image_column, so, memory=self.train_images, preprocess=policy)
+        self.reader = SampleReader(data.image_column, so, memory=self.train_images, preprocess=data.preprocess)
         idx = None
         if self.train_images is not None:
             idx = build_index(None, memory=self.train_images)
         elif d.is_main:
-            idx = self._load_or_build_index(cfg.data.train, cfg.data.image_column, so)
+            idx = self._load_or_build_index(data.train, data.image_column, so)
         self.index: SampleIndex = idx if self.train_images is not None else _broadcast_object(idx)
         n = len(self.index)
-        size = int(cfg.data.image_size)
-        resize = None if cfg.data.resize is None else int(cfg.data.resize)
-        self.train_transform = ImageTransform(size, resize, cfg.data.crop, bool(cfg.data.flip), policy)
-        eval_transform = ImageTransform(size, resize, "center", False, policy)
-        holdout = int(cfg.data.holdout)
+        self.train_transform = ImageTransform(data.image_size, data.resize, data.crop, data.flip, data.preprocess)
+        eval_transform = ImageTransform(data.image_size, data.resize, "center", False, data.preprocess)
+        holdout = data.holdout
         all_ids = np.arange(n)
-        if self.val_images is not None or cfg.data.val:
-            vreader = SampleReader(cfg.data.image_column, so, memory=self.val_images, preprocess=policy)
+        if self.val_images is not None or data.val:
+            vreader = SampleReader(data.image_column, so, memory=self.val_images, preprocess=data.preprocess)
             vidx = None
             if d.is_main or self.val_images is not None:
-                vidx = build_index(cfg.data.val, cfg.data.image_column, so, memory=self.val_images)
+                vidx = build_index(data.val, data.image_column, so, memory=self.val_images)
             vidx = vidx if self.val_images is not None else _broadcast_object(vidx)
             self.train_ids = all_ids
             mon, bad = load_images(vidx, range(len(vidx)), eval_transform, vreader, limit=max(1, holdout))
             self.monitor_source = "val"
         else:
             h = min(holdout, n // 5)
-            rng = np.random.default_rng([int(cfg.data.seed), 99])
+            rng = np.random.default_rng([data.seed, 99])
             held = np.sort(rng.permutation(n)[:h]) if h > 0 else np.array([], dtype=np.int64)
             self.train_ids = np.setdiff1d(all_ids, held)
             if h > 0:
@@ -266,7 +287,7 @@ class Trainer:
                 self.monitor_source = "held-out"
             else:
                 mon, bad = load_images(self.index, self.train_ids, eval_transform, self.reader,
-                                       limit=int(cfg.data.batch_size))
+                                       limit=data.batch_size)
                 self.monitor_source = "train (too few images to hold any out)"
         for b in bad:
             log.warning("skipped unreadable monitoring image %s", b)
@@ -277,7 +298,7 @@ class Trainer:
 
     def _resume_target(self) -> tuple[str, str] | None:
         """(checkpoint root, tag) this run will resume from, or None (decided before anything is built)."""
-        mode = str(self.cfg.run.resume or "never")
+        mode = self.settings.run.resume
         if mode == "never":
             return None
         if mode == "auto":
@@ -411,7 +432,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out batch: quantized and Gaussian-mean reconstructions, PSNRs, KL bits, codebook usage; PNG grid."""
-        zero3 = bool(self.cfg.deepspeed.enabled) and int(self.cfg.deepspeed.zero_stage) == 3
+        zero3 = self.settings.deepspeed.enabled and self.settings.deepspeed.zero_stage == 3
         if not (self.dist.is_main or zero3):
             return {}
         eg = self.engine_g
@@ -429,7 +450,7 @@ class Trainer:
         stats.update({"psnr_quantized": psnr(x, x_q), "psnr_gaussian_mean": psnr(x, x_mu),
                       "bits_mean": float(bits.mean()), "bits_min": float(bits.min()), "bits_max": float(bits.max())})
         self.monitor.scalars(self.step, stats, "heldout")
-        n = min(int(self.cfg.run.n_images), x.shape[0])
+        n = min(self.settings.run.n_images, x.shape[0])
         path = self.monitor.images(self.step, [x[:n], x_q[:n], x_mu[:n]])
         self.monitor.write(f"step {self.step}: held-out ({self.monitor_source}) PSNR quantized "
                            f"{stats['psnr_quantized']:.2f} dB, Gaussian mean {stats['psnr_gaussian_mean']:.2f} dB, "
@@ -458,17 +479,16 @@ class Trainer:
         d.barrier()
         if d.is_main:
             ckpt.write_latest(self.ckpt_root, tag)
-            ckpt.prune_checkpoints(self.ckpt_root, int(self.cfg.run.keep_last))
+            ckpt.prune_checkpoints(self.ckpt_root, self.settings.run.keep_last)
         d.barrier()
         return tag_dir
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        max_steps = int(cfg.run.max_steps)
-        ckpt_every, image_every = int(cfg.run.ckpt_every), int(cfg.run.image_every)
-        log_every = max(1, int(cfg.run.log_every))
-        crash_at = cfg.run.crash_at_step
+        r = self.settings.run
+        max_steps, ckpt_every, image_every = r.max_steps, r.ckpt_every, r.image_every
+        log_every = max(1, r.log_every)
+        crash_at = r.crash_at_step
         last_logs: dict[str, float] = {}
         saved_at = None
         start_step = self.step
@@ -496,13 +516,13 @@ class Trainer:
                 if ckpt_every > 0 and self.step % ckpt_every == 0:
                     self.save()
                     saved_at = self.step
-                if crash_at is not None and self.step == int(crash_at):
+                if crash_at is not None and self.step == crash_at:
                     os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die like a preempted node
             if saved_at != self.step and self.step > start_step:
                 self.save()
             summary = {"step": self.step, "out_dir": self.out_dir, "last": last_logs,
                        "checkpoint": os.path.join(self.ckpt_root, ckpt.read_latest(self.ckpt_root) or "")}
-            if cfg.run.export_bundle and self.dist.is_main and ckpt.read_latest(self.ckpt_root):
+            if r.export_bundle and self.dist.is_main and ckpt.read_latest(self.ckpt_root):
                 bundle = os.path.join(self.out_dir, "bundle")
                 model = ckpt.load_model_from_zero_checkpoint(self.ckpt_root)
                 model.save_pretrained(bundle, source="gq train", step=self.step)
