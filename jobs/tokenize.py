@@ -124,7 +124,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``gq tokenize`` (called by gq_model.cli)."""
+    """Register ``gq tokenize`` (called by jobs.cli)."""
     p = subparsers.add_parser("tokenize", help="tokenize an image dataset into token shards (one process, or Ray actors)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)

@@ -51,7 +51,7 @@ def test_builtin_model_reconstructs_a_held_out_image(demo_model):
 
 
 def test_gq_demo_end_to_end(ray_cluster, tmp_path):
-    from gq_model.cli import main
+    from jobs.cli import main
 
     out = tmp_path / "demo-out"
     assert main(["demo", "--out", str(out), "--num-images", "4", "--quiet"]) == 0

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from gq_model import GQModel
-from gq_model.cli import main as gq_main
+from jobs.cli import main as gq_main
 from gq_model.tdc import kl_bits_per_group
 from jobs.eval import list_images
 from tests.conftest import encode_image, free_port, rgb_bytes

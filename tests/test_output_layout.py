@@ -286,12 +286,12 @@ def test_version1_output_is_read_by_every_gq_reader(v1_output, tmp_path, tiny_mo
         assert {s["key"] for s in TokenDataset(out, format=fmt, shuffle=False)} == v1_output["keys"]
     assert {s["key"] for s in TokenDataset(f"{out}/parquet", shuffle=False)} == v1_output["keys"]
     env = dict(os.environ, PYTHONPATH=REPO)
-    r = subprocess.run([sys.executable, "-m", "gq_model.cli", "inspect", out, "--json"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", "inspect", out, "--json"], capture_output=True,
                        text=True, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(r.stdout)
     assert report["samples"] == 10 and report["errors"]["total"] == 2 and report["manifest"]["inputs"] == 12
-    r = subprocess.run([sys.executable, "-m", "gq_model.cli", "decode", "--model", tiny_model_dir, "--input", out,
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", "decode", "--model", tiny_model_dir, "--input", out,
                         "--out", str(tmp_path / "dec"), "--limit", "3", "--batch-size", "1"],
                        capture_output=True, text=True, env=env)
     # (--batch-size 1: a version-1 mixed output's shards have different columns, and batching samples across them is
@@ -322,7 +322,7 @@ def test_rerun_of_a_version1_output_is_refused_and_leaves_it_as_it_was(v1_output
 
 
 def test_gq_inspect_reports_the_declared_columns(runs, capsys):
-    from gq_model.cli import main as gq_main
+    from jobs.cli import main as gq_main
 
     assert gq_main(["inspect", runs["both"], "--json", "--no-tokens"]) == 0
     r = json.loads(capsys.readouterr().out)

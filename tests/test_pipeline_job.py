@@ -190,7 +190,7 @@ def test_crop_none_and_latents(ray_cluster, tiny_model, tmp_path):
 
 
 def test_s3_tars_and_parquet_in_s3_out_via_cli(ray_cluster, moto_s3, s3, tiny_model, tiny_model_dir):
-    from gq_model.cli import main
+    from jobs.cli import main
 
     s3.mkdir("gq-in")
     s3.mkdir("gq-out")

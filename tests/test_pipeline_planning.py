@@ -330,7 +330,7 @@ def test_brace_pattern_over_directories_walks_them(tmp_path):
 
 
 def test_tokenize_input_list_end_to_end(ray_cluster, tiny_model_dir, tmp_path):
-    from gq_model.cli import main
+    from jobs.cli import main
 
     (tmp_path / "imgs").mkdir()
     rows = []

@@ -137,7 +137,7 @@ def test_disabled_writes_nothing():
 def test_real_run_progress_lines_count_the_inputs(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """``gq tokenize`` over a folder of 46 images and 2 broken files in 2 units: the lines in between count samples
     of the units in progress, and the last one equals the inputs exactly (no end-marker rows)."""
-    from gq_model.cli import main
+    from jobs.cli import main
     from tests.conftest import rgb_bytes
 
     src = tmp_path / "in"
@@ -175,7 +175,7 @@ def test_ray_run_stderr_is_gq_lines_only(tiny_model_dir, tmp_path):
     for i in range(4):
         (src / f"{i}.jpg").write_bytes(rgb_bytes(40, 48, seed=i))
     env = dict(os.environ, RAY_ADDRESS="")
-    r = subprocess.run([sys.executable, "-m", "gq_model.cli", "tokenize", "--model", tiny_model_dir, "--input",
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", "tokenize", "--model", tiny_model_dir, "--input",
                         str(src), "--output", str(tmp_path / "out"), "--image-size", "32", "--model-placement",
                         "actors", "--num-cpus", "2"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
