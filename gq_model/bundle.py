@@ -15,14 +15,13 @@ import os
 from importlib import resources
 from typing import Any, NamedTuple
 
-import fsspec
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from gq_model.codebook import codebook_fingerprint
 from gq_model.config import GQConfig
-from gq_model.storage import url_to_fs
+from gq_model.storage import put_atomic, url_to_fs
 
 __all__ = ["save_bundle", "read_bundle", "BundleParts", "read_bundle_config", "verify_codebook", "resolve_model_url",
            "BUNDLE_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -54,18 +53,6 @@ def _join(url: str, name: str) -> str:
     return url.rstrip("/") + "/" + name
 
 
-def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write then rename on local filesystems (no reader sees half a file); object stores put atomically."""
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
-
-
 def save_bundle(model, url: str, storage_options: dict[str, Any] | None = None, **extra: Any) -> None:
     """Save ``model`` (a GQModel) as a bundle under ``url`` (``storage_options`` go to fsspec, e.g. an S3 endpoint)."""
     fs, path = url_to_fs(url, storage_options)
@@ -83,8 +70,8 @@ def save_bundle(model, url: str, storage_options: dict[str, Any] | None = None, 
         "weights_sha256": hashlib.sha256(payload).hexdigest(),
         "extra": extra,
     }
-    _write_atomic(fs, _join(path, WEIGHTS_NAME), payload)
-    _write_atomic(fs, _join(path, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True).encode())
+    put_atomic(fs, _join(path, WEIGHTS_NAME), payload)
+    put_atomic(fs, _join(path, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True).encode())
 
 
 def read_bundle_config(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -27,6 +27,8 @@ import os
 import pickle
 from typing import Any, Mapping
 
+from gq_model.storage import is_local_url
+
 __all__ = ["load_torch_file", "TRUST_HINT"]
 
 TRUST_HINT = ("If you trust the file, pass trust_checkpoint=True (CLI: --trust-checkpoint): it is then unpickled "
@@ -73,10 +75,6 @@ _SAFE_STAND_INS = [
 ]
 
 
-def _is_local(source: str) -> bool:
-    return "://" not in source or source.startswith("file://")
-
-
 def _refusal_reason(error: Exception) -> str:
     """The line of torch's long weights_only message that says what was refused (e.g. the unsupported global)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -101,7 +99,7 @@ def load_torch_file(source: str | os.PathLike | bytes, *, trust_checkpoint: bool
         size = len(source)
     else:
         source = os.fspath(source)
-        if _is_local(source):
+        if is_local_url(source):
             path = source[len("file://"):] if source.startswith("file://") else source
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"checkpoint not found: {name}")

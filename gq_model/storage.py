@@ -10,6 +10,10 @@ takes its own keyword arguments (s3fs's ``key`` is an error to gcsfs). So ``stor
 
 Local paths never get options: a local file system rejects S3 keywords.
 
+It is the one home of atomic writes (:func:`write_atomic` for local files, :func:`put_atomic` for any fsspec URL:
+temporary name, fsync, rename, fsync of the folder, so a crash never leaves a zero-length or partial file under the
+final name) and of :func:`is_local_fs`.
+
 It also holds the conditional writes that let one writer own an output (``gq_pipeline.lease``) and make commit
 records first-writer-wins: :func:`create_exclusive`, :func:`read_versioned`, :func:`replace_if_match` and
 :func:`delete_if_match`, with what each store guarantees (local disk, S3, GCS; other stores best effort).
@@ -21,12 +25,13 @@ import hashlib
 import os
 import uuid
 import warnings
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import fsspec
 
-__all__ = ["options_for", "url_to_fs", "check_storage_options", "parse_storage_options", "create_exclusive", "read_versioned", "replace_if_match", "delete_if_match",
-           "conditional_support"]
+__all__ = ["options_for", "url_to_fs", "check_storage_options", "parse_storage_options", "is_local_fs",
+           "is_local_protocol", "is_local_url", "write_atomic", "put_atomic", "create_exclusive", "read_versioned", "replace_if_match",
+           "delete_if_match", "conditional_support"]
 
 _LOCAL = ("file", "local")
 # Spellings fsspec registers for one backend: an entry under any of them serves the others.
@@ -126,9 +131,25 @@ def url_to_fs(url: str | os.PathLike, storage_options: Mapping[str, Any] | None 
 #   check before the write, a comparison before the replace or delete), with a warning.
 
 
+def is_local_protocol(protocol: str | tuple | list) -> bool:
+    """True for fsspec's local file system protocols (``file``, ``local``), given one name or fsspec's tuple."""
+    protos = protocol if isinstance(protocol, (tuple, list)) else (protocol,)
+    return any(p in _LOCAL for p in protos)
+
+
+def is_local_url(url: str | os.PathLike) -> bool:
+    """True for a plain path or a ``file://`` URL (no fsspec file system needed to tell)."""
+    return _protocol(os.fspath(url)) in _LOCAL
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    """True when ``fs`` is the local disk: renames are atomic there, and object-store semantics do not apply."""
+    return is_local_protocol(fs.protocol)
+
+
 def _kind(fs) -> str:
     protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if any(p in _LOCAL for p in protos):
+    if is_local_protocol(protos):
         return "local"
     if any(p in ("s3", "s3a") for p in protos):
         return "s3"
@@ -201,6 +222,56 @@ def _write_tmp(path: str, data: bytes) -> str:
         f.flush()
         os.fsync(f.fileno())
     return tmp
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX: the directory entry is only on disk once the folder is synced)."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (and platforms) refuse fsync on a directory: the rename still happened
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Any]) -> None:
+    """Write a local file all at once: readers see the old file or the whole new one, and after a crash (power loss,
+    a killed node) the final name never holds a zero-length or partial file.
+
+    ``data`` is the bytes, or a function that writes to the open binary file (``lambda f: torch.save(obj, f)``).
+    The temporary is in the same folder (so the rename is atomic), flushed and fsynced before the rename, and the
+    folder is fsynced after it; on failure the temporary is removed."""
+    path = os.fspath(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Publish ``data`` at ``path`` on any fsspec file system, all at once: :func:`write_atomic` on local disk; on
+    object stores one PUT (or a completed multipart upload), which appears atomically."""
+    if is_local_fs(fs):
+        write_atomic(_local(path), data)
+    else:
+        fs.pipe_file(path, data)
 
 
 def _client_error_code(e: BaseException) -> str | None:

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from gq_model.storage import is_local_fs
 from gq_pipeline.layout import CURRENT, Layout
 
 __all__ = ["STAGING", "UNITS", "WIDS_INDEX", "TornRecordError", "new_attempt", "staged_relpath", "read_records",
@@ -38,11 +39,6 @@ __all__ = ["STAGING", "UNITS", "WIDS_INDEX", "TornRecordError", "new_attempt", "
 STAGING = CURRENT.staging
 UNITS = CURRENT.units
 WIDS_INDEX = CURRENT.wids_index
-
-
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
 
 
 def new_attempt(unit_id: str) -> str:
@@ -182,7 +178,7 @@ def publish(fs, src: str, dst: str) -> None:
     server-side copy then a delete of the staged object (the copy appears whole, like any PUT). A staged file that
     is gone while its final name exists was published by a concurrent roll-forward: that is success."""
     try:
-        if _is_local(fs):
+        if is_local_fs(fs):
             os.makedirs(posixpath.dirname(dst), exist_ok=True)
             os.replace(src, dst)
         else:

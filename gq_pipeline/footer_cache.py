@@ -33,6 +33,7 @@ import posixpath
 import warnings
 from typing import Callable
 
+from gq_model.storage import is_local_protocol, write_atomic
 from gq_pipeline.shards import FORMAT_VERSION, FSRef, Shard, ShardError
 
 __all__ = ["FooterCache", "default_footer_dir", "resolve_footer_cache"]
@@ -85,7 +86,7 @@ class FooterCache:
     def describe(self, fsref: FSRef, paths: list[str], strict: bool, scan: Scan) -> tuple[list[Shard], list]:
         """``(shards, problems)`` as ``scan(fsref, paths, strict)`` gives them, from this node's summary when one
         exists for this exact listing. With ``strict`` the first problem is raised, as the scan would."""
-        local = fsref.protocol in ("file", "local")
+        local = is_local_protocol(fsref.protocol)
         key = None if (self.remote_only and local) else self.key(fsref, paths)
         if key is None:
             self.last = "bypass"
@@ -155,16 +156,11 @@ def _load(summary: str) -> tuple[list[Shard], list] | None:
 
 
 def _store(summary: str, found: tuple[list[Shard], list]) -> None:
-    """Write the summary under a temporary name, then rename it into place; a failed write only costs the cache."""
+    """Write the summary atomically (gq_model.storage.write_atomic); a failed write only costs the cache."""
     shards, problems = found
-    tmp = f"{summary}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            json.dump({"version": SUMMARY_VERSION, "shards": [dataclasses.asdict(s) for s in shards],
-                       "problems": [list(p) for p in problems]}, f)
-        os.replace(tmp, summary)
+        write_atomic(summary, json.dumps({"version": SUMMARY_VERSION, "shards": [dataclasses.asdict(s) for s in shards],
+                                          "problems": [list(p) for p in problems]}).encode("utf-8"))
     except OSError as e:
         warnings.warn(f"cannot write the footer summary {summary} ({e}); the next start reads the footers again",
                       stacklevel=4)
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -15,12 +15,12 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from gq_model.storage import create_exclusive, read_versioned, replace_if_match
+from gq_model.storage import create_exclusive, is_local_fs, put_atomic, read_versioned, replace_if_match
 from gq_pipeline import layout as _layout
 from gq_pipeline.commitset import RollForward, read_records, roll_forward, staged_files
 from gq_pipeline.records import FORMAT_VERSION
-from gq_pipeline.sources import get_fs, is_local_fs, to_url
-from gq_pipeline.writers import ShardContext, put_atomic
+from gq_pipeline.sources import get_fs, to_url
+from gq_pipeline.writers import ShardContext
 
 __all__ = ["OutputStore", "OutputState", "IncompatibleOutputError", "OlderLayoutError", "manifest_unit_entry",
            "RUN_CONSTANTS"]

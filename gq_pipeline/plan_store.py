@@ -49,7 +49,7 @@ def _key(blob: dict[str, Any]) -> str:
 
 
 def _put(fs, path: str, data: bytes) -> None:
-    from gq_pipeline.writers import put_atomic
+    from gq_model.storage import put_atomic
 
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     put_atomic(fs, path, data)
@@ -124,7 +124,8 @@ class ListUnits:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from gq_pipeline.sources import Unit, is_local_fs, to_url
+        from gq_model.storage import is_local_fs
+        from gq_pipeline.sources import Unit, to_url
 
         per_part = units_per_part(self.unit_size)
         schema = pa.schema([("url", pa.string())])

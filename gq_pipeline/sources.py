@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 import fsspec
 
-from gq_model.storage import url_to_fs
+from gq_model.storage import is_local_fs, url_to_fs
 from gq_pipeline.records import (IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, RESERVED_COLUMNS, TAR_EXTENSIONS, SampleError,
                                  is_utf8, make_key, make_unit_id, printable)
 
@@ -552,11 +552,6 @@ def _walk_dirs(fs: fsspec.AbstractFileSystem, root: str, pool=None, with_skipped
             fut.cancel()
         if own:
             pool.shutdown(wait=True)
-
-
-def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import tarfile
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gq_pipeline.records import FORMAT_VERSION, ROW_ERROR, ROW_OK, tokens_fit_uint16
-from gq_pipeline.sources import is_local_fs
+from gq_model.storage import put_atomic  # noqa: F401  (re-exported: the one atomic write)
 
 __all__ = ["ShardContext", "put_atomic", "build_token_table", "build_error_table", "parquet_bytes",
            "tar_bytes"]
@@ -60,17 +58,6 @@ class ShardContext:
                 "gq.group": str(self.group), "gq.seed": str(self.seed), "gq.beta": repr(float(self.beta)),
                 "gq.arch": self.arch, "gq.preprocess": json.dumps(self.preprocess, sort_keys=True),
                 "gq.unit_id": unit_id, **self.extra_metadata}
-
-
-def put_atomic(fs, path: str, data: bytes) -> None:
-    """Publish ``data`` at ``path`` all at once: readers see the old state or the whole new file, never a part."""
-    if is_local_fs(fs):
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:  # object stores: a PUT (or a completed multipart upload) appears atomically
-        fs.pipe_file(path, data)
 
 
 def _null_if_empty(values: list[str]) -> list[str | None]:

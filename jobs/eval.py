@@ -432,8 +432,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         import fsspec
 
+        from gq_model.storage import is_local_fs
+
         fs, path = fsspec.core.url_to_fs(args.json)
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        if is_local_fs(fs):
             fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
         with fs.open(path, "w") as f:
             json.dump(report, f, indent=2, allow_nan=False)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gq_model.storage import write_atomic
 from gq_model.zero_checkpoint import (CKPT_SUBDIR, GQ_CONFIG_NAME, load_model_from_zero_checkpoint, read_gq_config,
                                       read_generator_state_dict, read_latest, resolve_checkpoint)
 
@@ -46,17 +47,12 @@ def tag_for_step(step: int) -> str:
 
 
 def write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
 
 
 def write_latest(ckpt_root: str, tag: str) -> None:
-    tmp = os.path.join(ckpt_root, f"latest.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(tag)
-    os.replace(tmp, os.path.join(ckpt_root, "latest"))
+    """``latest`` names the newest complete checkpoint: written last, atomically and durably (gq_model.storage)."""
+    write_atomic(os.path.join(ckpt_root, "latest"), tag.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------- RNG
@@ -82,9 +78,7 @@ def _rank_state_path(tag_dir: str, rank: int) -> str:
 def save_rank_state(tag_dir: str, rank: int, state: dict[str, Any]) -> None:
     path = _rank_state_path(tag_dir, rank)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_rank_state(tag_dir: str, rank: int) -> dict[str, Any] | None:

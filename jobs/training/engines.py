@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gq_model.storage import write_atomic
+
 __all__ = ["DistInfo", "setup_distributed", "ds_config", "make_engine", "PlainEngine", "broadcast_module",
            "free_port"]
 
@@ -197,9 +199,7 @@ class PlainEngine(nn.Module):
                      "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
                      "global_steps": self.global_steps, "micro_steps": self.micro_steps, "plain_engine": True,
                      **(client_state or {})}
-            tmp = os.path.join(path, "mp_rank_00_model_states.pt.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, os.path.join(path, "mp_rank_00_model_states.pt"))
+            write_atomic(os.path.join(path, "mp_rank_00_model_states.pt"), lambda f: torch.save(state, f))
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from gq_model import GQModel, TDCRegularizer
+from gq_model.storage import write_atomic
 from gq_model.losses import NLayerDiscriminator, build_lpips, load_feature_model
 from gq_model.losses.lpips import WeightsUnavailable, resolve_lpips_files
 from gq_model.tdc import kl_bits_per_group
@@ -321,10 +322,9 @@ class Trainer:
                 log.warning("data.train changed since the checkpoint: re-indexing (the data order will differ)")
         index = build_index(spec, column, storage_options)
         path = os.path.join(self.ckpt_root, ckpt.DATA_INDEX_NAME)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save({"spec": to_container(OmegaConf.create({"s": spec}))["s"], "image_column": column,
-                    "refs": index.refs, "blocks": index.blocks}, tmp)
-        os.replace(tmp, path)
+        saved = {"spec": to_container(OmegaConf.create({"s": spec}))["s"], "image_column": column,
+                 "refs": index.refs, "blocks": index.blocks}
+        write_atomic(path, lambda f: torch.save(saved, f))
         return index
 
     def _restore_codebook(self) -> None:
