@@ -75,22 +75,19 @@ def _add(counts, flat):
 
 
 def usage_stats(counts, codebook_size: int | None) -> dict:
-    """Share of codes used, perplexity and entropy in bits of the token distribution (``gq_model.metrics``'s
-    ``usage_stats``), plus the ten most frequent codes."""
+    """The token distribution in the one usage vocabulary (``gq_model.metrics.usage_summary``: used, usage,
+    entropy_bits, perplexity), plus the ten most frequent codes."""
     import numpy as np
-    import torch
 
-    from gq_model.metrics.codebook_usage import usage_stats as metrics_usage
+    from gq_model.metrics.codebook_usage import usage_summary
 
+    counts = np.asarray(counts, dtype=np.int64)
     k = codebook_size or len(counts)
-    s = metrics_usage(torch.as_tensor(np.asarray(counts, dtype=np.int64)))
+    s = usage_summary(counts, k, rounded=False)
     if not s["tokens"]:
-        return {"tokens": 0, "codebook_size": k, "used_codes": 0, "usage": 0.0, "perplexity": 0.0,
-                "entropy_bits": 0.0, "top": []}
+        return {**s, "top": []}
     top = np.argsort(-counts, kind="stable")[:10]
-    return {"tokens": s["tokens"], "codebook_size": k, "used_codes": s["used"], "usage": s["used"] / k,
-            "perplexity": s["perplexity"], "entropy_bits": s["entropy_bits"], "max_entropy_bits": float(np.log2(k)),
-            "top": [[int(i), int(counts[i])] for i in top if counts[i]]}
+    return {**s, "max_entropy_bits": float(np.log2(k)), "top": [[int(i), int(counts[i])] for i in top if counts[i]]}
 
 
 def plot_usage(counts, stats: dict, path: str) -> None:
@@ -216,7 +213,7 @@ def format_text(r: dict) -> str:
     lines.append(f"  errors: {r['errors']['total']} ({kinds})")
     t = r.get("token_stats")
     if t:
-        lines.append(f"  tokens: {t['tokens']} from {t['samples_scanned']} samples; codes used {t['used_codes']}/"
+        lines.append(f"  tokens: {t['tokens']} from {t['samples_scanned']} samples; codes used {t['used']}/"
                      f"{t['codebook_size']} ({t['usage']:.1%}); perplexity {t['perplexity']:.1f}; entropy "
                      f"{t['entropy_bits']:.2f}/{t.get('max_entropy_bits', 0):.2f} bits")
         lines.append("  top codes: " + ", ".join(f"{c}×{n}" for c, n in t["top"][:5]))

@@ -233,17 +233,12 @@ def _check_first_parquet(units, image_column: str | None, storage_options: dict 
 
 
 def _usage(hist: np.ndarray | None) -> dict[str, Any]:
-    """``gq_model.metrics.usage_stats`` of this run's token histogram, under the manifest's names."""
+    """This run's token histogram in the one usage vocabulary (``gq_model.metrics.usage_summary``)."""
     if hist is None or hist.sum() == 0:
         return {"scope": "this run", "tokens": 0}
-    import torch
+    from gq_model.metrics.codebook_usage import usage_summary
 
-    from gq_model.metrics.codebook_usage import usage_stats
-
-    s = usage_stats(torch.from_numpy(hist))
-    return {"scope": "this run", "tokens": s["tokens"], "codes_used": s["used"], "codebook_size": int(hist.size),
-            "usage_fraction": s["usage"], "entropy_bits": round(s["entropy_bits"], 4),
-            "perplexity": round(s["perplexity"], 2)}
+    return usage_summary(hist, scope="this run")
 
 
 def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: str = "parquet",

@@ -420,13 +420,9 @@ def _content_id(image: Any, tokens: Any, error: str | None) -> str:
 
 
 def _usage(hist: np.ndarray) -> dict[str, Any]:
+    """This sink's token histogram in the one usage vocabulary (``gq_model.metrics.usage_summary``)."""
     if hist.sum() == 0:
         return {"scope": "this run", "tokens": 0}
-    import torch
+    from gq_model.metrics.codebook_usage import usage_summary
 
-    from gq_model.metrics.codebook_usage import usage_stats
-
-    s = usage_stats(torch.from_numpy(hist))
-    return {"scope": "this run", "tokens": s["tokens"], "codes_used": s["used"], "codebook_size": int(hist.size),
-            "usage_fraction": s["usage"], "entropy_bits": round(s["entropy_bits"], 4),
-            "perplexity": round(s["perplexity"], 2)}
+    return usage_summary(hist, scope="this run")

@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         "errors_by_kind": summary["errors_by_kind"], "images_per_s": tp.get("images_per_s"),
         "tokens": int(counts.sum()), "tokens_per_image": int(counts.sum()) // max(1, summary["tokenized"]),
         "bits_per_token": int(round(np.log2(c.codebook_size))),
-        "codebook_usage": {"used_codes": stats["used_codes"], "codebook_size": stats["codebook_size"],
+        "codebook_usage": {"used": stats["used"], "codebook_size": stats["codebook_size"],
                            "usage": round(stats["usage"], 6), "perplexity": round(stats["perplexity"], 1)},
         "psnr_db": psnr, "mean_psnr_db": round(float(np.mean(list(psnr.values()))), 2) if psnr else None,
         "model": args.model, "codebook_fingerprint": model.fingerprint, "model_fingerprint": model.model_fingerprint,
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
           f"{report['errors_by_kind'] or ''}\n"
           f"         {report['images_per_s']} images/s in the pipeline, {report['tokens']} tokens "
           f"({report['tokens_per_image']} per image, {report['bits_per_token']} bits each)\n"
-          f"         codebook usage {u['used_codes']}/{u['codebook_size']} codes, perplexity {u['perplexity']}; "
+          f"         codebook usage {u['used']}/{u['codebook_size']} codes, perplexity {u['perplexity']}; "
           f"mean reconstruction PSNR {report['mean_psnr_db']} dB\n"
           f"         grid: {grid_path}\n         usage plot: {usage_path}\n"
           f"         shards: {token_dir}/parquet, {token_dir}/webdataset (gq inspect {token_dir})\n"

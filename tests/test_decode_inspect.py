@@ -70,7 +70,7 @@ def test_inspect_json_counts_errors_and_usage(shards, tmp_path, capsys, fmt):
     counts = np.bincount(np.concatenate([e["tokens"].ravel() for e in expected.values()]), minlength=4096)
     p = counts[counts > 0] / counts.sum()
     t = r["token_stats"]
-    assert t["tokens"] == 7 * 16 and t["used_codes"] == int((counts > 0).sum()) and t["codebook_size"] == 4096
+    assert t["tokens"] == 7 * 16 and t["used"] == int((counts > 0).sum()) and t["codebook_size"] == 4096
     assert t["perplexity"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())))
     assert t["usage"] == pytest.approx((counts > 0).sum() / 4096)
     with open(plot, "rb") as f:

@@ -62,7 +62,7 @@ def test_gq_demo_end_to_end(ray_cluster, tmp_path):
     assert summary["codebook_fingerprint"] == "effbb50723ff7d93"
     assert len(summary["psnr_db"]) == 4 and summary["mean_psnr_db"] > 15  # the shipped model reconstructs
     usage = summary["codebook_usage"]
-    assert 0 < usage["used_codes"] <= summary["tokens"] and usage["codebook_size"] == 65536
+    assert 0 < usage["used"] <= summary["tokens"] and usage["codebook_size"] == 65536
     from PIL import Image
 
     for name in ("demo-grid.png", "demo-grid-small.png", "codebook-usage.png"):

@@ -340,6 +340,21 @@ def test_lpips_alex_missing_and_wrong_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ codebook usage
+def test_usage_summary_is_the_one_vocabulary():
+    """Manifests, the sink, gq inspect and gq demo report usage in these words (gq_model.metrics.usage_summary)."""
+    from gq_model.metrics.codebook_usage import usage_summary
+
+    counts = np.array([2, 1, 3, 0, 0, 0, 0, 6])
+    p = np.array([2, 1, 3, 6]) / 12
+    h = float(-(p * np.log2(p)).sum())
+    s = usage_summary(counts, scope="this run")
+    assert s == {"scope": "this run", "tokens": 12, "codebook_size": 8, "used": 4, "usage": 0.5,
+                 "entropy_bits": round(h, 4), "perplexity": round(2 ** h, 2)}
+    raw = usage_summary(torch.as_tensor(counts), 16, rounded=False)
+    assert raw["codebook_size"] == 16 and raw["usage"] == 0.25 and raw["entropy_bits"] == pytest.approx(h)
+    assert usage_summary(np.zeros(4, np.int64))["used"] == 0
+
+
 def test_codebook_usage_counts_are_exact():
     # K=8, two groups, [B=2, G=2, h=1, w=3]: group 0 uses {0,0,1,2,2,2}, group 1 uses {7,7,7,7,7,7}
     idx = torch.tensor([[[[0, 0, 1]], [[7, 7, 7]]], [[[2, 2, 2]], [[7, 7, 7]]]])

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-__all__ = ["CodebookUsage", "usage_stats"]
+__all__ = ["CodebookUsage", "usage_stats", "usage_summary"]
 
 
 def usage_stats(counts: torch.Tensor) -> dict:
@@ -31,6 +31,24 @@ def usage_stats(counts: torch.Tensor) -> dict:
     h = float(-(p * torch.log2(p)).sum())
     return {"tokens": total, "used": used, "usage": used / counts.numel(), "entropy_bits": h,
             "perplexity": 2.0 ** h}
+
+
+def usage_summary(counts, codebook_size: int | None = None, *, scope: str | None = None,
+                  rounded: bool = True) -> dict:
+    """The one codebook-usage vocabulary every report uses (run manifests, ``GQShardSink``, ``gq inspect``,
+    ``gq demo``; the trainer logs the same words as ``codebook_used``/``codebook_usage``): ``tokens``,
+    ``codebook_size``, ``used`` (codes seen at least once), ``usage`` (used / codebook_size), ``entropy_bits`` and
+    ``perplexity`` (2**entropy) of a histogram of counts ``[K]`` (torch or numpy). ``rounded``: entropy to 4 and
+    perplexity to 2 decimals, as JSON reports keep them."""
+    counts = torch.as_tensor(counts).reshape(-1)
+    k = int(codebook_size or counts.numel())
+    s = usage_stats(counts)
+    out = {"scope": scope} if scope else {}
+    h, ppl = (round(s["entropy_bits"], 4), round(s["perplexity"], 2)) if rounded else (s["entropy_bits"],
+                                                                                    s["perplexity"])
+    out.update(tokens=s["tokens"], codebook_size=k, used=s["used"], usage=s["used"] / k if k else 0.0,
+               entropy_bits=h, perplexity=ppl)
+    return out
 
 
 class CodebookUsage:
