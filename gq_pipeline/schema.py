@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from gq_pipeline.records import RESERVED_COLUMNS
+from gq_pipeline.storage_errors import StorageReadError, TaggedFile, open_from_store
 
 __all__ = ["TAR_PASSTHROUGH", "schema_to_json", "schema_from_json", "parquet_passthrough", "run_passthrough",
            "output_passthrough", "SchemaConflictError"]
@@ -78,15 +79,15 @@ def _footer_schema(url: str, storage_options: dict | None) -> pa.Schema | None:
 
     fs, path = get_fs(url, storage_options)
     try:
-        with fs.open(path, "rb") as f:
+        with TaggedFile(open_from_store(fs, path)) as f:  # the store's failures come out as StorageReadError
             return pq.read_schema(f)
     except FileNotFoundError:  # gone since listing: its unit fails as before (UnitReadError), contributing nothing
         return None
-    except (pa.ArrowInvalid, OSError) as e:
-        if isinstance(e, pa.ArrowInvalid) or "Parquet" in str(e) or "magic" in str(e):
-            return None  # not Parquet / damaged footer: its unit becomes one `read` error record, no columns to lose
+    except StorageReadError as e:
         raise OSError(f"{url}: cannot read the Parquet footer while planning the output's schema "
                       f"({type(e).__name__}: {e}); nothing was tokenized, rerun when the store answers") from e
+    except (pa.ArrowException, OSError):
+        return None  # not Parquet / damaged footer: its unit becomes one `read` error record, no columns to lose
 
 
 def run_passthrough(units: Iterable[Any], image_column: str | None, storage_options: dict | None) -> pa.Schema:

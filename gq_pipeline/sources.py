@@ -40,6 +40,7 @@ from typing import Any, Iterator
 import fsspec
 
 from gq_model.storage import is_local_fs, url_to_fs
+from gq_pipeline.storage_errors import StorageReadError, TaggedFile, open_from_store
 from gq_pipeline.records import (IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, RESERVED_COLUMNS, TAR_EXTENSIONS, SampleError,
                                  is_utf8, make_key, make_unit_id, printable)
 
@@ -1014,18 +1015,18 @@ def _iter_parquet(unit: Unit, info: UnitInfo, storage_options: dict | None, imag
     fs, path = get_fs(unit.source, storage_options)
     stem = posixpath.basename(path).rsplit(".", 1)[0]
     try:
-        f = fs.open(path, "rb")
+        f = TaggedFile(open_from_store(fs, path))  # the store's failures come out as StorageReadError (by type)
         pf = pq.ParquetFile(f)
     except FileNotFoundError as e:
         raise UnitReadError(f"{unit.source}: {e}") from e
-    except (pa.ArrowInvalid, OSError) as e:
-        if isinstance(e, pa.ArrowInvalid) or "Parquet" in str(e) or "magic" in str(e):
-            s = RawSample(0, make_key(f"{unit.source}#__unreadable__", f"{stem}/unreadable"), "__unreadable__",
+    except StorageReadError as e:  # the store failed: transient, the unit is retried
+        raise UnitReadError(f"opening {unit.source}: {e}") from e
+    except (pa.ArrowException, OSError) as e:  # the bytes are not Parquet: the same on every run, one record
+        s = RawSample(0, make_key(f"{unit.source}#__unreadable__", f"{stem}/unreadable"), "__unreadable__",
                       unit.source)
-            s.error = SampleError("read", f"not a readable Parquet file: {type(e).__name__}: {e}")
-            yield s
-            return
-        raise UnitReadError(f"opening {unit.source}: {type(e).__name__}: {e}") from e
+        s.error = SampleError("read", f"not a readable Parquet file: {type(e).__name__}: {e}")
+        yield s
+        return
     schema = pf.schema_arrow
     try:
         col = find_image_column(schema, image_column)
@@ -1078,11 +1079,11 @@ def _iter_parquet(unit: Unit, info: UnitInfo, storage_options: dict | None, imag
                 if by_path:
                     _read_referenced_images(by_path, storage_options)
                 yield from samples
-        except (pa.ArrowInvalid, OSError) as e:
-            if isinstance(e, pa.ArrowInvalid) or "Parquet" in str(e):
-                s = RawSample(idx, make_key(f"{unit.source}#__unreadable__", f"{stem}/unreadable"), "__unreadable__",
-                      unit.source)
-                s.error = SampleError("read", f"Parquet file is corrupt after {idx} rows: {type(e).__name__}: {e}")
-                yield s
-                return
-            raise UnitReadError(f"reading {unit.source}: {type(e).__name__}: {e}") from e
+        except StorageReadError as e:
+            raise UnitReadError(f"reading {unit.source}: {e}") from e
+        except (pa.ArrowException, OSError) as e:  # damaged data pages: the rows before were read, the rest is one record
+            s = RawSample(idx, make_key(f"{unit.source}#__unreadable__", f"{stem}/unreadable"), "__unreadable__",
+                          unit.source)
+            s.error = SampleError("read", f"Parquet file is corrupt after {idx} rows: {type(e).__name__}: {e}")
+            yield s
+            return
