@@ -24,6 +24,7 @@ one by name, never through fsspec's glob expansion (``br[1].jpg`` is a file name
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import gzip
 import os
@@ -44,7 +45,8 @@ from gq_pipeline.storage_errors import StorageReadError, TaggedFile, open_from_s
 from gq_pipeline.records import (IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, RESERVED_COLUMNS, TAR_EXTENSIONS, SampleError,
                                  is_utf8, make_key, make_unit_id, printable)
 
-__all__ = ["Unit", "Plan", "ListingError", "RawSample", "UnitReadError", "plan_units", "iter_samples", "get_fs",
+__all__ = ["Unit", "Plan", "ListingError", "RawSample", "UnitReadError", "plan_units", "list_input_files",
+           "iter_samples", "get_fs",
            "to_url", "find_image_column"]
 
 _MAGIC = re.compile(r"[*?\[]")
@@ -58,9 +60,13 @@ class UnitReadError(Exception):
     rerun retries it. Format problems (a corrupt tar) are *not* this: they become ``read`` error records."""
 
 
+# Set by list_input_files(in_process=True): the caller reads every file in this process, so memory:// is fine.
+_IN_PROCESS: contextvars.ContextVar[bool] = contextvars.ContextVar("gq_in_process_listing", default=False)
+
+
 def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """``(fs, path)`` for a URL; ``memory://`` is refused because Ray workers cannot see the driver's memory."""
-    if url.startswith("memory://") or url.startswith("memory:"):
+    if (url.startswith("memory://") or url.startswith("memory:")) and not _IN_PROCESS.get():
         raise ValueError(f"{url}: memory:// filesystems live inside one process, and the Ray workers that read and "
                          f"write run in other processes; use a local path, file://, s3://, gs:// or http(s)://")
     return url_to_fs(url, storage_options)
@@ -205,6 +211,35 @@ def _non_magic_prefix(path: str) -> str:
             break
         keep.append(p)
     return "/".join(keep)
+
+
+def list_input_files(inputs: str | list[str], storage_options: dict | None = None, *,
+                     kinds: tuple[str, ...] = ("files", "tar", "parquet"),
+                     extensions: tuple[str, ...] | list[str] | None = None, in_process: bool = False) -> list[str]:
+    """The file URLs ``gq tokenize`` would read for ``inputs`` (folders, globs, brace patterns, files), sorted.
+
+    The one listing layer: training data (``jobs/training/data.py``) and ``gq eval`` list through the planner, so
+    all three agree on what an input holds: the same extensions, hidden names skipped, FIFOs and dangling links
+    skipped, brace patterns, storage options per URL. ``kinds`` keeps image files (``files``), tar shards (``tar``)
+    and Parquet files (``parquet``). ``in_process``: the caller reads the files in this process, so ``memory://``
+    is allowed (other processes cannot see it, which is why the pipeline refuses it)."""
+    specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    token = _IN_PROCESS.set(in_process)
+    try:
+        plan = plan_units([os.fspath(s) for s in specs], unit_size=1 << 30, storage_options=storage_options,
+                          extensions=extensions)
+    finally:
+        _IN_PROCESS.reset(token)
+    out: list[str] = []
+    for u in plan.units:
+        if u.kind not in kinds:
+            continue
+        if u.kind == "files":
+            base = u.source.rstrip("/")
+            out.extend(f"{base}/{name}" for name in u.files)
+        else:
+            out.append(u.source)
+    return sorted(out)
 
 
 def plan_units(inputs: list[str], unit_size: int = 1000, storage_options: dict | None = None, *,

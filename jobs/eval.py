@@ -18,9 +18,10 @@ import sys
 import time
 from typing import Any, Iterator
 
+from gq_model.storage import parse_storage_options
+
 __all__ = ["add_parser", "run", "list_images", "main"]
 
-_GLOB_CHARS = set("*?[")
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
@@ -40,8 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                       "inferred from an hf:// file name")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle a local .ckpt or DeepSpeed checkpoint with weights_only=False (files you trust only)")
-    p.add_argument("--input", required=True, help="folder (searched recursively) or glob of images, local or fsspec "
-                                                  "URL (s3://...); sorted by path")
+    p.add_argument("--input", required=True, help="folder (searched recursively), glob or brace pattern of images, "
+                                                  "local or fsspec URL (s3://...), listed as gq tokenize lists; "
+                                                  "sorted by path")
+    p.add_argument("--storage-options", type=parse_storage_options, default=None, metavar="JSON",
+                   help="fsspec options for --input, as gq tokenize takes them (flat, or keyed by protocol)")
     p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, then centre crop")
     p.add_argument("--preprocess", choices=("gq", "reference"), default="gq",
                    help="gq (default): gq tokenize's pixels (EXIF, alpha onto white, bicubic); reference: the GQ "
@@ -82,33 +86,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
-def list_images(url: str, limit: int | None = None) -> tuple[list[str], int]:
+def list_images(url: str, limit: int | None = None, storage_options: dict | None = None,
+                in_process: bool = True) -> tuple[list[str], int]:
     """(full URLs of the images to evaluate, number listed before ``--limit``).
 
-    A folder is searched recursively; a glob is expanded by fsspec. Only image extensions count, hidden names are
-    skipped, and the list is sorted by URL (code-point order), so ``--limit N`` always takes the same N images.
+    Listed as ``gq tokenize`` lists (``gq_pipeline.sources.list_input_files``: a folder recursively, a glob, a
+    brace pattern; the tokenizer's image extensions; hidden names skipped), sorted by URL (code-point order), so
+    ``--limit N`` always takes the same N images.
     """
-    import fsspec
-
     from gq_pipeline.records import IMAGE_EXTENSIONS
+    from gq_pipeline.sources import list_input_files
 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    fs, path = fsspec.core.url_to_fs(url)
-    if any(c in path for c in _GLOB_CHARS):
-        found = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
-    elif fs.isdir(path):
-        found = fs.find(path)
-    elif fs.isfile(path):
-        found = [path]
-    else:
-        raise FileNotFoundError(f"--input {url}: no such file, folder or matching glob")
-
-    def is_image(p: str) -> bool:
-        name = posixpath.basename(p)
-        return not name.startswith(".") and "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS
-
-    files = sorted(fs.unstrip_protocol(p) for p in found if is_image(p))
+    try:
+        files = list_input_files(url, storage_options, kinds=("files",), in_process=in_process)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--input {url}: no such file, folder or matching glob ({e})") from None
     if not files:
         raise FileNotFoundError(f"--input {url}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
     return (files[:limit] if limit else files), len(files)
@@ -116,13 +110,13 @@ def list_images(url: str, limit: int | None = None) -> tuple[list[str], int]:
 
 def _batches(files: list[str], spec: dict) -> Iterator[tuple[Any, list[dict]]]:
     """Yield (float batch [B,3,S,S] in [-1,1] or None, skipped records), reading the next batch in the background."""
-    import fsspec
     import torch
 
+    from gq_model.storage import url_to_fs
     from gq_pipeline.preprocess import preprocess_image
     from gq_pipeline.records import SampleError
 
-    fs, _ = fsspec.core.url_to_fs(files[0]) if files else (None, None)
+    fs, _ = url_to_fs(files[0], spec.get("storage_options")) if files else (None, None)
     size, bs, multiple = spec["image_size"], spec["batch_size"], spec["multiple_of"]
     policy = spec.get("preprocess", "gq")
 
@@ -358,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     if mode == "torchrun" and device == "cuda":  # one GPU per rank
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
-    files, listed = list_images(args.input, args.limit)
+    files, listed = list_images(args.input, args.limit, args.storage_options, in_process=mode == "single")
     model = _load_model(vars(args)).eval()  # validates the model before any worker starts, and sizes the report
     spec = {"model": args.model, "reference_config": args.reference_config, "preset": args.preset,
             "trust_checkpoint": args.trust_checkpoint,
@@ -367,7 +361,8 @@ def run(args: argparse.Namespace) -> int:
             "lpips_weights": args.lpips_weights, "inception_weights": args.inception_weights,
             "no_lpips": args.no_lpips, "no_fid": args.no_fid, "weights_cache": _weights_cache(),
             "weights_base_url": os.environ.get("GQ_WEIGHTS_BASE_URL"),
-            "perceptual_input": args.perceptual_input, "device": device}
+            "perceptual_input": args.perceptual_input, "device": device,
+            "storage_options": args.storage_options}
     model._check_size(args.image_size, args.image_size)
     lpips, inception, weights, notes = load_metric_nets(spec)  # validated here, before any worker starts
 

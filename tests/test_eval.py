@@ -182,6 +182,21 @@ def test_fsspec_memory_input_and_output(images_dir, tiny_model_dir):
     assert report["protocol"]["num_images"] == 2 and report["protocol"]["first_file"] == "memory:///evalimgs/img0.jpg"
 
 
+def test_s3_input_through_storage_options(images_dir, tiny_model_dir, moto_s3, s3, tmp_path):
+    """gq eval lists and reads like gq tokenize: its --storage-options reach the store (an S3 endpoint on moto)."""
+    s3.mkdir("gq-eval")
+    for f in list_images(images_dir, limit=3)[0]:
+        s3.pipe(f"gq-eval/imgs/{f.rsplit('/', 1)[1]}", Path(f[len("file://"):]).read_bytes())
+    s3.pipe("gq-eval/imgs/.hidden.png", b"skipped: hidden names are not inputs")
+    out = tmp_path / "r.json"
+    rc, _, stderr = _gq("--model", tiny_model_dir, "--input", "s3://gq-eval/imgs", "--image-size", 32,
+                        "--storage-options", json.dumps(moto_s3), "--no-lpips", "--no-fid", "--json", out)
+    assert rc == 0, stderr
+    report = json.loads(out.read_text())
+    assert report["protocol"]["num_images"] == 3 and report["protocol"]["first_file"].startswith("s3://gq-eval/")
+    assert not report["protocol"]["skipped_images"]
+
+
 def _assert_same_numbers(a: dict, b: dict):
     """Equal up to float32 conv round-off: the shards batch other images together than the single run does."""
     for kind in ("quantized", "gaussian"):

@@ -109,25 +109,17 @@ def _unstrip(fs, path: str, original: str) -> str:
 
 
 def expand_paths(spec: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """A folder (recursive), a glob, a brace pattern (``shard-{000..009}.tar``) or a file -> sorted file URLs."""
-    if "{" in spec and ".." in spec:
-        import braceexpand
+    """A folder (recursive), a glob, a brace pattern (``shard-{000..009}.tar``) or a file -> sorted file URLs of
+    images, tar shards and Parquet files, listed exactly as ``gq tokenize`` lists
+    (``gq_pipeline.sources.list_input_files``: the tokenizer's extensions, hidden names and non-regular files
+    skipped), so a model trains on what the pipeline tokenizes."""
+    from gq_pipeline.sources import list_input_files
 
-        out: list[str] = []
-        for s in braceexpand.braceexpand(spec):
-            out.extend(expand_paths(s, storage_options))
-        return out
-    fs, path = _fs_for(spec, storage_options)
-    if any(c in path for c in "*?["):
-        return sorted(_unstrip(fs, p, spec) for p in fs.glob(path) if not fs.isdir(p))
-    if fs.isdir(path):
-        found = fs.find(path)
-        keep = [p for p in found if _ext(p) in IMAGE_EXTS + TAR_EXTS + PARQUET_EXTS
-                and not p.rsplit("/", 1)[-1].startswith(".")]
-        return sorted(_unstrip(fs, p, spec) for p in keep)
-    if fs.exists(path):
-        return [spec]
-    raise FileNotFoundError(f"training data {spec!r} does not exist (no file, folder or glob match)")
+    try:
+        return list_input_files(spec, dict(storage_options) if storage_options else None)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"training data {spec!r} does not exist (no file, folder or glob match): {e}") \
+            from None
 
 
 def _index_tar(url: str, storage_options) -> list[tuple]:
