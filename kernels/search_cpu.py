@@ -6,7 +6,8 @@ Scores are ``W @ F.T`` with row weights ``W = [2 mu/var, -(1/var - beta)]`` (``[
 ``[rows, K]`` score matrix: rows and codewords are walked in tiles whose score block stays in a core's L2 cache, and
 each tile's best is merged into a running (value, index) per row.
 
-Why the CPU loop looks the way it does (measured on a 2-core AMD EPYC, K=65536, m=16; ``docs/benchmarks.md``):
+Why the CPU loop looks the way it does (the measurements behind each point are in ``docs/benchmarks.md``,
+"Codebook search"; they are kept there only):
 
 * The GEMM has an inner dimension of only 2m = 32, so it is cheap, and a full ``max(dim=1)`` with indices costs as much
   as the GEMM itself: matmul + ``max`` per tile tops out near 40% of the float32 matmul peak.
@@ -18,9 +19,8 @@ Why the CPU loop looks the way it does (measured on a 2-core AMD EPYC, K=65536, 
 * Row blocks are spread over a small pool of worker threads whose torch ops are single-threaded, instead of letting
   every small tile op fork/join torch's intra-op threads. On an idle machine both reach the same speed; with other
   processes competing for the cores the intra-op version collapses (every op waits at a barrier for a descheduled
-  thread: 6-14 GFLOP/s measured, vs 30-43 with the pool), since each worker proceeds on its own.
-* A fused ``torch.compile`` (inductor) variant of ``matmul + max`` was measured at 11 GFLOP/s after a 35 s compile,
-  far below this eager loop, so it is not used.
+  thread), while the pool does not, since each worker proceeds on its own.
+* A fused ``torch.compile`` (inductor) variant of ``matmul + max`` ran far below this eager loop, so it is not used.
 
 Ties go to the lowest index: inside a tile ``argmax`` returns the first maximum, and tiles are merged with a strict
 ``>`` so an equal score in a later tile never replaces an earlier one.
