@@ -2,8 +2,9 @@
 
 Test modules import these as ``from tests.helpers import ...``; pytest loads ``conftest.py`` first, so its
 environment settings (Ray on loopback, gcsfs without the storage-control API) hold before anything here runs. Heavy
-libraries are imported inside the functions, so importing this module costs nothing. Benchmarks do not import the
-test tree: they have their own ``benchmarks/synthetic.py``.
+libraries are imported inside the functions, so importing this module costs nothing. Helpers that need torch at
+import time live in ``tests/model_helpers.py``, the codebook-search cases in ``tests/kernel_cases.py``. Benchmarks do
+not import the test tree: they have their own ``benchmarks/synthetic.py``.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ TRAIN_TINY = os.path.join(REPO, "configs", "train_tiny.yaml")
 
 TINY_ENCODER = dict(ch=32, out_ch=3, ch_mult=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
                     resolution=32, in_channels=3, z_channels=16, double_z=True)
-TINY_ATTN_ENCODER = dict(TINY_ENCODER, attn_resolutions=[8])  # the encoder SMALL_REFERENCE_YAML describes
+TINY_ATTN_ENCODER = dict(TINY_ENCODER, attn_resolutions=[8])  # the encoder of tests/model_helpers.SMALL_REFERENCE_YAML
 
 
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (test servers bind loopback only)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
