@@ -39,7 +39,7 @@ SECTION = "## Tokenization pipeline"
 
 
 def _model(seed: int = 0):
-    from tests.conftest import make_tiny_model
+    from benchmarks.synthetic import make_tiny_model
 
     return make_tiny_model(seed)
 
@@ -48,7 +48,7 @@ def make_images(root: str, n: int) -> list[str]:
     """Photo-like JPEGs of 300-480 px (so decode + resize cost something, as in real data)."""
     from PIL import Image
 
-    from tests.conftest import _smooth_rgb
+    from benchmarks.synthetic import smooth_rgb
 
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -56,7 +56,7 @@ def make_images(root: str, n: int) -> list[str]:
     for i in range(n):
         h, w = int(rng.integers(300, 420)), int(rng.integers(340, 480))
         p = os.path.join(root, f"img_{i:06d}.jpg")
-        Image.fromarray(_smooth_rgb(h, w, i)).save(p, quality=90)
+        Image.fromarray(smooth_rgb(h, w, i)).save(p, quality=90)
         paths.append(p)
     return paths
 
@@ -328,7 +328,7 @@ def run_scaling(args, work: str) -> dict:
 
     src = os.path.join(work, "small")
     os.makedirs(src, exist_ok=True)
-    from tests.conftest import rgb_bytes
+    from benchmarks.synthetic import rgb_bytes
 
     for i in range(64):
         with open(os.path.join(src, f"s{i:03d}.jpg"), "wb") as f:

@@ -11,7 +11,8 @@ Each reader turns the shards into int64 token batches of ``--batch`` samples, as
 * ``TokenDataset`` / ``TokenLoader``: unshuffled, and shuffled (the default global window), 0 and 2 workers;
 * ``wids.ShardListDataset`` over the tar shards' index, one sample at a time, batched by hand.
 
-The shards come from ``tests/shard_writer.py`` (the format's reference writer), 1 000 samples per shard.
+The shards come from ``benchmarks/synthetic.py`` (random tokens in the job's output format), 1 000 samples per
+shard.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    from tests.shard_writer import write_token_output
+    from benchmarks.synthetic import write_token_output
 
     work = tempfile.mkdtemp(prefix="gq-bench-readers-")
     root = os.path.join(work, "out")

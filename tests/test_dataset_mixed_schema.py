@@ -191,7 +191,7 @@ def test_collate_fills_gaps_with_none_and_keeps_full_fields_as_tensors():
 def test_a_real_run_over_a_folder_a_tar_and_a_parquet_file_batches(ray_cluster, tiny_model, tmp_path):
     """The issue's run: ``gq tokenize`` over three kinds of input, read back in both formats with batch_size=4."""
     import gq_pipeline
-    from tests.conftest import make_image_parquet, make_wds_tar, rgb_bytes
+    from tests.helpers import make_image_parquet, make_wds_tar, rgb_bytes
 
     (tmp_path / "folder").mkdir()
     for i in range(5):

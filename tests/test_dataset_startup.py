@@ -9,7 +9,7 @@ import pytest
 
 import gq_pipeline
 from gq_pipeline.dataset import TokenDataset
-from tests.conftest import rgb_bytes
+from tests.helpers import rgb_bytes
 
 SIZE = 32
 

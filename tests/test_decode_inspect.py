@@ -118,7 +118,7 @@ def test_decode_never_writes_outside_out_whatever_the_keys(model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def crop_none_output(model_dir, tmp_path_factory):
     """A real ``gq tokenize --crop none`` run over images of three sizes: every sample has its own token shape."""
-    from tests.conftest import rgb_bytes
+    from tests.helpers import rgb_bytes
 
     mdir, _ = model_dir
     src = tmp_path_factory.mktemp("mixed_sizes")
@@ -195,10 +195,11 @@ def test_decode_with_a_builtin_model_name(tmp_path):
 
 def test_decode_with_a_reference_ckpt(tmp_path):
     """A reference-layout Lightning .ckpt with its YAML, as ``gq tokenize --model x.ckpt --config y.yaml`` takes it."""
-    from tests.test_model import SMALL_REFERENCE_YAML, _lightning_checkpoint, tiny_model
+    from tests.helpers import make_tiny_attn_model
+    from tests.model_helpers import SMALL_REFERENCE_YAML, write_lightning_checkpoint
 
-    source = tiny_model(seed=9, codebook_size=1024, group=8)
-    _lightning_checkpoint(source, tmp_path / "small.ckpt")
+    source = make_tiny_attn_model(seed=9, codebook_size=1024, group=8)
+    write_lightning_checkpoint(source, tmp_path / "small.ckpt")
     (tmp_path / "small.yaml").write_text(SMALL_REFERENCE_YAML)
     root = str(tmp_path / "tok")
     expected = write_token_output(root, (3,), token_shape=(2, 4, 4), codebook_size=1024,

@@ -19,7 +19,7 @@ from gq_model import GQModel
 from jobs.cli import main as gq_main
 from gq_model.tdc import kl_bits_per_group
 from jobs.eval import list_images
-from tests.conftest import encode_image, free_port, rgb_bytes
+from tests.helpers import encode_image, free_port, rgb_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(40, 56), (64, 32), (32, 32), (48, 48), (35, 70)]

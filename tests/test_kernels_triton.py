@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":  # worker mode: make `tests.` importable like under pytest
     sys.path.insert(0, REPO)
 
-from tests.test_kernels import (DUP, all_copies_case, check_against_oracle, check_exact_copies_resolve_low,  # noqa: E402
+from tests.kernel_cases import (DUP, all_copies_case, check_against_oracle, check_exact_copies_resolve_low,  # noqa: E402
                                 check_topk, make_case)
 
 # Each case is one interpreter launch (~0.3 s of fixed cost each, plus ~5 ms per tile iteration), so the list is a

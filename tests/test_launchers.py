@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from jobs.training.engines import free_port
-from tests.conftest import read_step_metrics
+from tests.helpers import read_step_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "train_tiny.yaml")

@@ -10,20 +10,8 @@ from torch import nn
 
 from gq_model.losses import (LPIPS, ActNorm, NLayerDiscriminator, VFAlignmentLoss, adaptive_weight, build_lpips,
                              feature_grid, hinge_d_loss, load_feature_model)
-from gq_model.losses.lpips import LPIPS_CHANNELS, VGG16Features
-
-
-def write_lpips_files(folder, seed: int = 0) -> tuple[str, str]:
-    """Random weights in the published formats: torchvision vgg16 state dict and LPIPS vgg.pth."""
-    g = torch.Generator().manual_seed(seed)
-    vgg = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in VGG16Features().state_dict().items()}
-    vgg["classifier.6.weight"] = torch.zeros(10, 4)  # torchvision files carry the classifier too: ignored
-    vgg["classifier.6.bias"] = torch.zeros(10)
-    lin = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for k, c in enumerate(LPIPS_CHANNELS)}
-    vgg_path, lin_path = str(folder / "vgg16-397923af.pth"), str(folder / "vgg.pth")
-    torch.save(vgg, vgg_path)
-    torch.save(lin, lin_path)
-    return vgg_path, lin_path
+from gq_model.losses.lpips import VGG16Features
+from tests.model_helpers import StandInFeatureModel, write_lpips_files
 
 
 def test_vgg16_keys_match_torchvision_layout():
@@ -142,19 +130,6 @@ def test_hinge_and_adaptive_weight():
     assert float(adaptive_weight(1.0, 0.0, 1.0)) == pytest.approx(1e4)  # clamped at max_value
 
 
-class _StandIn(nn.Module):
-    """A random-weight stand-in for a frozen vision foundation model: patch tokens plus a CLS token."""
-
-    def __init__(self, dim: int = 24, patch: int = 8):
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
-        self.cls = nn.Parameter(torch.randn(1, 1, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.patch(x).flatten(2).transpose(1, 2)
-        return torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1)
-
-
 def test_feature_grid_forms():
     tokens = torch.randn(2, 1 + 16, 5)
     g = feature_grid(tokens)
@@ -168,12 +143,13 @@ def test_feature_grid_forms():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_load_feature_model_torchscript_and_import_spec(tmp_path):
     path = tmp_path / "feat.pt"
-    torch.jit.script(_StandIn()).save(str(path))
+    torch.jit.script(StandInFeatureModel()).save(str(path))
     m = load_feature_model(str(path))
     assert not m.training and all(not p.requires_grad for p in m.parameters())
     assert feature_grid(m(torch.randn(1, 3, 32, 32))).shape == (1, 24, 4, 4)
     batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.export.export(_StandIn(), (torch.randn(2, 3, 32, 32),), dynamic_shapes={"x": {0: batch}})
+    program = torch.export.export(StandInFeatureModel(), (torch.randn(2, 3, 32, 32),),
+                                  dynamic_shapes={"x": {0: batch}})
     torch.export.save(program, str(tmp_path / "feat.pt2"))
     m1 = load_feature_model(str(tmp_path / "feat.pt2"))
     assert feature_grid(m1(torch.randn(3, 3, 32, 32))).shape == (3, 24, 4, 4)

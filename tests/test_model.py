@@ -10,46 +10,10 @@ import torch
 from gq_model import GQConfig, GQModel
 from gq_model.bundle import CONFIG_NAME, WEIGHTS_NAME
 from gq_model.reference_config import preset_config
+from tests.helpers import TINY_ATTN_ENCODER, make_tiny_attn_model
+from tests.model_helpers import SMALL_REFERENCE_YAML, write_lightning_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-TINY_UNET = dict(ch=32, out_ch=3, ch_mult=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0,
-                 resolution=32, in_channels=3, z_channels=16, double_z=True)
-
-SMALL_REFERENCE_YAML = """
-model:
-  base_learning_rate: 1.0e-4
-  target: pit.models.autoencoder.AutoencodingEngine
-  params:
-    input_key: img
-    regularizer_config:
-      target: pit.quantization.gaussian.GaussianQuantRegularizer
-      params: {format: bchw, group: 8, n_samples: 1024, backend: cuda}
-    encoder_config:
-      target: pit.modules.unet.Encoder
-      params:
-        attn_type: vanilla
-        double_z: true
-        z_channels: 16
-        resolution: 32
-        in_channels: 3
-        out_ch: 3
-        ch: 32
-        ch_mult: [1, 2, 2, 2]
-        num_res_blocks: 1
-        attn_resolutions: [8]
-        dropout: 0.0
-    decoder_config:
-      target: pit.modules.unet.Decoder
-      params: ${model.params.encoder_config.params}
-"""
-
-
-def tiny_model(seed=0, **overrides) -> GQModel:
-    torch.manual_seed(seed)
-    cfg = dict(arch="unet", encoder=TINY_UNET, decoder=TINY_UNET, codebook_size=4096, group=16)
-    cfg.update(overrides)
-    return GQModel(GQConfig(**cfg)).eval()
 
 
 def images(n=2, size=32, seed=0):
@@ -57,7 +21,7 @@ def images(n=2, size=32, seed=0):
 
 
 def test_tokenize_detokenize_shapes_and_consistency():
-    model = tiny_model()
+    model = make_tiny_attn_model()
     x = images()
     idx = model.tokenize(x)
     assert idx.shape == (2, 1, 4, 4) and idx.dtype == torch.int64
@@ -90,11 +54,11 @@ def test_tokenize_detokenize_shapes_and_consistency():
 ])
 def test_bad_images_raise_clear_errors(bad, err):
     with pytest.raises(err):
-        tiny_model().tokenize(bad)
+        make_tiny_attn_model().tokenize(bad)
 
 
 def test_detokenize_rejects_wrong_layout():
-    model = tiny_model()
+    model = make_tiny_attn_model()
     with pytest.raises(ValueError, match="groups"):
         model.detokenize(torch.zeros(1, 2, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError):
@@ -102,7 +66,7 @@ def test_detokenize_rejects_wrong_layout():
 
 
 def test_bundle_round_trip_local_and_memory(tmp_path):
-    model = tiny_model(seed=3)
+    model = make_tiny_attn_model(seed=3)
     x = images(seed=4)
     for url in (str(tmp_path / "bundle"), "memory://gq-test/bundle"):
         model.save_pretrained(url)
@@ -116,7 +80,7 @@ def test_bundle_round_trip_local_and_memory(tmp_path):
 
 def test_bundle_refuses_other_codebook(tmp_path):
     import json
-    model = tiny_model()
+    model = make_tiny_attn_model()
     model.save_pretrained(tmp_path / "b")
     cfg_path = tmp_path / "b" / CONFIG_NAME
     meta = json.loads(cfg_path.read_text())
@@ -129,7 +93,7 @@ def test_bundle_refuses_other_codebook(tmp_path):
 def test_bundle_missing_and_truncated_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         GQModel.from_pretrained(tmp_path / "nowhere")
-    tiny_model().save_pretrained(tmp_path / "b")
+    make_tiny_attn_model().save_pretrained(tmp_path / "b")
     weights = tmp_path / "b" / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match="truncated or corrupt"):
@@ -146,7 +110,7 @@ def test_bundle_round_trip_s3(moto_s3, s3):
     from gq_pipeline.model_loader import load_model
 
     s3.mkdir("gq-models")
-    model = tiny_model(seed=5)
+    model = make_tiny_attn_model(seed=5)
     model.save_pretrained("s3://gq-models/tiny", storage_options=moto_s3, note="s3 test")
     assert "model.safetensors" in [p.rsplit("/", 1)[-1] for p in s3.ls("gq-models/tiny")]
     loaded = GQModel.from_pretrained("s3://gq-models/tiny", storage_options=moto_s3)
@@ -156,21 +120,11 @@ def test_bundle_round_trip_s3(moto_s3, s3):
     assert torch.equal(via_loader.tokenize(x), model.tokenize(x))
 
 
-def _lightning_checkpoint(model: GQModel, path: Path, extra_keys=None):
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["loss.logvar"] = torch.zeros(())
-    state["loss.discriminator.main.0.weight"] = torch.randn(8, 3, 4, 4)
-    state["loss.discriminator.main.3.initialized"] = torch.tensor(1, dtype=torch.uint8)
-    state.update(extra_keys or {})
-    torch.save({"epoch": 3, "global_step": 12345, "pytorch-lightning_version": "2.2.2", "state_dict": state,
-                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4}]}]}, path)
-
-
 def test_reference_checkpoint_with_its_yaml(tmp_path):
     yaml_path = tmp_path / "small_gq.yaml"
     yaml_path.write_text(SMALL_REFERENCE_YAML)
-    source = tiny_model(seed=9, codebook_size=1024, group=8)
-    _lightning_checkpoint(source, tmp_path / "small.ckpt", {"some.unknown.weight": torch.zeros(2)})
+    source = make_tiny_attn_model(seed=9, codebook_size=1024, group=8)
+    write_lightning_checkpoint(source, tmp_path / "small.ckpt", {"some.unknown.weight": torch.zeros(2)})
     model = GQModel.from_reference_checkpoint(str(tmp_path / "small.ckpt"), str(yaml_path))
     assert model.config.group == 8 and model.config.codebook_size == 1024
     assert model.load_report.loaded == len(source.state_dict())
@@ -190,13 +144,13 @@ def test_reference_checkpoint_errors(tmp_path):
     yaml_path = tmp_path / "small_gq.yaml"
     yaml_path.write_text(SMALL_REFERENCE_YAML)
     # a checkpoint of another architecture / width
-    wider = dict(TINY_UNET, ch=64)
+    wider = dict(TINY_ATTN_ENCODER, ch=64)
     other = GQModel(GQConfig(arch="unet", encoder=wider, decoder=wider, codebook_size=1024, group=8))
-    _lightning_checkpoint(other, tmp_path / "other.ckpt")
+    write_lightning_checkpoint(other, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="another architecture"):
         GQModel.from_reference_checkpoint(str(tmp_path / "other.ckpt"), str(yaml_path))
     # truncated file
-    _lightning_checkpoint(tiny_model(codebook_size=1024, group=8), tmp_path / "ok.ckpt")
+    write_lightning_checkpoint(make_tiny_attn_model(codebook_size=1024, group=8), tmp_path / "ok.ckpt")
     data = (tmp_path / "ok.ckpt").read_bytes()
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt|not a readable"):
@@ -207,7 +161,7 @@ def test_reference_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         GQModel.from_reference_checkpoint(str(tmp_path / "empty.ckpt"), str(yaml_path))
     # pickled non-tensor objects are refused unless trusted
-    torch.save({"state_dict": dict(tiny_model(codebook_size=1024, group=8).state_dict()),
+    torch.save({"state_dict": dict(make_tiny_attn_model(codebook_size=1024, group=8).state_dict()),
                 "hyper_parameters": Path("x")}, tmp_path / "pickled.ckpt")
     with pytest.raises(ValueError, match="trust_checkpoint"):
         GQModel.from_reference_checkpoint(str(tmp_path / "pickled.ckpt"), str(yaml_path))
@@ -223,7 +177,7 @@ def test_official_sized_checkpoint_via_preset(tmp_path):
     source = GQModel(GQConfig.from_reference(preset_config("sd3unet_gq_0.25"))).eval()
     assert sum(p.numel() for p in source.parameters()) == 86_974_627
     assert source.fingerprint == "effbb50723ff7d93"
-    _lightning_checkpoint(source, tmp_path / "sd3unet_gq_0.25.ckpt")
+    write_lightning_checkpoint(source, tmp_path / "sd3unet_gq_0.25.ckpt")
     model = GQModel.from_reference_checkpoint(str(tmp_path / "sd3unet_gq_0.25.ckpt"), preset="sd3unet_gq_0.25")
     x = images(n=1, size=64, seed=1)
     idx = model.tokenize(x)
@@ -255,7 +209,7 @@ def test_tokenize_warns_on_zero_one_images_and_refuses_pixel_values():
     """[0, 1] images (ToTensor() without * 2 - 1) and 0..255 pixels used to be tokenized without a word."""
     import warnings
 
-    model = tiny_model()
+    model = make_tiny_attn_model()
     x = images()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a proper [-1, 1] batch warns nothing

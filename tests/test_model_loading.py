@@ -27,30 +27,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.pa
 from gq_model import GQModel  # noqa: E402
 from gq_model.bundle import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from gq_model.loading import describe_spec, load_model  # noqa: E402
-from tests.conftest import make_tiny_model  # noqa: E402
-from tests.test_model import SMALL_REFERENCE_YAML, _lightning_checkpoint  # noqa: E402
+from tests.helpers import make_tiny_attn_model, make_tiny_model, torchrun  # noqa: E402
+from tests.model_helpers import SMALL_REFERENCE_YAML, WritesMarker, same_tokens, write_lightning_checkpoint  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "train_tiny.yaml")
-
-
-class WritesMarker:
-    """Unpickling this runs ``exec``, which writes the marker file: what an attacker's checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
-
-
-def images(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def same_tokens(a: GQModel, b: GQModel, size: int = 32) -> bool:
-    x = images(size=size)
-    return torch.equal(a.tokenize(x), b.tokenize(x))
 
 
 def add_malicious_entry(path: Path, marker: Path) -> None:
@@ -66,14 +47,12 @@ def reference_files(tmp_path):
     yaml_path = tmp_path / "small_gq.yaml"
     yaml_path.write_text(SMALL_REFERENCE_YAML)
     source = make_tiny_model_small()
-    _lightning_checkpoint(source, tmp_path / "small.ckpt")
+    write_lightning_checkpoint(source, tmp_path / "small.ckpt")
     return source, tmp_path / "small.ckpt", yaml_path
 
 
 def make_tiny_model_small(seed: int = 9) -> GQModel:
-    from tests.test_model import tiny_model
-
-    return tiny_model(seed=seed, codebook_size=1024, group=8)
+    return make_tiny_attn_model(seed=seed, codebook_size=1024, group=8)
 
 
 def test_reference_ckpt_with_malicious_pickle_is_refused(reference_files, tmp_path):
@@ -337,7 +316,6 @@ def test_two_rank_zero3_checkpoint_reads_like_deepspeeds_own_consolidation(tmp_p
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from gq_model.zero_checkpoint import read_generator_state_dict, resolve_checkpoint
-    from tests.test_train_distributed import torchrun
 
     run = tmp_path / "z3x2"
     torchrun(str(run), "run.max_steps=1", "run.ckpt_every=1", "deepspeed.zero_stage=3",

@@ -17,8 +17,8 @@ import torch
 from gq_model import GQModel
 from gq_model.hub import HubFile, infer_preset, parse_hub_spec
 from gq_model.loading import load_model
-from tests.test_model import SMALL_REFERENCE_YAML, _lightning_checkpoint, tiny_model
-from tests.test_model_loading import WritesMarker, same_tokens
+from tests.helpers import make_tiny_attn_model
+from tests.model_helpers import SMALL_REFERENCE_YAML, WritesMarker, same_tokens, write_lightning_checkpoint
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -132,11 +132,11 @@ def hub(tmp_path, monkeypatch):
 
 @pytest.fixture()
 def small(tmp_path):
-    """A small model in the reference's Lightning layout (tests/test_model.py writes it), and its YAML."""
+    """A small model in the reference's Lightning layout (tests/model_helpers.py writes it), and its YAML."""
     yaml_path = tmp_path / "small_gq.yaml"
     yaml_path.write_text(SMALL_REFERENCE_YAML)
-    source = tiny_model(seed=11, codebook_size=1024, group=8)
-    _lightning_checkpoint(source, tmp_path / "small.ckpt")
+    source = make_tiny_attn_model(seed=11, codebook_size=1024, group=8)
+    write_lightning_checkpoint(source, tmp_path / "small.ckpt")
     return source, (tmp_path / "small.ckpt").read_bytes(), str(yaml_path)
 
 
@@ -210,7 +210,7 @@ def test_official_alias_full_size_model(hub, tmp_path):
 
     torch.manual_seed(0)
     source = GQModel(GQConfig.from_reference(preset_config("sd3unet_gq_0.25"))).eval()
-    _lightning_checkpoint(source, tmp_path / "sd3unet_gq_0.25.ckpt")
+    write_lightning_checkpoint(source, tmp_path / "sd3unet_gq_0.25.ckpt")
     hub.files[("xutongda/GQModel", "sd3unet_gq_0.25.ckpt")] = (tmp_path / "sd3unet_gq_0.25.ckpt").read_bytes()
     model = GQModel.from_pretrained("official:sd3unet_gq_0.25")
     assert model.fingerprint == "effbb50723ff7d93"
@@ -233,7 +233,7 @@ def test_offline_with_nothing_cached_names_the_url(tmp_path, monkeypatch):
 
 
 def test_unreachable_hub_with_nothing_cached_names_the_url(tmp_path, monkeypatch):
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("HF_ENDPOINT", endpoint)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import make_image_parquet, make_wds_tar, rgb_bytes
+from tests.helpers import make_image_parquet, make_wds_tar, rgb_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The last commit whose gq wrote format version 1 (layout with units/, errors/, manifest.json at the root).

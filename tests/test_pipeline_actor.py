@@ -12,7 +12,7 @@ from gq_pipeline import preprocess_image
 from gq_pipeline.records import ROW_ERROR, ROW_OK
 from gq_pipeline.sources import RawSample
 from gq_pipeline.stages import ModelRunner, decode_sample, model_payload, rows_to_table
-from tests.conftest import encode_image, rgb_bytes
+from tests.helpers import encode_image, rgb_bytes
 
 SIZE = 32
 CFG = {"image_size": SIZE, "crop": "center", "max_pixels": 10_000_000, "multiple_of": 8}

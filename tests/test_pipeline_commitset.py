@@ -24,7 +24,7 @@ from gq_pipeline.manifest import OutputStore
 from gq_pipeline.sources import plan_units
 from gq_pipeline.writers import ShardContext
 from gq_model.cli import main as gq_main
-from tests.conftest import rgb_bytes
+from tests.helpers import rgb_bytes
 
 SIZE = 32
 UNIT = 4

@@ -21,7 +21,7 @@ from PIL import Image
 import gq_pipeline
 from gq_pipeline import preprocess_image
 from gq_pipeline.job import JobError
-from tests.conftest import encode_image, make_tiny_model, rgb_bytes
+from tests.helpers import encode_image, make_tiny_model, rgb_bytes
 
 SIZE = 32
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

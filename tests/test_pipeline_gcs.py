@@ -13,7 +13,7 @@ import pytest
 import gq_pipeline
 from gq_pipeline import preprocess_image
 from gq_pipeline.dataset import TokenDataset, TokenLoader
-from tests.conftest import make_wds_tar, rgb_bytes
+from tests.helpers import make_wds_tar, rgb_bytes
 
 SIZE = 32
 

@@ -28,7 +28,7 @@ from gq_pipeline.preprocess import preprocess_uint8
 from gq_pipeline.records import ERROR_KINDS, SampleError, make_key
 from gq_pipeline.sources import Unit, UnitInfo, UnitReadError, iter_samples, plan_units
 from gq_pipeline.stages import decode_sample, rows_to_table
-from tests.conftest import make_wds_tar, rgb_bytes
+from tests.helpers import make_wds_tar, rgb_bytes
 
 CFG = {"image_size": 32, "crop": "center", "max_pixels": 100_000_000, "multiple_of": 8}
 
@@ -237,7 +237,7 @@ def test_non_utf8_name_and_symlink_loop_are_error_records(tmp_path):
 
 
 def test_parquet_without_image_column_after_the_first_is_a_record(tmp_path):
-    from tests.conftest import make_image_parquet
+    from tests.helpers import make_image_parquet
 
     (tmp_path / "a.parquet").write_bytes(make_image_parquet(3))
     pq.write_table(pa.table({"caption": ["x", "y"]}), tmp_path / "b.parquet")
@@ -400,7 +400,7 @@ def test_tar_links_and_dotdot_members_are_recorded():
 def test_one_run_over_every_bad_file_commits_all_its_units(tmp_path):
     """The job over a folder with each hazard: no unit fails, outputs + error records = inputs."""
     import gq_pipeline
-    from tests.conftest import make_tiny_model
+    from tests.helpers import make_tiny_model
 
     d = tmp_path / "in"
     d.mkdir()

@@ -13,7 +13,7 @@ import pytest
 
 import gq_pipeline
 from gq_pipeline import preprocess_image
-from tests.conftest import make_image_parquet, make_wds_tar, rgb_bytes
+from tests.helpers import make_image_parquet, make_wds_tar, rgb_bytes
 
 SIZE = 32
 

@@ -12,7 +12,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import rgb_bytes
+from tests.helpers import rgb_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_IMAGES = 240

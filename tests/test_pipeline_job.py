@@ -14,7 +14,7 @@ import torch
 import gq_pipeline
 from gq_pipeline import preprocess_image
 from gq_pipeline.manifest import IncompatibleOutputError
-from tests.conftest import make_image_parquet, make_tiny_model, make_wds_tar, rgb_bytes
+from tests.helpers import make_image_parquet, make_tiny_model, make_wds_tar, rgb_bytes
 
 SIZE = 32
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import gq_pipeline
-from tests.conftest import rgb_bytes
+from tests.helpers import rgb_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--image-size", "32", "--unit-size", "2", "--batch-size", "4", "--format", "both"]

@@ -20,7 +20,7 @@ from gq_model.storage import (conditional_support, create_exclusive, delete_if_m
                               replace_if_match)
 from gq_pipeline.lease import LEASE_NAME, LeaseHeldError, LeaseLostError, OutputLease, read_lease
 from gq_pipeline.manifest import OutputStore
-from tests.conftest import rgb_bytes
+from tests.helpers import rgb_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32

@@ -24,7 +24,7 @@ import pytest
 
 from gq_pipeline.sources import (ListingError, UnitInfo, UnitReadError, _list_unit_urls, get_fs, iter_samples,
                                  plan_units)
-from tests.conftest import make_wds_tar, rgb_bytes
+from tests.helpers import make_wds_tar, rgb_bytes
 
 SIZE = 32
 

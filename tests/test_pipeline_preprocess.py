@@ -9,7 +9,7 @@ from PIL import Image
 from gq_pipeline import preprocess_image
 from gq_pipeline.preprocess import preprocess_uint8, to_model_input
 from gq_pipeline.records import SampleError
-from tests.conftest import bomb_png, encode_image, messy_images, rgb_bytes
+from tests.helpers import bomb_png, encode_image, messy_images, rgb_bytes
 
 IMAGES = messy_images()
 

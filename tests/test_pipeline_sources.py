@@ -10,7 +10,7 @@ import pytest
 
 from gq_pipeline.records import make_key
 from gq_pipeline.sources import Unit, UnitInfo, iter_samples, plan_units
-from tests.conftest import make_image_parquet, make_wds_tar, rgb_bytes, write_messy_folder
+from tests.helpers import make_image_parquet, make_wds_tar, rgb_bytes, write_messy_folder
 
 
 def test_plan_is_deterministic_and_cut_per_directory(tmp_path):
@@ -142,7 +142,7 @@ def test_file_deleted_after_listing_is_a_read_error(tmp_path):
 
 def test_wrong_image_column_fails_before_any_work(tmp_path):
     import gq_pipeline
-    from tests.conftest import make_tiny_model
+    from tests.helpers import make_tiny_model
 
     (tmp_path / "p.parquet").write_bytes(make_image_parquet(2))
     with pytest.raises(ValueError, match="--image-column 'photo'"):

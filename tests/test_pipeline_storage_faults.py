@@ -22,7 +22,7 @@ import pytest
 import gq_pipeline
 from gq_pipeline.commitset import TornRecordError, read_records
 from jobs.tokenize import main as tokenize_main
-from tests.conftest import free_port, make_tiny_model, rgb_bytes
+from tests.helpers import free_port, make_tiny_model, rgb_bytes
 
 SIZE = 32
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,7 +20,7 @@ from PIL import Image
 
 from gq_pipeline import GQShardSink, GQTokenizer, preprocess_array, preprocess_image, preprocess_pil
 from gq_pipeline.preprocess import preprocess_array_uint8, preprocess_pil_uint8, preprocess_uint8
-from tests.conftest import _smooth_rgb, encode_image, make_tiny_model, make_wds_tar, messy_images, rgb_bytes
+from tests.helpers import encode_image, make_tiny_model, make_wds_tar, messy_images, rgb_bytes, smooth_rgb
 
 SIZE = 32
 SHAPES = [(40, 48), (48, 40), (36, 36), (44, 60), (40, 40)]
@@ -69,7 +69,7 @@ def test_preprocess_pil_equals_bytes_path_on_every_awkward_image():
 
 
 def test_preprocess_array_equals_bytes_path_for_plain_pixels():
-    rgb = _smooth_rgb(40, 52, 3)
+    rgb = smooth_rgb(40, 52, 3)
     png = encode_image(Image.fromarray(rgb), "PNG")
     assert torch.equal(preprocess_array(rgb, SIZE), preprocess_image(png, SIZE))
     rgba = np.dstack([rgb, np.where(np.arange(52) < 20, 0, 255).astype(np.uint8)[None].repeat(40, 0)])

@@ -138,7 +138,7 @@ def test_real_run_progress_lines_count_the_inputs(tiny_model_dir, tmp_path, caps
     """``gq tokenize`` over a folder of 46 images and 2 broken files in 2 units: the lines in between count samples
     of the units in progress, and the last one equals the inputs exactly (no end-marker rows)."""
     from jobs.cli import main
-    from tests.conftest import rgb_bytes
+    from tests.helpers import rgb_bytes
 
     src = tmp_path / "in"
     src.mkdir()
@@ -168,7 +168,7 @@ def test_ray_run_stderr_is_gq_lines_only(tiny_model_dir, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import rgb_bytes
+    from tests.helpers import rgb_bytes
 
     src = tmp_path / "in"
     src.mkdir()

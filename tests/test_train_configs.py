@@ -17,7 +17,7 @@ from gq_model.losses import NLayerDiscriminator  # noqa: E402
 from jobs.training.config import build_gq_config, load_config, tdc_settings, tdc_variant, to_container  # noqa: E402
 from jobs.training.losses import GeneratorModule, GQLoss  # noqa: E402
 from jobs.training.loop import train  # noqa: E402
-from tests.conftest import read_step_metrics  # noqa: E402
+from tests.helpers import read_step_metrics  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))

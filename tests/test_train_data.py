@@ -70,7 +70,7 @@ def test_training_preprocessing_equals_the_tokenizers(tmp_path):
     (CMYK, RGBA on white, palette with transparency, 16-bit, EXIF rotation, GIF, ...) decodes and, with a centre
     crop and no extra resize, transforms to ``preprocess_image``'s tensor bit for bit; bad ones fail to read."""
     from gq_pipeline import preprocess_image
-    from tests.conftest import messy_images
+    from tests.helpers import messy_images
 
     images = messy_images()
     for name, (data, error) in images.items():
@@ -92,7 +92,7 @@ def test_training_preprocessing_equals_the_tokenizers(tmp_path):
     # a very elongated image takes the tokenizer's crop-box resize path: still identical
     from PIL import Image as PILImage
 
-    from tests.conftest import encode_image
+    from tests.helpers import encode_image
 
     wide = encode_image(PILImage.fromarray(np.random.default_rng(5).integers(0, 255, (20, 700, 3), np.uint8)), "PNG")
     assert torch.equal(ImageTransform(32, None, "center")(PILImage.open(io.BytesIO(wide))),

@@ -8,39 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from gq_model import GQModel
-from jobs.training.engines import free_port
-from tests.conftest import read_step_metrics
+from tests.helpers import read_step_metrics, torchrun
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "train_tiny.yaml")
 ZERO3 = ["deepspeed.zero_stage=3", "deepspeed.config.zero_optimization.stage3_param_persistence_threshold=0"]
 
 pytestmark = pytest.mark.slow
-
-
-def torchrun(out_dir: str, *overrides: str, expect_ok: bool = True, timeout: int = 240) -> str:
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "jobs.train", TINY, f"run.out_dir={out_dir}", "run.max_steps=4",
-           "run.ckpt_every=2", "run.log_every=1", "run.image_every=2", "run.progress=false", *overrides]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    out = p.stdout + p.stderr
-    if expect_ok:
-        assert p.returncode == 0, out[-6000:]
-    else:
-        assert p.returncode != 0, out[-3000:]
-    return out
 
 
 def _check_export(run_dir: str, tmp_path, name: str) -> GQModel:

@@ -15,7 +15,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.pa
 from gq_model import GQModel  # noqa: E402
 from jobs.training.config import build_gq_config, load_config, tdc_settings  # noqa: E402
 from jobs.training.loop import train  # noqa: E402
-from tests.conftest import read_step_metrics  # noqa: E402
+from tests.helpers import read_step_metrics  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "train_tiny.yaml")
@@ -75,13 +75,13 @@ def _write_images(folder, n: int, size=(40, 36)) -> None:
 def test_every_loss_term_bf16_zero1_accumulation_and_corrupt_data(tmp_path, caplog):
     """LPIPS (random weights in the published formats), PatchGAN from step 0, VF alignment with a stand-in feature
     model, bf16, ZeRO-1, gradient accumulation and clipping, a DataLoader worker, and a corrupt file in the data."""
-    from tests.test_losses import _StandIn, write_lpips_files
+    from tests.model_helpers import StandInFeatureModel, write_lpips_files
 
     imgs = tmp_path / "imgs"
     _write_images(imgs, 9)
     (imgs / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     vgg, lin = write_lpips_files(tmp_path)
-    torch.jit.script(_StandIn(dim=24, patch=8)).save(str(tmp_path / "feat.pt"))
+    torch.jit.script(StandInFeatureModel(dim=24, patch=8)).save(str(tmp_path / "feat.pt"))
     out = str(tmp_path / "run")
     caplog.set_level(logging.WARNING, logger="gq.train")
     summary = train(TINY, [f"run.out_dir={out}", "run.max_steps=3", "run.ckpt_every=2", "run.image_every=2",
@@ -220,7 +220,7 @@ def test_reference_recipe_config():
 
 
 def test_tdc_settings_come_from_the_reference_yaml_unless_overridden(tmp_path):
-    from tests.test_model import SMALL_REFERENCE_YAML
+    from tests.model_helpers import SMALL_REFERENCE_YAML
 
     yaml_path = tmp_path / "ref.yaml"
     yaml_path.write_text(SMALL_REFERENCE_YAML.replace("params: {format: bchw, group: 8,",

@@ -268,7 +268,7 @@ def test_vf_recipe_without_weights_stops_before_training(tmp_path):
 
 def test_two_step_cpu_training_with_a_tiny_dinov2(tmp_path):
     from jobs.training.loop import train
-    from tests.conftest import read_step_metrics
+    from tests.helpers import read_step_metrics
 
     weights = _timm_file(tmp_path, _random_state(3))  # 2x2 stored grid, resampled to 4x4 at 56 px
     out = str(tmp_path / "run")

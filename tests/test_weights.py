@@ -22,7 +22,7 @@ import torch
 
 from gq_model import weights as W
 from gq_model.cli import main as gq_main
-from tests.conftest import free_port, rgb_bytes
+from tests.helpers import free_port, rgb_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "train_tiny.yaml"
