@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gq_pipeline.sources import UnitInfo, UnitReadError, iter_samples, plan_units
-from tests.conftest import rgb_bytes
+from tests.helpers import rgb_bytes
 
 
 def _image_parquet(rows: int, pad: int = 0, group: int = 2) -> bytes:
