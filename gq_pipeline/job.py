@@ -15,7 +15,8 @@ one ``JobError`` line naming the cause and what is committed (``gq tokenize`` ex
 
 The unit is the task: a worker owns one unit from its bytes to its commit record, so decoded pixels and token rows
 never cross the object store or the driver, and a retry redoes exactly one unit. Design and measurements:
-docs/architecture.md ("Pipeline") and docs/scaling.md.
+docs/architecture.md ("Pipeline") and docs/scaling.md. The run's settings are gq_pipeline.options
+(``TokenizeOptions``, ``Resources``); where its units run, gq_pipeline.placement.
 """
 from __future__ import annotations
 
