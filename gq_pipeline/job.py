@@ -15,44 +15,40 @@ one ``JobError`` line naming the cause and what is committed (``gq tokenize`` ex
 
 The unit is the task: a worker owns one unit from its bytes to its commit record, so decoded pixels and token rows
 never cross the object store or the driver, and a retry redoes exactly one unit. Design and measurements:
-docs/architecture.md ("Pipeline") and docs/scaling.md.
+docs/architecture.md ("Pipeline") and docs/scaling.md. The run's settings are gq_pipeline.options
+(``TokenizeOptions``, ``Resources``); where its units run, gq_pipeline.placement.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
 
-from gq_model.storage import check_storage_options
 from gq_pipeline.commitset import staged_files
 from gq_pipeline.layout import LEGACY_WIDS_INDEX
 from gq_pipeline.convert import CONVERTED, NEEDS_MODEL, UNCHANGED, convert_unit, why_not_convertible
 from gq_pipeline.lease import LeaseHeldError, LeaseLostError, OutputLease
 from gq_pipeline.manifest import IncompatibleOutputError, OutputStore, manifest_unit_entry
 from gq_pipeline.model_loader import load_model
+from gq_pipeline.options import FORMATS, PLACEMENTS, PRECISIONS, Resources, TokenizeOptions, split_keywords
+from gq_pipeline.placement import choose_placement as _model_placement  # noqa: F401 (its former name here)
+from gq_pipeline.placement import place, worker_pool
 from gq_pipeline.plan_store import PLAN_DIR
 from gq_pipeline.progress import ProgressReporter
-from gq_pipeline.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS, check_policy, preprocess_settings
+from gq_pipeline.preprocess import preprocess_settings
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
 from gq_pipeline.sources import Unit, ignored_counts, ignored_note, plan_units
-from gq_pipeline.scheduler import (ActorPool, FailureBudget, FailureBudgetExceeded, Interrupted, LocalPool,
-                                   NoWorkersError, run_units)
-from gq_pipeline.stages import ModelRunner, model_payload
-from gq_pipeline.worker import UnitProcessor, UnitWorkerActor, WorkSpec
+from gq_pipeline.scheduler import FailureBudget, FailureBudgetExceeded, Interrupted, NoWorkersError, run_units
+from gq_pipeline.worker import WorkSpec
 from gq_pipeline.writers import ShardContext
 
-__all__ = ["tokenize", "JobError", "RunInterrupted", "FORMATS", "PRECISIONS", "PLACEMENTS"]
-
-FORMATS = {"parquet": ("parquet",), "webdataset": ("webdataset",), "both": ("parquet", "webdataset")}
-PRECISIONS = ("fp32", "bf16")
-PLACEMENTS = ("auto", "driver", "actors")
-DRIVER_DECODE_THREADS = 2  # decode threads beside a model in the driver (2 cores: measured in docs/benchmarks.md)
+__all__ = ["tokenize", "TokenizeOptions", "Resources", "JobError", "RunInterrupted", "FORMATS", "PRECISIONS",
+           "PLACEMENTS"]
 
 
 class JobError(RuntimeError):
@@ -97,114 +93,6 @@ def _log(progress: bool, msg: str) -> None:
     if progress:
         print(f"[gq tokenize] {msg}", file=sys.stderr, flush=True)
 
-
-def _ensure_ray(ray_address: str | None, num_cpus: int | None, object_store_memory: int | None,
-                verbose: bool = False) -> bool:
-    """Connect to ``ray_address``/``RAY_ADDRESS`` if given, else start a local cluster. True if we started it.
-    Unless ``verbose``, Ray's own start-up messages and its workers' log lines stay out of the user's terminal:
-    they are nothing a CLI user can act on (the workers' errors reach the summary as error records)."""
-    import logging
-
-    from gq_pipeline.ray_init import init_ray
-
-    kwargs: dict[str, Any] = {"log_to_driver": bool(verbose)}
-    if not verbose and not ray_address:
-        kwargs["logging_level"] = logging.ERROR  # e.g. the token-auth and /dev/shm notices: nothing to act on
-    if num_cpus:
-        kwargs["num_cpus"] = int(num_cpus)
-    if object_store_memory:
-        kwargs["object_store_memory"] = int(object_store_memory)
-    return init_ray(ray_address, **kwargs)
-
-
-def _resources(gpus_per_worker, workers, cpus_per_worker, decode_threads, model_placement) -> dict[str, Any]:
-    """Where the model runs, how many workers, and CPUs/GPUs/decode threads per worker, for the connected cluster.
-
-    GPU intent comes from the flags: ``--gpus-per-worker 1`` on a cluster that has no GPU node *yet* (an autoscaler
-    adds them for the pending actors) is honoured; only the default (no flag) looks at what the cluster has now."""
-    import ray
-
-    cluster = ray.cluster_resources()
-    n_gpu, n_cpu = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
-    gpw = (1.0 if n_gpu > 0 else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
-    # A driver outside the cluster (Ray Client) would pull every decoded image over the network: it counts as a
-    # second node, so auto keeps the model on the cluster.
-    on_cluster = ray.get_runtime_context().get_node_id() in [n["NodeID"] for n in nodes]
-    placement = _model_placement(model_placement, gpw, len(nodes) + (0 if on_cluster else 1), workers,
-                                 cpus_per_worker)
-    per_node = min((n["Resources"]["CPU"] for n in nodes), default=1.0)
-    if placement == "driver":
-        workers, cpus_per_worker = 1, cpus_per_worker or n_cpu
-        decode_threads = decode_threads or DRIVER_DECODE_THREADS
-    elif gpw > 0:
-        workers = workers or max(1, int(n_gpu // gpw))
-        # CPUs to decode for one GPU: what the cluster has per GPU, within [2, 8]; 4 when no GPU node has joined yet.
-        per_gpu = n_cpu / n_gpu if n_gpu else 4.0
-        cpus_per_worker = cpus_per_worker or float(min(8, max(2, int(per_gpu * gpw))))
-        decode_threads = decode_threads or max(1, int(cpus_per_worker))
-    else:  # CPU-only cluster: one actor per node holding the node's cores; its decode threads run niced beside torch
-        workers = workers or max(1, len(nodes))
-        cpus_per_worker = cpus_per_worker or max(1.0, per_node)
-        decode_threads = decode_threads or 2
-    return {"cluster_cpus": n_cpu, "cluster_gpus": n_gpu, "nodes": len(nodes), "model_placement": placement,
-            "workers": int(workers), "gpus_per_worker": gpw, "cpus_per_worker": float(cpus_per_worker),
-            "decode_threads": int(decode_threads), "ray": True}
-
-
-def _local_resources(decode_threads) -> dict[str, Any]:
-    """The driver placement on this machine without starting Ray: nothing in it needs Ray."""
-    import os
-
-    n_cpu = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-    return {"cluster_cpus": n_cpu, "cluster_gpus": 0.0, "nodes": 1, "model_placement": "driver", "workers": 1,
-            "gpus_per_worker": 0.0, "cpus_per_worker": n_cpu,
-            "decode_threads": int(decode_threads or DRIVER_DECODE_THREADS), "ray": False}
-
-
-def _needs_ray(ray_address, model_placement, gpus_per_worker, workers, cpus_per_worker) -> bool:
-    """False when the run can only be the driver placement on this machine: no cluster named or joined, no GPU, no
-    actor settings. Then no Ray instance is started at all (3-8 s and ~1 GB saved on a laptop)."""
-    import os
-
-    if model_placement == "actors" or ray_address or os.environ.get("RAY_ADDRESS"):
-        return True
-    if gpus_per_worker not in (None, 0, 0.0) or workers not in (None, 1) or cpus_per_worker is not None:
-        return True
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        return True
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
-
-
-def _model_placement(requested: str, gpw: float, n_nodes: int, workers: int | None,
-                     cpus_per_worker: float | None) -> str:
-    """``driver``: this process runs the encoder and search on the batches the read tasks decode; ``actors``: a Ray
-    actor pool does.
-
-    ``auto`` picks the driver on a single CPU-only node, with no actor settings asked for. There an actor buys nothing
-    and costs a process start, a second torch import, the weights' transfer and one more object-store hop per
-    batch: on a 2-core machine the actor pool reached 0.74-0.85 of a plain DataLoader loop's images/s and the
-    driver 0.90-1.11, median 1.0 (docs/benchmarks.md). GPUs and several nodes take actors: one per GPU, fed by
-    read tasks everywhere.
-    """
-    if requested not in PLACEMENTS:
-        raise ValueError(f"model placement must be one of {PLACEMENTS}, got {requested!r}")
-    if requested == "driver" and gpw > 0:
-        raise ValueError("--model-placement driver runs the model on this process's CPU, but the run asks for GPU "
-                         "actors (the cluster has GPUs): use --model-placement actors, or --gpus-per-worker 0")
-    if requested == "driver" and workers not in (None, 1):
-        raise ValueError(f"--model-placement driver runs one model, in this process; --workers {workers} asks for "
-                         f"an actor pool")
-    if requested != "auto":
-        return requested
-    return "driver" if gpw == 0 and n_nodes <= 1 and workers in (None, 1) and cpus_per_worker is None else "actors"
-
-
 def _under(url: str, root: str) -> bool:
     """``url`` is ``root`` or inside it (both as ``sources.to_url`` spells them)."""
     root = root.rstrip("/")
@@ -241,42 +129,23 @@ def _usage(hist: np.ndarray | None) -> dict[str, Any]:
     return usage_summary(hist, scope="this run")
 
 
-def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: str = "parquet",
-             image_size: int = 256, crop: str = "center", batch_size: int = 64, workers: int | None = None,
-             gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
-             decode_threads: int | None = None, latents: bool = False,
-             precision: str = "fp32", config: str | None = None, preset: str | None = None,
-             unit_size: int = 1000, max_pixels: int = DEFAULT_MAX_PIXELS, image_column: str | None = None,
-             storage_options: dict | None = None, progress: bool = True,
-             ray_address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None,
-             trust_checkpoint: bool = False, model_placement: str = "auto",
-             max_failed_units: str | int | float | None = None, max_attempts: int = 3,
-             input_list: str | None = None, input_list_column: str | None = None, relist: bool = False,
-             allow_empty: bool = False, verbose: bool = False, min_workers: int = 1,
-             worker_timeout_s: float = 900.0,
-             allow_external_refs: Sequence[str] | None = None, extensions: Sequence[str] | None = None,
-             force_lease: bool = False, preprocess: str = "gq") -> dict[str, Any]:
+def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, options: TokenizeOptions | None = None,
+             resources: Resources | None = None, **keywords: Any) -> dict[str, Any]:
     """Tokenize image inputs into token shards under ``output``; returns the run summary (also in manifest.json).
+
+    The settings are a ``TokenizeOptions`` and a ``Resources`` (gq_pipeline.options: every field, its default and
+    its check), given whole (``options=``, ``resources=``), as keywords named like their fields
+    (``format="both", workers=4``), or both: a keyword replaces that field of the object given.
 
     Safe to rerun after a crash: committed units are skipped, unfinished ones redone with identical output names
     and bytes. See ``gq tokenize --help`` for the options and docs/token-format.md for what is written.
     """
     t_start = time.perf_counter()
+    opts, res = split_keywords(keywords, options, resources)  # a bad value is a ValueError here, before any I/O
     if isinstance(inputs, str):
         inputs = [inputs]
     inputs = list(inputs or [])
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
-    if crop not in CROP_MODES:
-        raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
-    check_policy(preprocess, crop)  # "gq" or "reference" (gq_pipeline/preprocess.py)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if batch_size < 1 or unit_size < 1 or max_pixels < 1:
-        raise ValueError("batch_size, unit_size and max_pixels must be positive")
-    formats = FORMATS[format]
-    storage_options = check_storage_options(storage_options, "storage_options")
-    store = OutputStore(output, storage_options)
+    store = OutputStore(output, opts.storage_options)
     try:  # a version-1 output (gq_pipeline.layout) is refused before anything is written
         store.refuse_older_layout()
     except _PASS_THROUGH:
@@ -285,44 +154,84 @@ def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, format: st
         raise JobError(f"the run stopped: {_one_line(e)}. {_Tally().describe()}") from e
 
     # ---------------------------------------------------------------- model and its identity
-    gq = load_model(model, config=config, preset=preset, trust_checkpoint=trust_checkpoint,
-                    storage_options=storage_options)
+    gq = load_model(model, config=opts.config, preset=opts.preset, trust_checkpoint=opts.trust_checkpoint,
+                    storage_options=opts.storage_options)
     factor = gq.downsample_factor
-    if image_size % factor:
-        raise ValueError(f"--image-size {image_size} is not a multiple of the model's downsampling factor {factor}")
+    if opts.image_size % factor:
+        raise ValueError(f"--image-size {opts.image_size} is not a multiple of the model's downsampling factor "
+                         f"{factor}")
     if gq.config.arch == "vit":
         fixed = int(gq.config.encoder["image_size"])
-        if image_size != fixed or crop != "center":
+        if opts.image_size != fixed or opts.crop != "center":
             raise ValueError(f"this ViT model takes {fixed}x{fixed} images only: use --image-size {fixed} "
                              f"--crop center")
-    preprocess = preprocess_settings(gq, image_size, crop, precision, max_pixels, policy=preprocess)
+    settings = preprocess_settings(gq, opts.image_size, opts.crop, opts.precision, opts.max_pixels,
+                                   policy=opts.preprocess)
     c = gq.config
     ctx = ShardContext(model_fingerprint=gq.model_fingerprint, codebook_fingerprint=gq.fingerprint,
                        codebook_size=c.codebook_size, group=c.group, seed=c.seed, beta=c.beta, arch=c.arch,
-                       preprocess=preprocess, latents=latents)
+                       preprocess=settings, latents=opts.latents)
 
     # ---------------------------------------------------------------- plan, guard, resume
     t0 = time.perf_counter()
-    plan = plan_units(inputs, unit_size, storage_options, input_list=input_list, input_list_column=input_list_column,
-                      plan_dir=f"{store.url}/{PLAN_DIR}", relist=relist, extensions=extensions)
-    _log(progress, f"listed {plan.listed} files into {len(plan.units)} units in {plan.list_s:.2f}s"
-                   + (f" ({plan.ignored} non-image files ignored, e.g. {plan.ignored_examples[0]})"
-                      if plan.ignored else ""))
+    plan = plan_units(inputs, opts.unit_size, opts.storage_options, input_list=opts.input_list,
+                      input_list_column=opts.input_list_column, plan_dir=f"{store.url}/{PLAN_DIR}",
+                      relist=opts.relist, extensions=opts.extensions)
+    _log(opts.progress, f"listed {plan.listed} files into {len(plan.units)} units in {plan.list_s:.2f}s"
+                        + (f" ({plan.ignored} non-image files ignored, e.g. {plan.ignored_examples[0]})"
+                           if plan.ignored else ""))
     inside = [u for u in plan.units if _under(u.source, store.url)]
     if inside:  # --output inside --input: gq's own shards are never inputs
         plan.units = [u for u in plan.units if not _under(u.source, store.url)]
-        _log(progress, f"note: {len(inside)} unit(s) under the output folder {store.url} are not inputs (the "
-                       f"output lies inside an input); they were left out")
+        _log(opts.progress, f"note: {len(inside)} unit(s) under the output folder {store.url} are not inputs (the "
+                            f"output lies inside an input); they were left out")
     if ignored_note(plan):
-        _log(progress, ignored_note(plan))
-    _check_first_parquet(plan.units, image_column, storage_options)
-    tally = _Tally()
+        _log(opts.progress, ignored_note(plan))
+    _check_first_parquet(plan.units, opts.image_column, opts.storage_options)
+    run = _Run(store=store, ctx=ctx, plan=plan, inputs=inputs, gq=gq, factor=factor, preprocess=settings,
+               tally=_Tally(), t_start=t_start, t0=t0)
     try:
-        return _run_planned(**locals())
+        return _run_planned(opts, res, run)
     except _PASS_THROUGH:
         raise
     except Exception as e:  # storage full, read-only or unreachable, a lost cluster: one line, exit 3
-        raise JobError(f"the run stopped: {_one_line(e)}. {tally.describe()}") from e
+        raise JobError(f"the run stopped: {_one_line(e)}. {run.tally.describe()}") from e
+
+
+def _signature():
+    """``tokenize``'s signature as help() and IDEs show it: every field of the two settings classes a keyword, with
+    its default (they are accepted through ``**keywords``, so the defaults live in gq_pipeline.options only)."""
+    import inspect
+
+    P = inspect.Parameter
+    params = [P("model", P.POSITIONAL_OR_KEYWORD, annotation="Any"),
+              P("inputs", P.POSITIONAL_OR_KEYWORD, annotation="str | Sequence[str]"),
+              P("output", P.POSITIONAL_OR_KEYWORD, annotation="str"),
+              P("options", P.KEYWORD_ONLY, default=None, annotation="TokenizeOptions | None"),
+              P("resources", P.KEYWORD_ONLY, default=None, annotation="Resources | None")]
+    params += [P(f.name, P.KEYWORD_ONLY, default=f.default, annotation=f.type)
+               for cls in (TokenizeOptions, Resources) for f in fields(cls)]
+    return inspect.Signature(params, return_annotation="dict[str, Any]")
+
+
+tokenize.__signature__ = _signature()
+
+
+@dataclass
+class _Run:
+    """What ``tokenize`` established before the output is surveyed, for the steps after it: the output, the model
+    and its identity, the plan, and the clocks and tally of the summary and the failure line."""
+
+    store: OutputStore
+    ctx: ShardContext
+    plan: Any
+    inputs: list[str]
+    gq: Any
+    factor: int           # the model's downsampling factor (crop=none cuts to a multiple of it)
+    preprocess: dict      # the preprocessing record (preprocess_settings), in the manifest
+    tally: "_Tally"
+    t_start: float
+    t0: float             # when planning began
 
 
 # Errors that keep their own meaning (and exit code) when raised after planning: refusals, bad arguments, a lost
@@ -454,31 +363,28 @@ def _no_inputs(inputs, input_list, plan) -> ValueError:
                       f"check the path, or pass --allow-empty to accept an empty run")
 
 
-def _run_planned(*, store, ctx, plan, inputs, formats, latents, unit_size, input_list, allow_empty, progress,
-                 force_lease, tally, t0, t_start, c, preprocess, gq, ray_address, num_cpus, object_store_memory,
-                 model_placement, gpus_per_worker, workers, cpus_per_worker, decode_threads, precision,
-                 storage_options, image_size, crop, max_pixels, factor, image_column, batch_size,
-                 allow_external_refs, extensions, max_failed_units, max_attempts, min_workers, worker_timeout_s,
-                 verbose, **_unused) -> dict[str, Any]:
+def _run_planned(opts: TokenizeOptions, res: Resources, run: _Run) -> dict[str, Any]:
     """Everything after planning: survey the output (reads only), and only if there is work take the lease, convert,
     tokenize, and write the manifest. Storage failures raise here and become one JobError line in ``tokenize``."""
+    store, plan, progress = run.store, run.plan, opts.progress
     state = store.load()
-    store.check_compatible(state, ctx)
-    tally.records = dict(state.records)
+    store.check_compatible(state, run.ctx)
+    run.tally.records = dict(state.records)
     # Staged files of committed units are rolled forward (a write) before the output is surveyed: reconciling a
     # changed folder reads committed shards back from their final names.
-    work = None if staged_files(store.fs, store.root) else _survey(store, state, plan, unit_size, formats, latents)
-    if input_list:
+    work = None if staged_files(store.fs, store.root) else _survey(store, state, plan, opts.unit_size, opts.formats,
+                                                                    opts.latents)
+    if opts.input_list:
         how = "read from the persisted plan" if plan.list_units.reused else "planned into .gq/plan/"
         _log(progress, f"input list: {plan.list_units.rows} rows, {how}")
-    if work is not None and not work.planned and not work.records and not allow_empty:
-        raise _no_inputs(inputs, input_list, plan)
+    if work is not None and not work.planned and not work.records and not opts.allow_empty:
+        raise _no_inputs(run.inputs, opts.input_list, plan)
     lease = None
     if work is None or work.todo or work.convert or not _output_current(store, state, work.records):
         # One writer per output (gq_pipeline.lease), taken before the state this run acts on is read, so that no
         # other run commits between that reading and this run's commits; a second run refuses here. A run with
         # nothing to write never takes it: a complete output on read-only storage checks without a write.
-        lease = OutputLease.for_store(store, force=force_lease, log=lambda m: _log(progress, m))
+        lease = OutputLease.for_store(store, force=opts.force_lease, log=lambda m: _log(progress, m))
         try:
             lease.acquire()
         except (LeaseHeldError, FileNotFoundError):
@@ -487,7 +393,7 @@ def _run_planned(*, store, ctx, plan, inputs, formats, latents, unit_size, input
             raise JobError(f"could not take the output's lease {lease.url}: {_one_line(e)}. Nothing was written; "
                            f"rerun the same command once the output is writable and reachable") from e
     try:
-        return _run_leased(**locals())
+        return _run_leased(opts, res, run, state, work, lease)
     finally:
         if lease is not None and lease.held:
             try:
@@ -497,19 +403,19 @@ def _run_planned(*, store, ctx, plan, inputs, formats, latents, unit_size, input
                                f"this machine takes it over at once, elsewhere once it expires")
 
 
-def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, latents, unit_size, progress, tally, t0, t_start, c, preprocess, gq,
-                state, work, lease, ray_address, num_cpus, object_store_memory, model_placement, gpus_per_worker,
-                workers, cpus_per_worker, decode_threads, precision, storage_options, image_size, crop, max_pixels,
-                factor, image_column, batch_size, allow_external_refs, extensions, max_failed_units, max_attempts,
-                min_workers, worker_timeout_s, verbose, **_unused) -> dict[str, Any]:
+def _run_leased(opts: TokenizeOptions, res: Resources, run: _Run, state, work: _Survey | None,
+                lease: OutputLease | None) -> dict[str, Any]:
+    """Under the output's lease (or, with nothing to write, without one): convert, tokenize, write the manifest."""
+    store, ctx, plan, progress, formats, tally = run.store, run.ctx, run.plan, opts.progress, opts.formats, run.tally
+    c = run.gq.config
     if lease is not None:
         fresh = store.load()  # under the lease now: what another run committed meanwhile counts
         store.check_compatible(fresh, ctx)
         store.prepare(temp_stale_s=lease.temp_grace_s)  # after the check: a refused output is left as it was
         if work is None or fresh.records != state.records or fresh.torn != state.torn:
-            state, work = fresh, _survey(store, fresh, plan, unit_size, formats, latents)
-            if not work.planned and not work.records and not allow_empty:
-                raise _no_inputs(inputs, input_list, plan)
+            state, work = fresh, _survey(store, fresh, plan, opts.unit_size, formats, opts.latents)
+            if not work.planned and not work.records and not opts.allow_empty:
+                raise _no_inputs(run.inputs, opts.input_list, plan)
     for path in state.torn:
         _log(progress, f"note: {path} is damaged (not a whole commit record); its unit counts as not committed, "
                        f"is redone if this run plans it, and its record is then replaced")
@@ -517,10 +423,11 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
     tally.records = records
     replanned, planned, todo, skipped = work.replanned, work.planned, list(work.todo), work.skipped
     # One schema per output (gq_pipeline.schema): the committed one, or the union over this run's inputs
-    ctx = store.resolve_schema(ctx, state, [Unit.from_dict(u) for u in todo], image_column, storage_options)
+    ctx = store.resolve_schema(ctx, state, [Unit.from_dict(u) for u in todo], opts.image_column,
+                               opts.storage_options)
     if replanned.changed_dirs:
         _log(progress, "note: " + replanned.describe())
-    plan_s = time.perf_counter() - t0
+    plan_s = time.perf_counter() - run.t0
 
     if lease is not None and state.manifest is not None and (
             work.convert or any(u["unit_id"] in records for u in todo)):
@@ -539,7 +446,7 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
         try:
             with _stop_signals():
                 converted, again, conv_failed = _convert_units(store, ctx, work.convert, formats, progress,
-                                                               max_attempts)
+                                                               opts.max_attempts)
         except KeyboardInterrupt:
             raise RunInterrupted("interrupted while writing formats from committed shards; what was converted is "
                                  "committed; rerun the same command to resume") from None
@@ -568,44 +475,26 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
     stage = {"read_decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
     pipeline_s = 0.0
     pipeline_error: Exception | None = None
-    resources: dict[str, Any] = {}
+    placement = None
     run_stats = None
     interrupted = False
     if todo:
-        started = False
-        if _needs_ray(ray_address, model_placement, gpus_per_worker, workers, cpus_per_worker):
-            started = _ensure_ray(ray_address, num_cpus, object_store_memory, verbose)
-            resources = _resources(gpus_per_worker, workers, cpus_per_worker, decode_threads, model_placement)
-        else:
-            resources = _local_resources(decode_threads)
-        try:
-            if precision == "bf16" and resources["gpus_per_worker"] == 0:
-                raise ValueError("--precision bf16 runs the encoder in bf16 on GPU actors, but this run has none "
-                                 "(no GPUs in the cluster, or --gpus-per-worker 0); use --precision fp32")
-            if resources["model_placement"] == "driver":
-                _log(progress, f"model in this process ({resources['cpus_per_worker']:g} CPU threads, "
-                               f"{resources['decode_threads']} decode threads)")
-            else:
-                _log(progress, f"{resources['workers']} model worker(s), {resources['gpus_per_worker']:g} GPU / "
-                               f"{resources['cpus_per_worker']:g} CPU / {resources['decode_threads']} decode "
-                               f"threads each; cluster {resources['cluster_cpus']:g} CPU "
-                               f"{resources['cluster_gpus']:g} GPU")
-                if resources["gpus_per_worker"] > 0 and resources["cluster_gpus"] == 0:
-                    _log(progress, "no GPU node has joined the cluster yet: the workers wait for one (autoscaling)")
-            spec = WorkSpec(output=store.url, storage_options=storage_options, ctx=ctx, formats=formats,
-                            image_size=image_size, crop=crop, max_pixels=max_pixels, multiple_of=factor,
-                            image_column=image_column, batch_size=batch_size,
-                            decode_threads=resources["decode_threads"],
-                            allow_external_refs=tuple(allow_external_refs or ()),
-                            extensions=tuple(extensions or ()),
-                            niceness=10 if resources["gpus_per_worker"] == 0 else 0)
-            budget = FailureBudget(max_failed_units, len(todo))
+        with place(res, opts.verbose) as placement:
+            placement.check_precision(opts.precision)
+            for line in placement.describe():
+                _log(progress, line)
+            spec = WorkSpec(output=store.url, storage_options=opts.storage_options, ctx=ctx, formats=formats,
+                            image_size=opts.image_size, crop=opts.crop, max_pixels=opts.max_pixels,
+                            multiple_of=run.factor, image_column=opts.image_column, batch_size=opts.batch_size,
+                            decode_threads=placement.decode_threads, allow_external_refs=opts.allow_external_refs,
+                            extensions=opts.extensions, niceness=placement.decode_niceness)
+            budget = FailureBudget(opts.max_failed_units, len(todo))
             t_run = time.perf_counter()
-            with _stop_signals(), _worker_pool(gq, spec, resources, precision, latents, min_workers,
-                                               worker_timeout_s) as pool:
+            with _stop_signals(), worker_pool(run.gq, spec, placement, opts.precision, opts.latents,
+                                              res) as pool:
                 reporter = ProgressReporter(todo, enabled=progress)
                 try:
-                    run_stats = run_units(pool, iter(todo), budget=budget, max_attempts=max_attempts,
+                    run_stats = run_units(pool, iter(todo), budget=budget, max_attempts=opts.max_attempts,
                                           on_progress=_progress_logger(reporter, lease, pool),
                                           progress_every_s=reporter.tick_s)
                 except FailureBudgetExceeded as e:
@@ -626,11 +515,6 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
                         stage["oom_halvings"] = stage.get("oom_halvings", 0) + st.get("oom_halvings", 0)
                 except Exception:  # workers gone at the end: this run's usage statistics lack their histograms
                     pass
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
         if run_stats is not None:
             failed += run_stats.failed
             for o in run_stats.committed:
@@ -660,7 +544,7 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
         for k, v in r.get("errors_by_kind", {}).items():
             by_kind[k] = by_kind.get(k, 0) + v
     run_in = sum(r["inputs"] for r in new_records)
-    wall = time.perf_counter() - t_start
+    wall = time.perf_counter() - run.t_start
     busy = {k: stage[k] for k in ("read_decode_s", "model_s", "write_s")}
     busy_total = sum(busy.values()) or 1.0
     throughput = {
@@ -669,9 +553,9 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
         "images_per_s": round(run_in / pipeline_s, 2) if pipeline_s > 0 else None,
         "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
         "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
-        "model_utilization": (round(stage["model_s"] / (pipeline_s * resources["workers"]), 3)
-                              if pipeline_s > 0 and resources else None),
-        "resources": resources, "driver_bytes_received": stage.get("driver_bytes_received", 0),
+        "model_utilization": (round(stage["model_s"] / (pipeline_s * placement.workers), 3)
+                              if pipeline_s > 0 and placement is not None else None),
+        "resources": placement.as_dict() if placement is not None else {}, "driver_bytes_received": stage.get("driver_bytes_received", 0),
         "faults": {k: stage.get(k, 0) for k in ("retries", "workers_lost", "oom_halvings",
                                                 "already_committed_by_another_run")},
     }
@@ -680,7 +564,7 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
                        "units_read_back": replanned.shards_read}
     manifest = {"format_version": FORMAT_VERSION, "model_fingerprint": ctx.model_fingerprint,
                 "codebook_fingerprint": ctx.codebook_fingerprint, "codebook_size": c.codebook_size,
-                "group": c.group, "seed": c.seed, "beta": c.beta, "arch": c.arch, "preprocess": preprocess,
+                "group": c.group, "seed": c.seed, "beta": c.beta, "arch": c.arch, "preprocess": run.preprocess,
                 "inputs": tot_in, "tokenized": tot_ok, "errors": tot_err,
                 "errors_by_kind": dict(sorted(by_kind.items())),
                 "units": [manifest_unit_entry(r) for r in all_records], "wids_index": None,
@@ -722,48 +606,6 @@ def _run_leased(*, store, ctx, plan, inputs, input_list, allow_empty, formats, l
                    f"({len(new_records)} units committed, {len(converted)} converted, {skipped} skipped, "
                    f"{len(failed)} failed) in {wall:.1f}s")
     return summary
-
-
-@contextlib.contextmanager
-def _worker_pool(gq, spec: WorkSpec, resources: dict[str, Any], precision: str, latents: bool,
-                 min_workers: int = 1, worker_timeout_s: float = 900.0):
-    """The pool the scheduler feeds: threads of this process around the loaded model (driver placement, with
-    torch's thread count set for the run and put back), or an elastic pool of Ray actors."""
-    if resources["model_placement"] == "driver":
-        import torch
-
-        saved = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(math.ceil(resources["cpus_per_worker"] - 1e-9))))
-        proc = UnitProcessor(spec, ModelRunner(gq.eval(), batch_size=spec.batch_size, precision="fp32",
-                                               latents=latents))
-        pool = LocalPool(proc.process, concurrency=2, cancel=proc.cancel, stats=proc.stats, live=proc.live_counts)
-        try:
-            yield pool
-        finally:
-            pool.close()
-            proc.close()
-            torch.set_num_threads(saved)
-        return
-    import ray
-
-    payload_ref = ray.put(model_payload(gq))
-    options: dict[str, Any] = {"num_cpus": resources["cpus_per_worker"], "max_restarts": 0,
-                               "max_concurrency": 2}
-    if resources["gpus_per_worker"] > 0:
-        options["num_gpus"] = resources["gpus_per_worker"]
-    actor_cls = ray.remote(UnitWorkerActor).options(**options)
-    cpu_threads = max(1, int(math.ceil(resources["cpus_per_worker"] - 1e-9)))
-
-    def make_actor():
-        return actor_cls.remote([payload_ref], spec, use_gpu=resources["gpus_per_worker"] > 0,
-                                cpu_threads=cpu_threads, precision=precision, latents=latents)
-
-    pool = ActorPool(make_actor, resources["workers"], per_actor=2, min_ready=min_workers,
-                     start_timeout_s=worker_timeout_s)
-    try:
-        yield pool
-    finally:
-        pool.close()
 
 
 def _progress_logger(reporter: ProgressReporter, lease: OutputLease | None = None, pool: Any = None):

@@ -27,8 +27,13 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``gq tokenize``. Their defaults and choices are gq_pipeline.options' (stated there once, shared
+    with the Python API); the help text is here."""
     from gq_model.storage import parse_storage_options
-    from gq_pipeline.preprocess import DEFAULT_MAX_PIXELS
+    from gq_pipeline.options import FORMATS, PLACEMENTS, PRECISIONS, Resources, TokenizeOptions, defaults
+    from gq_pipeline.preprocess import CROP_MODES, PREPROCESS_POLICIES
+
+    d = {**defaults(TokenizeOptions), **defaults(Resources)}
 
     p.add_argument("--model", required=True,
                    help="official:sd3unet_gq_0.25 or hf://owner/repo/file.ckpt (Hugging Face Hub), GQ bundle "
@@ -48,45 +53,50 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="plan the --input-list and brace patterns again instead of reading the plan persisted under "
                         "OUTPUT/.gq/plan/ (folders and globs are listed on every run anyway)")
     p.add_argument("--output", required=True, metavar="URL", help="output directory or URL (see docs/token-format.md)")
-    p.add_argument("--format", default="parquet", choices=["parquet", "webdataset", "both"])
-    p.add_argument("--image-size", type=int, default=256, help="shorter side after resizing (default 256)")
-    p.add_argument("--crop", default="center", choices=["center", "none"],
+    p.add_argument("--format", default=d["format"], choices=list(FORMATS),
+                   help=f"shard format: Parquet, WebDataset tars, or both (default {d['format']})")
+    p.add_argument("--image-size", type=int, default=d["image_size"],
+                   help=f"shorter side after resizing (default {d['image_size']})")
+    p.add_argument("--crop", default=d["crop"], choices=list(CROP_MODES),
                    help="center: square crop; none: keep the aspect ratio (longer side cut to a multiple of the "
                         "model's downsampling factor)")
-    p.add_argument("--preprocess", default="gq", choices=["gq", "reference"],
+    p.add_argument("--preprocess", default=d["preprocess"], choices=list(PREPROCESS_POLICIES),
                    help="gq (default): EXIF rotation, alpha onto white, bicubic; reference: the GQ reference "
                         "pipeline's pixels (no EXIF, alpha dropped, bilinear; docs/eval.md). Recorded in every "
                         "shard; an output never mixes the two")
-    p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
-    p.add_argument("--model-placement", default="auto", choices=["auto", "driver", "actors"],
+    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help=f"images per model call (default {d['batch_size']})")
+    p.add_argument("--model-placement", default=d["model_placement"], choices=list(PLACEMENTS),
                    help="where units are processed: in this process, without Ray, on a single CPU-only machine "
                         "(driver), or in Ray actors, one per GPU or per CPU node (actors). auto: driver when no "
                         "cluster, GPU or actor option is given, actors otherwise")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=int, default=d["workers"],
                    help="model workers, the most kept alive (default: #GPUs / --gpus-per-worker, or one per node "
                         "on CPU-only clusters); dead ones are replaced")
-    p.add_argument("--min-workers", type=int, default=1,
+    p.add_argument("--min-workers", type=int, default=d["min_workers"],
                    help="stop the job when fewer workers than this have been ready for --worker-timeout seconds "
-                        "(default 1); between it and --workers the pool shrinks and regrows with the cluster")
-    p.add_argument("--worker-timeout", type=float, default=900.0,
+                        f"(default {d['min_workers']}); between it and --workers the pool shrinks and regrows with "
+                        "the cluster")
+    p.add_argument("--worker-timeout", type=float, default=d["worker_timeout_s"],
                    help="seconds to wait for --min-workers workers to be ready, at start or after losing them "
-                        "(default 900: time for an autoscaler to add nodes)")
-    p.add_argument("--gpus-per-worker", type=float, default=None,
+                        f"(default {d['worker_timeout_s']:g}: time for an autoscaler to add nodes)")
+    p.add_argument("--gpus-per-worker", type=float, default=d["gpus_per_worker"],
                    help="GPUs per model worker (default 1 if the cluster has GPUs now, 0 otherwise). Given "
                         "explicitly, workers wait for GPU nodes an autoscaler adds")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
+    p.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"],
                    help="CPUs reserved per model worker for decoding (and torch threads on CPU); default 2-8 per GPU "
                         "from the cluster's CPU/GPU ratio, or a whole node on CPU-only clusters")
-    p.add_argument("--decode-threads", type=int, default=None,
+    p.add_argument("--decode-threads", type=int, default=d["decode_threads"],
                    help="decode threads per worker (default: its CPUs with GPUs, 2 on CPU)")
-    p.add_argument("--max-failed-units", default=None, metavar="N|FRACTION",
+    p.add_argument("--max-failed-units", default=d["max_failed_units"], metavar="N|FRACTION",
                    help="stop the job when more units than this have failed after retries: a count (20) or a "
                         "fraction of the planned units (0.05 or 5%%); default 5%% of the units, at least 10")
-    p.add_argument("--max-attempts", type=int, default=3,
+    p.add_argument("--max-attempts", type=int, default=d["max_attempts"],
                    help="tries of a unit that fails (read error, model failing on a whole batch, write error) "
-                        "before it is recorded as failed (default 3); units whose worker died are redone anyway")
+                        f"before it is recorded as failed (default {d['max_attempts']}); units whose worker died "
+                        "are redone anyway")
     p.add_argument("--latents", action="store_true", help="also write the Gaussian mean mu as float16")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+    p.add_argument("--precision", default=d["precision"], choices=list(PRECISIONS),
                    help="bf16 autocast for the encoder on GPU actors (the codebook search stays fp32); needs GPU "
                         "actors, changes ~2%% of tokens, and is recorded: an output never mixes precisions")
     p.add_argument("--config", help="reference YAML for a .ckpt --model")
@@ -94,11 +104,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow pickled objects in a .ckpt or DeepSpeed checkpoint you trust (weights_only otherwise; "
                         "never applies to hf:// or official: models)")
-    p.add_argument("--unit-size", type=int, default=1000,
+    p.add_argument("--unit-size", type=int, default=d["unit_size"],
                    help="image files per work unit for folders and rows per unit for --input-list (tars and Parquet "
-                        "files are one unit each)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse larger images as too_large errors (default {DEFAULT_MAX_PIXELS})")
+                        f"files are one unit each; default {d['unit_size']})")
+    p.add_argument("--max-pixels", type=int, default=d["max_pixels"],
+                   help=f"refuse larger images as too_large errors (default {d['max_pixels']})")
     p.add_argument("--image-column", help="image column of Parquet inputs (default: auto-detect)")
     p.add_argument("--allow-external-refs", nargs="*", metavar="PREFIX", default=None,
                    help="let Parquet image path references reach beyond the Parquet file's own folder tree (local, "
@@ -107,12 +117,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extensions", nargs="+", metavar="EXT", default=None,
                    help="image file extensions to read besides jpg jpeg png webp bmp gif tiff tif, e.g. ico ppm tga "
                         "(the summary's ignored_decodable counts the files Pillow could decode that were left out)")
-    p.add_argument("--storage-options", type=parse_storage_options, default=None, metavar="JSON",
+    p.add_argument("--storage-options", type=parse_storage_options, default=d["storage_options"], metavar="JSON",
                    help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:9000"}\', or per '
                         'protocol when a run mixes stores: \'{"s3": {...}, "gs": {...}}\'')
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (no RAY_ADDRESS)")
-    p.add_argument("--object-store-memory", type=int, default=None, help="bytes, local Ray instance only")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--num-cpus", type=int, default=d["num_cpus"],
+                   help="CPUs of the local Ray instance (no RAY_ADDRESS)")
+    p.add_argument("--object-store-memory", type=int, default=d["object_store_memory"],
+                   help="bytes, local Ray instance only")
+    p.add_argument("--ray-address", default=d["ray_address"],
+                   help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     p.add_argument("--force-lease", action="store_true",
                    help="take the output's lease (.gq/lease.json) even though another run holds it: for an owner that "
                         "crashed on another machine; a live owner would then write alongside this run")
@@ -171,19 +184,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _tokenize(tokenize, args: argparse.Namespace) -> dict:
-    return tokenize(args.model, args.input, args.output, format=args.format, image_size=args.image_size,
-                    crop=args.crop, batch_size=args.batch_size, workers=args.workers,
-                    gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                    decode_threads=args.decode_threads, latents=args.latents, precision=args.precision, config=args.config,
-                    preset=args.preset, unit_size=args.unit_size, max_pixels=args.max_pixels,
-                    image_column=args.image_column, storage_options=args.storage_options,
-                    progress=not args.quiet, ray_address=args.ray_address, num_cpus=args.num_cpus,
-                    object_store_memory=args.object_store_memory, trust_checkpoint=args.trust_checkpoint,
-                    model_placement=args.model_placement, max_failed_units=args.max_failed_units,
-                    max_attempts=args.max_attempts, input_list=args.input_list,
-                    input_list_column=args.input_list_column, relist=args.relist, allow_empty=args.allow_empty,
-                    verbose=args.verbose, allow_external_refs=_external_refs(args.allow_external_refs),
-                    extensions=args.extensions, force_lease=args.force_lease, preprocess=args.preprocess)
+    opts, res = settings(args)
+    return tokenize(args.model, args.input, args.output, options=opts, resources=res)
+
+
+# Flags whose value reaches a settings field under another name or in another form
+_RENAMED = {"progress": lambda a: not a.quiet, "worker_timeout_s": lambda a: a.worker_timeout,
+            "allow_external_refs": lambda a: _external_refs(a.allow_external_refs)}
+
+
+def settings(args: argparse.Namespace):
+    """The command line as ``(TokenizeOptions, Resources)``: every field from the flag of the same name (or
+    ``_RENAMED``), so a field added to gq_pipeline.options needs only its flag here."""
+    import dataclasses
+
+    from gq_pipeline.options import Resources, TokenizeOptions
+
+    def build(cls):
+        return cls(**{f.name: _RENAMED[f.name](args) if f.name in _RENAMED else getattr(args, f.name)
+                      for f in dataclasses.fields(cls)})
+    return build(TokenizeOptions), build(Resources)
 
 
 def _external_refs(given: list[str] | None) -> tuple[str, ...]:
