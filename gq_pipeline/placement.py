@@ -130,9 +130,9 @@ def choose_placement(requested: str, gpw: float, n_nodes: int, workers: int | No
     """``driver``: this process runs the encoder and search on the units; ``actors``: a Ray actor pool does.
 
     ``auto`` picks the driver on a single CPU-only node, with no actor settings asked for. There an actor buys nothing
-    and costs a process start, a second torch import and the weights' transfer: on a 2-core machine the actor pool
-    reached 0.74-0.85 of a plain DataLoader loop's images/s and the driver 0.90-1.11, median 1.0
-    (docs/benchmarks.md). GPUs and several nodes take actors: one per GPU.
+    and costs a process start, a second torch import and the weights' transfer, so on a small CPU machine the actor
+    pool is measurably slower than the driver (the numbers: docs/benchmarks.md, "Tokenization pipeline"). GPUs and
+    several nodes take actors: one per GPU.
     """
     if requested not in PLACEMENTS:
         raise ValueError(f"model placement must be one of {PLACEMENTS}, got {requested!r}")
