@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gq_model.storage import options_for
+from gq_model.storage import is_local_protocol, options_for
 from gq_pipeline import layout as _layout
 from gq_pipeline.commitset import read_records, staged_files, staged_relpath
 from gq_pipeline.records import FORMAT_VERSION as _WRITTEN_FORMAT_VERSION
@@ -75,7 +75,7 @@ class FSRef:
         return fsspec.filesystem(self.protocol, **dict(self.storage_options))
 
     def url(self, path: str) -> str:
-        return path if self.protocol in ("file", "local") else f"{self.protocol}://{path}"
+        return path if is_local_protocol(self.protocol) else f"{self.protocol}://{path}"
 
     def open(self, path: str, mode: str = "rb"):
         return self.fs.open(path, mode)
@@ -443,7 +443,7 @@ def _describe_parquet(fsref: FSRef, paths: list[str], strict: bool) -> tuple[lis
                      meta.get("gq.codebook_fingerprint"), meta.get("gq.model_fingerprint"),
                      int(meta["gq.codebook_size"]) if meta.get("gq.codebook_size") else None, meta, columns)
 
-    return _collect(_map(one, paths, fsref.protocol not in ("file", "local")), strict)
+    return _collect(_map(one, paths, not is_local_protocol(fsref.protocol)), strict)
 
 
 def _check_meta(url: str, meta: dict, columns: tuple) -> ShardError | None:
@@ -506,7 +506,7 @@ def _describe_tars(fsref: FSRef, paths: list[str], root: str | None, index_path:
                     pass
         return Shard(path, "webdataset", n, (n,), cb_fp, model_fp, int(size) if size else None, meta)
 
-    shards, problems = _collect(_map(one, paths, fsref.protocol not in ("file", "local")), strict)
+    shards, problems = _collect(_map(one, paths, not is_local_protocol(fsref.protocol)), strict)
     if shards and all(s.codebook_fingerprint is None for s in shards) and \
             len({s.model_fingerprint for s in shards}) == 1:
         warnings.warn("these WebDataset shards record no codebook fingerprint (no manifest.json or Parquet sibling); "
@@ -864,7 +864,7 @@ class BlockReader:
 
     def _where(self, shard: Shard) -> tuple[FSRef, str]:
         """Where to read ``shard`` from: its cached copy when a cache is set and the shard is remote."""
-        if self.cache is None or self.shardset.fsref.protocol in ("file", "local"):
+        if self.cache is None or is_local_protocol(self.shardset.fsref.protocol):
             return self.shardset.fsref, shard.path
         return self._local, self.cache.fetch(self.shardset.fsref, shard.path)
 

@@ -199,7 +199,10 @@ def test_an_s3_server_stopped_mid_run(tmp_path, model_dir):
     from moto.server import ThreadedMotoServer
 
     port = free_port()
-    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing",
+               # botocore's own retries of a refused connection (with backoff) only make the stopped server's
+               # run take longer to end; the outcome is the same
+               "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **options)
