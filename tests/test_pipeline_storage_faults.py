@@ -182,7 +182,8 @@ def test_a_full_disk_stops_in_one_line_and_the_rerun_completes(tmp_path, model_d
 
 def test_an_s3_endpoint_down_from_the_start(tmp_path, model_dir, moto_s3, s3, capsys):
     src = _images(tmp_path / "in", 4)
-    down = {**moto_s3, "endpoint_url": f"http://127.0.0.1:{free_port()}"}
+    down = {**moto_s3, "endpoint_url": f"http://127.0.0.1:{free_port()}",
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}  # fail fast, same outcome
     args = _cli(model_dir, src, "s3://gq-down/out")
     rc, err = _run_cli(capsys, args + ["--storage-options", json.dumps(down)])
     _one_line_failure(rc, err, "Could not connect", "Nothing was committed")
