@@ -426,7 +426,7 @@ def replace_if_match(fs, path: str, data: bytes, version: str) -> str | None:
         with _DirLock(os.path.dirname(path) or "."):
             if not _local_at_version(path, version):
                 return None
-            os.replace(_write_tmp(path, data), path)
+            write_atomic(path, data)  # the one atomic write: fsync, rename, folder fsync, no temporary left
         return _sha(data)
     if kind == "s3":
         try:

@@ -31,7 +31,6 @@ import io
 import json
 import pickle
 import posixpath
-import tarfile
 from dataclasses import replace
 from typing import Any
 
@@ -45,6 +44,7 @@ from gq_pipeline.commit import SHARD_FORMATS, StagedUnit, build_shards, discard_
 from gq_pipeline.commitset import new_attempt, staged_relpath
 from gq_pipeline.manifest import OutputStore
 from gq_pipeline.schema import schema_from_json
+from gq_pipeline.shards import token_tar_groups
 from gq_pipeline.stages import TOKEN_SCHEMA
 from gq_pipeline.writers import ShardContext
 
@@ -123,12 +123,7 @@ def rows_from_parquet(data: bytes, unit_kind: str, ctx: ShardContext) -> pa.Tabl
 def rows_from_tar(data: bytes, unit_kind: str, ctx: ShardContext) -> pa.Table:
     """A committed tar shard back to rows; :class:`ConversionImpossible` when the tar does not hold what the
     Parquet shard would (see the module doc)."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for m in tar:
-            if m.isfile():
-                key, _, suffix = m.name.partition(".")
-                samples.setdefault(key, {})[suffix] = tar.extractfile(m).read()
+    samples = {key: parts for _, key, parts in token_tar_groups(io.BytesIO(data))}
     cols: dict[str, list] = {k: [] for k in ("key", "source", "member", "width", "height", "tokens", "tg", "th",
                                              "tw", "extra")}
     if ctx.latents:

@@ -30,7 +30,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -629,41 +629,49 @@ def read_parquet_rows(table: pa.Table, where: str, *, latents: bool = False,
     return rows
 
 
+def token_tar_groups(fileobj, read: Callable[[int], bool] = lambda i: True,
+                     stop_after: int | None = None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """The one reading of a token shard tar (ours: ``<key>.tokens.npy``, ``<key>.json``, ...): ``(index, key,
+    {extension: bytes})`` per sample in tar order. Members of samples with ``read(index)`` false are passed over
+    without reading their data (``b""``); the scan stops after sample ``stop_after``. Format errors propagate."""
+    key, parts, index = None, {}, 0
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            d, base = posixpath.split(member.name)
+            if base.startswith("."):
+                continue
+            stem, _, ext = base.partition(".")
+            k = posixpath.join(d, stem) if d else stem
+            if k != key:
+                if key is not None:
+                    yield index, key, parts
+                    index += 1
+                    if stop_after is not None and index > stop_after:
+                        return
+                key, parts = k, {}
+            parts[ext] = tar.extractfile(member).read() if read(index) else b""
+        if key is not None:
+            yield index, key, parts
+
+
 def _iter_tar_groups(fsref: FSRef, path: str, skip_data: bool = False, skip: int = 0,
                      wanted: frozenset[int] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample in tar order; the first ``skip`` samples are passed over undecoded, and
-    with ``wanted`` only those sample indices are yielded (the scan stops after the last one)."""
+    """(key, {extension: bytes}) per sample of a shard in tar order; the first ``skip`` samples are passed over
+    undecoded, and with ``wanted`` only those sample indices are yielded (the scan stops after the last one);
+    ``skip_data`` reads no member's data (counting samples)."""
     url = fsref.url(path)
-    key, parts, index = None, {}, 0
-    last = max(wanted) if wanted else None
 
     def keep(i: int) -> bool:
         return i >= skip and (wanted is None or i in wanted)
 
     try:
-        with fsref.open(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                d, base = posixpath.split(member.name)
-                if base.startswith("."):
-                    continue
-                stem, _, ext = base.partition(".")
-                k = posixpath.join(d, stem) if d else stem
-                if k != key:
-                    if key is not None:
-                        if keep(index):
-                            yield key, parts
-                        index += 1
-                        if last is not None and index > last:
-                            return
-                    key, parts = k, {}
-                if not skip_data and keep(index):
-                    parts[ext] = tar.extractfile(member).read()
-                else:
-                    parts[ext] = b""
-            if key is not None and keep(index):
-                yield key, parts
+        with fsref.open(path) as f:
+            read = (lambda i: False) if skip_data else keep
+            for index, key, parts in token_tar_groups(f, read, max(wanted) if wanted else None):
+                if keep(index):
+                    yield key, parts
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise ShardError(f"{url}: truncated or corrupted tar ({type(e).__name__}: {e})") from e
 

@@ -36,7 +36,7 @@ import time
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 
@@ -847,6 +847,54 @@ class _EndMarkerWatch:
 _LINK = object()  # a link member's place in a sample: streamed tars cannot resolve it, so the sample is recorded
 
 
+@dataclass
+class TarGroup:
+    """One WebDataset sample of a tar: its key prefix and ``{extension: take(member)}``; or, with ``bad_name``
+    set, a member whose name no sample key can be made from (``..``, ``.``, empty), which must become a record.
+    ``final`` marks the group completed by the end of the archive (the caller may first check that end was real)."""
+
+    prefix: str
+    members: dict[str, Any]
+    bad_name: str | None = None
+    final: bool = False
+
+
+def group_tar_members(tar: tarfile.TarFile, take: Callable[[tarfile.TarInfo], Any]) -> Iterator[TarGroup]:
+    """The one reading of "which members of a tar form a sample", for the tokenizer and the training data alike.
+
+    WebDataset's rule: consecutive members sharing the path up to the first dot of the basename are one sample;
+    a repeated extension starts a new sample (the same key twice). Folders, hidden names and names without an
+    extension are skipped. ``take(member)`` is called while ``tar`` is positioned on the member, so a streamed
+    tar (``mode="r|*"``) can read its bytes there; a random-access indexer can keep ``member.offset_data``."""
+    current: str | None = None
+    members: dict[str, Any] = {}
+    for m in tar:
+        if m.isdir():
+            continue
+        base = posixpath.basename(m.name.rstrip("/"))
+        if base in ("..", ".") or not base:
+            if current is not None:
+                yield TarGroup(current, members)
+                current, members = None, {}
+            yield TarGroup("", {}, bad_name=m.name)
+            continue
+        prefix, ext = _split_member(m.name)
+        if base.startswith(".") or not ext:
+            continue
+        if prefix != current or ext in members:
+            if current is not None:
+                yield TarGroup(current, members)
+            current, members = prefix, {}
+        members[ext] = take(m)
+    if current is not None:
+        yield TarGroup(current, members, final=True)
+
+
+def image_member(members: dict[str, Any], image_exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> str | None:
+    """The extension of a sample's image: the first of ``image_exts`` present (``x.jpg`` over ``x.seg.png``)."""
+    return next((e for e in image_exts if e in members), None)
+
+
 def _iter_tar(unit: Unit, storage_options: dict | None,
               image_exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> Iterator[RawSample]:
     fs, path = get_fs(unit.source, storage_options)
@@ -874,7 +922,7 @@ def _iter_tar(unit: Unit, storage_options: dict | None,
             s.error = SampleError("unsupported", f"members {', '.join(prefix + '.' + e for e in links)} are links "
                                                  f"(symlink or hardlink), which a streamed tar cannot follow")
             return s
-        image_ext = next((e for e in image_exts if e in members), None)
+        image_ext = image_member(members, image_exts)
         extra: dict[str, Any] = {}
         if "txt" in members:
             extra["txt"] = members["txt"].decode("utf-8", errors="replace")
@@ -904,37 +952,27 @@ def _iter_tar(unit: Unit, storage_options: dict | None,
         raise UnitReadError(f"{unit.source}: {e}") from e
     except Exception as e:
         raise UnitReadError(f"opening {unit.source}: {type(e).__name__}: {e}") from e
-    current: str | None = None
-    members: dict[str, Any] = {}
     watch = _EndMarkerWatch()
+    last: TarGroup | None = None  # emitted only once the archive is known to have ended cleanly
+
+    def take(m: tarfile.TarInfo) -> Any:
+        if not m.isfile():  # symlink, hardlink, FIFO or device member
+            return _LINK
+        fobj = tar.extractfile(m)
+        return fobj.read() if fobj is not None else b""
+
     try:
         with f, tarfile.open(fileobj=f, mode="r|*", tarinfo=watch.tarinfo()) as tar:
-            for m in tar:
-                if m.isdir():
-                    continue
-                base = posixpath.basename(m.name.rstrip("/"))
-                if base in ("..", ".") or not base:
-                    # no sample key can be made from it (and it must never become a path): one record for it
-                    if current is not None:
-                        yield emit(current, members)
-                        current, members = None, {}
-                    s = new_sample(f"__badname__/{m.name}", m.name)
-                    s.error = SampleError("unsupported", f"tar member name {printable(m.name)!r} is not a file "
-                                                         f"name a sample can be keyed by")
+            for group in group_tar_members(tar, take):
+                if group.bad_name is not None:
+                    s = new_sample(f"__badname__/{group.bad_name}", group.bad_name)
+                    s.error = SampleError("unsupported", f"tar member name {printable(group.bad_name)!r} is not a "
+                                                         f"file name a sample can be keyed by")
                     yield s
-                    continue
-                prefix, ext = _split_member(m.name)
-                if base.startswith(".") or not ext:
-                    continue
-                if prefix != current or ext in members:
-                    if current is not None:
-                        yield emit(current, members)
-                    current, members = prefix, {}
-                if m.isfile():
-                    fobj = tar.extractfile(m)
-                    members[ext] = fobj.read() if fobj is not None else b""
-                else:  # symlink, hardlink, FIFO or device member
-                    members[ext] = _LINK
+                elif group.final:
+                    last = group
+                else:
+                    yield emit(group.prefix, group.members)
     except _TAR_FORMAT_ERRORS as e:
         # Corrupt or truncated tar: keep what was read, account for the rest with one deterministic error record.
         # (The half-read sample is part of the rest.)
@@ -948,8 +986,8 @@ def _iter_tar(unit: Unit, storage_options: dict | None,
         yield unreadable(f"tar is truncated after {idx} samples: it ends with {got} instead of the end-of-archive "
                          f"marker (the last sample, if any, may be incomplete and is part of this record)")
         return
-    if current is not None:
-        yield emit(current, members)
+    if last is not None:
+        yield emit(last.prefix, last.members)
 
 
 def find_image_column(schema, requested: str | None = None) -> str:

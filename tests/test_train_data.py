@@ -255,3 +255,34 @@ def test_s3_folder_via_fsspec(tmp_path, monkeypatch):
         assert imgs.shape == (3, 3, 16, 16) and len(bad) == 1 and "bad.jpg" in bad[0]
     finally:
         server.stop()
+
+
+def test_training_reads_a_tar_as_the_tokenizer_does(tmp_path):
+    """One reading of a tar (gq_pipeline.sources.group_tar_members): training indexes exactly the samples with an
+    image that ``gq tokenize`` tokenizes, the same image member each, and none of those it records as errors."""
+    from gq_pipeline.sources import UnitInfo, iter_samples, plan_units
+
+    path = tmp_path / "mixed.tar"
+    with tarfile.open(path, "w") as tf:
+        def add(name, data=b"", link=None):
+            info = tarfile.TarInfo(name)
+            if link is not None:
+                info.type, info.linkname = tarfile.SYMTYPE, link
+            else:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if link is None else None)
+
+        add("a/0001.jpg", _png_bytes(1, fmt="JPEG")); add("a/0001.seg.png", _png_bytes(2)); add("a/0001.txt", b"x")
+        add("a/0002.png", _png_bytes(3)); add("a/0002.png", _png_bytes(4))  # the same key twice: two samples
+        add("a/0003.txt", b"caption only")  # no image: an error record, nothing to train on
+        add("a/0004.jpg", _png_bytes(5, fmt="JPEG")); add("a/0004.json", link="../elsewhere.json")  # a link
+        add("a/.hidden.jpg", _png_bytes(6)); add("a/noext", b"?")  # skipped by both
+        add("b/0005.webp", _png_bytes(7, fmt="WEBP"))
+
+    refs = build_index(str(path)).refs
+    tokenized = [s for s in iter_samples(plan_units([str(path)]).units[0], UnitInfo()) if s.error is None]
+    assert len(refs) == len(tokenized) == 4
+    reader = SampleReader()
+    for ref, sample in zip(refs, tokenized):
+        assert reader.read_bytes(ref) == sample.data
+    assert [r[4] for r in refs] == ["a/0001.jpg", "a/0002.png", "a/0002.png", "b/0005.webp"]

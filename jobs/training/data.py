@@ -123,20 +123,24 @@ def expand_paths(spec: str, storage_options: Mapping[str, Any] | None = None) ->
 
 
 def _index_tar(url: str, storage_options) -> list[tuple]:
+    """One ref per sample of a plain tar, grouped exactly as ``gq tokenize`` groups it
+    (:func:`gq_pipeline.sources.group_tar_members`, the image picked by ``image_member``), kept as the image
+    member's data offset and size for random access. Samples the tokenizer would record as errors (no image, a
+    link, a name no key can be made from) have no image to train on and are left out."""
+    from gq_pipeline.records import is_utf8
+    from gq_pipeline.sources import group_tar_members, image_member
+
     if url.lower().endswith((".tar.gz", ".tgz")):
         raise ValueError(f"{url}: compressed tar shards cannot be indexed for random access; use plain .tar shards")
     fs, path = _fs_for(url, storage_options)
-    refs, seen = [], set()
+    refs = []
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-        for m in tf:
-            if not m.isfile() or _ext(m.name) not in IMAGE_EXTS:
-                continue
-            d, base = m.name.rsplit("/", 1) if "/" in m.name else ("", m.name)
-            key = f"{d}/{base.split('.', 1)[0]}"  # WebDataset sample key: path up to the first dot of the basename
-            if key in seen:
-                continue  # one image per sample (e.g. skip a second "x.seg.png")
-            seen.add(key)
-            refs.append(("tar", url, int(m.offset_data), int(m.size), m.name))
+        for group in group_tar_members(tf, lambda m: m if m.isfile() else None):
+            ext = image_member(group.members)
+            usable = group.bad_name is None and is_utf8(group.prefix) and None not in group.members.values()
+            if usable and ext is not None:
+                m = group.members[ext]
+                refs.append(("tar", url, int(m.offset_data), int(m.size), m.name))
     return refs
 
 
