@@ -177,8 +177,9 @@ _HEADER_BASE_SUM = _header_base_sum()
 
 
 class _TarBuilder:
-    """Minimal deterministic tar writer: ustar headers built directly (Python's tarfile costs ~100 µs per member,
-    which made tar writing the driver's bottleneck), PAX via tarfile only for names over 100 bytes."""
+    """Minimal deterministic tar writer: ustar headers built directly, PAX via tarfile only for names over 100
+    bytes. Why not tarfile for every member: its per-member cost is paid twice per image where a unit commits
+    (the measurement: ``benchmarks/bench_tar_writer.py``, docs/benchmarks.md)."""
 
     def __init__(self):
         self.parts: list[bytes] = []
