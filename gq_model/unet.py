@@ -22,9 +22,20 @@ from torch import nn
 __all__ = ["Encoder", "Decoder", "ResnetBlock", "AttnBlock", "Downsample", "Upsample", "Normalize"]
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    """GroupNorm(32) with eps 1e-6: the LDM value, not torch's default 1e-5."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+NORM_GROUPS = 32  # the reference's GroupNorm(32): every released config
+
+
+def Normalize(channels: int, groups: int = NORM_GROUPS) -> nn.GroupNorm:
+    """GroupNorm(``groups``, default the reference's 32) with eps 1e-6: the LDM value, not torch's default 1e-5.
+
+    Why ``groups`` is an option at all: a group of one channel is an instance norm, which removes each channel's
+    mean over the image. With 32 channels and 32 groups (a narrow model such as the built-in demo) an image's
+    overall colour survives only as what the zero-padded borders make of it, so flat colours come back grey and
+    whole photos get a cast. The reference widths (128 channels and up) have at least 4 channels per group."""
+    if channels % groups:
+        raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups (set encoder.norm_groups "
+                         f"to a divisor of every level's width)")
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -37,14 +48,15 @@ class ResnetBlock(nn.Module):
     The timestep embedding of the LDM block is unused by the VAE (temb_ch=0) and therefore omitted.
     """
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0,
+                 norm_groups: int = NORM_GROUPS):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -64,10 +76,10 @@ class AttnBlock(nn.Module):
     The 1x1 convs (rather than Linear) are kept so the ``[C, C, 1, 1]`` checkpoint weights load as is.
     """
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, norm_groups: int = NORM_GROUPS):
         super().__init__()
         self.in_channels = in_channels
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, norm_groups)
         self.q = nn.Conv2d(in_channels, in_channels, 1)
         self.k = nn.Conv2d(in_channels, in_channels, 1)
         self.v = nn.Conv2d(in_channels, in_channels, 1)
@@ -111,9 +123,9 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _make_attn(channels: int, attn_type: str) -> nn.Module:
+def _make_attn(channels: int, attn_type: str, norm_groups: int = NORM_GROUPS) -> nn.Module:
     if attn_type == "vanilla":
-        return AttnBlock(channels)
+        return AttnBlock(channels, norm_groups)
     if attn_type == "none":
         return nn.Identity()
     raise NotImplementedError(f"attn_type={attn_type!r} is not supported (only 'vanilla' and 'none')")
@@ -142,10 +154,10 @@ class _Level(nn.Module):
 class _Mid(nn.Module):
     """Two ResnetBlocks; the reference's mid attention is commented out, so none here."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, norm_groups: int = NORM_GROUPS):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, norm_groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, norm_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.block_1(x))
@@ -171,6 +183,7 @@ class Encoder(nn.Module):
         z_channels: int,
         double_z: bool = True,
         attn_type: str = "vanilla",
+        norm_groups: int = NORM_GROUPS,
         **ignore_kwargs,
     ):
         super().__init__()
@@ -195,17 +208,17 @@ class Encoder(nn.Module):
             block_in = ch * in_ch_mult[i_level]
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    level.attn.append(_make_attn(block_in, attn_type))
+                    level.attn.append(_make_attn(block_in, attn_type, norm_groups))
             if i_level != self.num_resolutions - 1:
                 level.downsample = Downsample(block_in)
                 curr_res //= 2
             self.down.append(level)
 
-        self.mid = _Mid(block_in, dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid = _Mid(block_in, dropout, norm_groups)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,6 +253,7 @@ class Decoder(nn.Module):
         resolution: int,
         z_channels: int,
         attn_type: str = "vanilla",
+        norm_groups: int = NORM_GROUPS,
         **ignore_kwargs,  # double_z, in_channels, ... arrive through the shared config interpolation
     ):
         super().__init__()
@@ -258,24 +272,24 @@ class Decoder(nn.Module):
         self.z_shape = (1, z_channels, curr_res, curr_res)
 
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, stride=1, padding=1)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, norm_groups)
 
         levels: list[_Level] = []
         for i_level in reversed(range(self.num_resolutions)):
             level = _Level()
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    level.attn.append(_make_attn(block_in, attn_type))
+                    level.attn.append(_make_attn(block_in, attn_type, norm_groups))
             if i_level != 0:
                 level.upsample = Upsample(block_in)
                 curr_res *= 2
             levels.insert(0, level)  # keep up[i] == resolution level i
         self.up = nn.ModuleList(levels)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
