@@ -6,7 +6,7 @@ WebDataset shards, error accounting, manifest), prints the run summary, decodes 
 ``gq decode`` and writes:
 
 * ``OUT/demo-grid.png``: originals (the exact pixels the tokenizer saw) above their reconstructions from the tokens;
-* ``OUT/demo-grid-small.png``: the same at web size (the README picture, ``docs/images/demo-grid.png``);
+* ``OUT/demo-grid-small.jpg``: the same at web size (JPEG 4:4:4, no palette);
 * ``OUT/codebook-usage.png``: the token histogram of the run (the plot of ``gq inspect --plot``);
 * ``OUT/tokens/``: the tokenize output (``parquet/``, ``webdataset/``, and ``.gq/`` with errors, records and the manifest);
 * ``OUT/summary.json``: the summary printed at the end.
@@ -144,9 +144,12 @@ def decode_side_by_side(model, token_dir: str, image_size: int, cols: int = 6):
     return grid, psnr
 
 
-def write_small_grid(grid, path: str, max_bytes: int = 290_000) -> None:
-    """A web-sized copy of the grid (256-colour palette, the widest of 960/840/720/600/480 px that stays under
-    ``max_bytes``): the README picture."""
+def write_web_image(grid, path: str, max_bytes: int = 400_000) -> None:
+    """A web-sized copy of a grid: a JPEG at quality 92 with full-resolution chroma (4:4:4), the widest of
+    960/840/720/600/480 px that stays under ``max_bytes``.
+
+    Not a palette PNG: 256 colours dithered over a photo grid change exactly what a reader of the picture is judging
+    (colour fidelity), and 4:2:0 chroma subsampling would blur the colours of 256 px tiles the same way."""
     import io
 
     from PIL import Image
@@ -157,8 +160,7 @@ def write_small_grid(grid, path: str, max_bytes: int = 290_000) -> None:
         im = full if full.width <= width else full.resize((width, round(full.height * width / full.width)),
                                                           Image.LANCZOS)
         buf = io.BytesIO()
-        im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG).save(
-            buf, format="PNG", optimize=True)
+        im.save(buf, format="JPEG", quality=92, subsampling=0, optimize=True)
         data = buf.getvalue()
         if len(data) <= max_bytes:
             break
@@ -207,8 +209,8 @@ def run(args: argparse.Namespace) -> int:
         grid, psnr = decode_side_by_side(model, token_dir, int(args.image_size))
     grid_path = os.path.join(out, "demo-grid.png")
     Image.fromarray(grid).save(grid_path, optimize=True)
-    small_path = os.path.join(out, "demo-grid-small.png")
-    write_small_grid(grid, small_path)
+    small_path = os.path.join(out, "demo-grid-small.jpg")
+    write_web_image(grid, small_path)
 
     _step(quiet, 5, n, "codebook usage plot", t0)
     from gq_pipeline.inspect_cli import plot_usage, token_histogram, usage_stats

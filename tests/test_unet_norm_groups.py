@@ -31,15 +31,17 @@ def test_default_is_the_reference_groupnorm_32():
 def test_one_channel_per_group_forgets_each_channels_offset_and_four_do_not():
     """Why the option exists, at the layer where it happens: GroupNorm over one channel per group gives the same
     output for a feature map and that map plus a different constant per channel (an overall colour, once conv_in
-    has mixed RGB into 32 channels); over four channels per group the offsets' differences survive."""
+    has mixed RGB into 32 channels); over four channels per group, or all 32 in one group, the offsets'
+    differences survive."""
     from gq_model.unet import Normalize
 
     torch.manual_seed(0)
     h = torch.randn(1, 32, 16, 16)
     offset = torch.randn(1, 32, 1, 1)
-    one, four = Normalize(32), Normalize(32, 8)
+    one, four, all_ = Normalize(32), Normalize(32, 8), Normalize(32, 1)
     assert torch.allclose(one(h), one(h + offset), atol=1e-5)
     assert (four(h) - four(h + offset)).abs().max() > 0.1
+    assert (all_(h) - all_(h + offset)).abs().max() > 0.1  # the built-in demo model's setting
 
 
 def test_norm_groups_round_trips_through_a_bundle_and_changes_the_fingerprint(tmp_path):
