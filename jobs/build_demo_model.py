@@ -215,8 +215,8 @@ downsampling f=8, 16 latent channels, one sub-codebook of K=2^16 with m=16, i.e.
 0.25 bits per pixel) at a small width (channels 32, one res-block per level, 1.0 M encoder+decoder parameters), trained
 for about an hour on a CPU on {n_train} real photos and wallpapers from Debian packages. It exists so that `make demo`,
 the tests and the docs run without downloading anything. **It is a demo, not a useful tokenizer**: expect about
-{report['reconstruction']['quantized']['psnr']['mean']:.0f} dB on photos it never saw, blurry fine detail, and hues
-that are kept but a warm cast on some photos (measured below, "Colour"). For real work convert the official checkpoint
+{report['reconstruction']['quantized']['psnr']['mean']:.0f} dB on photos it never saw, blurry fine detail, and colours
+that are kept (measured below, "Colour"). For real work convert the official checkpoint
 (`gq convert`) or train with `configs/train_sd3unet_gq_0.25.yaml`.
 
 | | |

@@ -47,7 +47,7 @@ def test_builtin_model_reconstructs_a_held_out_image(demo_model):
         assert tokens.shape == (1, 1, 16, 24) and tokens.dtype == torch.int64
         y = demo_model.detokenize(tokens).clamp(-1, 1)
     mse = float(((x - y) * 127.5).pow(2).mean())
-    assert 10 * np.log10(255.0 ** 2 / mse) > 19.0  # 23.5 dB for the shipped model
+    assert 10 * np.log10(255.0 ** 2 / mse) > 19.0  # the shipped model: well above (MODEL_CARD.md)
 
 
 def test_gq_demo_end_to_end(ray_cluster, tmp_path):
@@ -124,12 +124,11 @@ def _round_trip(model, pixels: np.ndarray) -> np.ndarray:
 def test_builtin_model_keeps_the_colours_of_held_out_photos(demo_model, name):
     """Issue 18 item 8: the first demo model shifted these photos by +24 to +36 levels of red and halved (rocket,
     0.53) or inflated (astronaut, 1.47) their chroma. scikit-image's photos are a held-out source of the current
-    model. The bound of 25 levels guards against that cast coming back; it is not the goal: the shipped model still
-    adds +20 to +36 levels of red to some warm photos (MODEL_CARD.md, "Colour"; issue 18 item 8 stays open)."""
+    model; the shipped one shifts them by at most 8 levels per channel (MODEL_CARD.md, "Colour")."""
     orig = _skimage_photo_at_256(name).astype(np.float64)
     rec = _round_trip(demo_model, orig.astype(np.uint8))
     bias = (rec - orig).reshape(-1, 3).mean(0)
-    assert np.abs(bias).max() <= 25.0, f"{name}: mean colour bias R G B {bias.round(1)} (8-bit levels)"
+    assert np.abs(bias).max() <= 10.0, f"{name}: mean colour bias R G B {bias.round(1)} (8-bit levels)"
     chroma = (rec.max(-1) - rec.min(-1)).mean() / (orig.max(-1) - orig.min(-1)).mean()
     assert 0.7 <= chroma <= 1.35, f"{name}: chroma ratio {chroma:.2f}"
 
@@ -146,5 +145,5 @@ def test_builtin_model_keeps_flat_colours(demo_model, rgb):
     h0, s0, _ = colorsys.rgb_to_hsv(*(np.array(rgb) / 255.0))
     h1, s1, _ = colorsys.rgb_to_hsv(*(out / 255.0))
     hue_shift = ((h1 - h0 + 0.5) % 1.0 - 0.5) * 360.0
-    assert abs(hue_shift) <= 30.0, f"{rgb} -> {out.round()}: hue shift {hue_shift:+.0f} degrees"
-    assert s1 / s0 >= 0.4, f"{rgb} -> {out.round()}: saturation x{s1 / s0:.2f}"
+    assert abs(hue_shift) <= 20.0, f"{rgb} -> {out.round()}: hue shift {hue_shift:+.0f} degrees"
+    assert s1 / s0 >= 0.6, f"{rgb} -> {out.round()}: saturation x{s1 / s0:.2f}"
