@@ -2,7 +2,7 @@
 """How often a bf16 encoder gives the same tokens as fp32 (not a test; prints markdown, ``--json`` writes numbers).
 
 ``gq tokenize --precision bf16`` runs the encoder under ``torch.autocast(bfloat16)`` on GPU actors and the codebook
-search in fp32 (gq_pipeline/stages.py). bf16 moves mu and sigma by ~1e-2 relative, which can flip the argmax for
+search in fp32 (gq_pipeline/worker.py, encode_uint8). bf16 moves mu and sigma by ~1e-2 relative, which can flip the argmax for
 posteriors that sit near the boundary between two codewords. This measures, on real images preprocessed exactly as
 the pipeline does:
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from gq_model.metrics.image import psnr  # gq eval's clamped per-image PSNR
-    from gq_pipeline.model_loader import load_model
+    from gq_model.loading import load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, config=args.config, preset=args.preset).to(device).eval()

@@ -37,7 +37,7 @@ def build_model(args):
     from gq_model.reference_config import preset_config
 
     if args.model:
-        from gq_pipeline.model_loader import load_model
+        from gq_model.loading import load_model
 
         return load_model(args.model)
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 A rerun with another ``--format`` (``parquet`` then ``webdataset``, or ``parquet`` then ``both``) finds units whose
 records lack the asked format. Their tokens, sizes, keys and pass-through data are all in the committed shard, so the
 missing shard is rebuilt from it, with no model call and no read of the inputs, by the same code a fresh run writes
-shards with (:func:`gq_pipeline.commit.build_shards`): the bytes are a fresh run's bytes.
+shards with (:func:`gq_pipeline.writers.build_shards`): the bytes are a fresh run's bytes.
 
 Commit discipline is that of :mod:`gq_pipeline.commit`: the new shard is staged under ``.staging/<attempt>/``; the
 record is then replaced, by a compare-and-swap on the version read at the start, with one that lists every format
@@ -40,13 +40,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gq_model.storage import read_versioned, replace_if_match
-from gq_pipeline.commit import SHARD_FORMATS, StagedUnit, build_shards, discard_unit, publish_unit, record_bytes
+from gq_pipeline.commit import StagedUnit, discard_unit, publish_unit, record_bytes
 from gq_pipeline.commitset import new_attempt, staged_relpath
 from gq_pipeline.manifest import OutputStore
 from gq_pipeline.schema import schema_from_json
 from gq_pipeline.shards import token_tar_groups
-from gq_pipeline.stages import TOKEN_SCHEMA
-from gq_pipeline.writers import ShardContext
+from gq_pipeline.writers import SHARD_FORMATS, TOKEN_SCHEMA, ShardContext, build_shards
 
 __all__ = ["ConversionImpossible", "missing_formats", "why_not_convertible", "convert_unit", "CONVERTED",
            "NEEDS_MODEL", "UNCHANGED"]
@@ -211,7 +210,7 @@ def convert_unit(store: OutputStore, ctx: ShardContext, unit_id: str, formats) -
         if rows.num_rows != record["tokenized"]:
             out["reason"] = f"its committed shard holds {rows.num_rows} rows, its record {record['tokenized']}"
             return out
-        built = build_shards(store, wctx, unit_id, record["kind"], add, rows, None)
+        built = build_shards(wctx, unit_id, record["kind"], add, rows, None)
     new = dict(record)
     new["shards"] = sorted(list(record.get("shards", ())) + [e for _, _, e in built],
                            key=lambda s: SHARD_FORMATS.index(s["format"]) if s["format"] in SHARD_FORMATS else 9)

@@ -69,7 +69,8 @@ def _ls(fs, path: str) -> list[str]:
 def collect_garbage(output: str, *, dry_run: bool = False, force: bool = False,
                     storage_options: dict | None = None) -> GcReport:
     """Roll committed units forward, then remove orphans, stale staging and temporaries (see the module doc)."""
-    from gq_pipeline.commitset import committed_paths, read_records, remove_tree, roll_forward, staged_files
+    from gq_pipeline.commit import remove_tree, roll_forward
+    from gq_pipeline.commitset import committed_paths, read_records, staged_files
     from gq_pipeline.sources import get_fs, to_url
 
     fs, root = get_fs(output, storage_options)

@@ -33,9 +33,8 @@ from gq_pipeline.layout import LEGACY_WIDS_INDEX
 from gq_pipeline.convert import CONVERTED, NEEDS_MODEL, UNCHANGED, convert_unit, why_not_convertible
 from gq_pipeline.lease import LeaseHeldError, LeaseLostError, OutputLease
 from gq_pipeline.manifest import IncompatibleOutputError, OutputStore, manifest_unit_entry
-from gq_pipeline.model_loader import load_model
+from gq_model.loading import load_model
 from gq_pipeline.options import FORMATS, PLACEMENTS, PRECISIONS, Resources, TokenizeOptions, split_keywords
-from gq_pipeline.placement import choose_placement as _model_placement  # noqa: F401 (its former name here)
 from gq_pipeline.placement import place, worker_pool
 from gq_pipeline.plan_store import PLAN_DIR
 from gq_pipeline.progress import ProgressReporter

@@ -2,7 +2,7 @@
 output's one Parquet schema. Paths are :mod:`gq_pipeline.layout`'s (``.gq/...``).
 
 A unit is done exactly when ``.gq/units/<unit_id>.json`` exists; it is created after the unit's files are staged and
-before they are published (:mod:`gq_pipeline.commit`, :mod:`gq_pipeline.commitset`), so a crash at any moment leaves
+before they are published (:mod:`gq_pipeline.commit`), so a crash at any moment leaves
 either an uncommitted unit that no plain reader sees and a rerun redoes (same names, same bytes), or a committed unit
 whose staged files the next run's :meth:`OutputStore.prepare` rolls forward.
 Resuming reads the manifest plus only the commit records the manifest does not list yet, so a rerun costs one
@@ -15,9 +15,10 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from gq_model.storage import create_exclusive, is_local_fs, put_atomic, read_versioned, replace_if_match
+from gq_model.storage import is_local_fs, put_atomic, read_versioned
 from gq_pipeline import layout as _layout
-from gq_pipeline.commitset import RollForward, read_records, roll_forward, staged_files
+from gq_pipeline.commit import RollForward, roll_forward
+from gq_pipeline.commitset import read_records, staged_files
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.sources import get_fs, to_url
 from gq_pipeline.writers import ShardContext
@@ -31,14 +32,6 @@ RUN_CONSTANTS = ("format_version", "model_fingerprint", "codebook_fingerprint", 
                  "passthrough_schema")
 # A temporary younger than this may belong to a write in progress (prepare() leaves it when told to).
 TEMP_STALE_S = 900.0
-
-
-def _supersedes(new: dict[str, Any], old: dict[str, Any]) -> bool:
-    """``new`` commits more of the same unit than ``old``: every format ``old`` has and its latents, and more."""
-    more_formats = set(old.get("formats", ())) <= set(new.get("formats", ()))
-    more_latents = bool(new.get("latents")) or not old.get("latents")
-    return more_formats and more_latents and (set(new.get("formats", ())) != set(old.get("formats", ()))
-                                              or bool(new.get("latents")) != bool(old.get("latents")))
 
 
 def manifest_unit_entry(record: dict[str, Any]) -> dict[str, Any]:
@@ -272,33 +265,6 @@ class OutputStore:
     # ------------------------------------------------------------------ writing
     def put(self, relpath: str, data: bytes) -> None:
         put_atomic(self.fs, self.path(relpath), data)
-
-    def commit(self, record: dict[str, Any]) -> bool:
-        """Last write of a unit: from now on it is done. True if this call wrote the record, False if the unit was
-        already committed (by another run, or by an earlier attempt of this commit), which the caller must not count
-        again.
-
-        The record is created conditionally (gq_model.storage.create_exclusive), so of two writers of one unit only
-        the first wins. The one exception is a record this one supersedes: the same unit committed with fewer
-        formats or without latents, which a rerun with more asks for; it is replaced by a compare-and-swap on the
-        version read, so a concurrent change wins over us rather than being overwritten."""
-        path = self.path(self.layout.record(record["unit_id"]))
-        data = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
-        if create_exclusive(self.fs, path, data):
-            return True
-        got = read_versioned(self.fs, path)
-        if got is None:  # removed between the two calls (a gc of a broken record): nobody holds the unit now
-            return create_exclusive(self.fs, path, data)
-        blob, version = got
-        if blob == data:
-            return False
-        try:
-            old = json.loads(blob)
-        except ValueError:
-            old = None
-        if old is not None and not _supersedes(record, old):
-            return False
-        return replace_if_match(self.fs, path, data, version) is not None
 
     def _declared_columns(self, manifest: dict[str, Any]) -> list[dict[str, str]]:
         from gq_pipeline.records import tokens_fit_uint16

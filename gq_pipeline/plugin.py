@@ -23,8 +23,8 @@ import numpy as np
 
 from gq_pipeline.preprocess import (CROP_MODES, DEFAULT_MAX_PIXELS, preprocess_array_uint8, preprocess_pil_uint8,
                                     preprocess_settings, preprocess_uint8, check_policy)
-from gq_pipeline.records import FORMAT_VERSION, IMAGE_EXTENSIONS, SampleError, tokens_fit_uint16
-from gq_pipeline.stages import clean_message, encode_uint8  # the one model call, shared with gq tokenize
+from gq_pipeline.records import FORMAT_VERSION, IMAGE_EXTENSIONS, SampleError, clean_message, tokens_fit_uint16
+from gq_pipeline.worker import encode_uint8  # the one model call, shared with gq tokenize
 
 __all__ = ["GQTokenizer", "OUTPUT_COLUMNS", "PREPROCESS_MODES", "parse_error"]
 
@@ -73,7 +73,7 @@ class GQTokenizer:
     """Batch stage: images in ``image_column`` -> ``tokens``, ``token_shape``, ``gq_error`` (+ docs/plugin.md).
 
     ``model``: a ``GQModel``, a bundle path/URL, a built-in name (``"demo"``), or a reference ``.ckpt`` with
-    ``preset=`` / ``config=`` (resolved by ``gq_pipeline.model_loader.load_model``). ``device``: ``None`` picks CUDA
+    ``preset=`` / ``config=`` (resolved by ``gq_model.loading.load_model``). ``device``: ``None`` picks CUDA
     when the calling process has it, at the first call. ``precision="bf16"`` runs the encoder in bf16 on CUDA (about
     2 % of tokens change; fp32 on CPU). ``preprocess="gq"`` applies gq's decode/colour/resize/crop policy to encoded
     bytes, HF image structs, PIL images and HWC uint8 arrays; ``"reference"`` the GQ reference pipeline's instead
@@ -85,7 +85,7 @@ class GQTokenizer:
                  precision: str = "fp32", device: Any = None, latents: bool = False, preprocess: str = "gq", *,
                  batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS, config: str | None = None,
                  preset: str | None = None, trust_checkpoint: bool = False, storage_options: dict | None = None):
-        from gq_pipeline.model_loader import load_model
+        from gq_model.loading import load_model
 
         if crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")

@@ -44,11 +44,15 @@ The bomb guard and error kinds are the same for both policies.
 
 A decompression-bomb guard refuses images above ``max_pixels`` (read from the header, before decoding) with a
 ``too_large`` :class:`~gq_pipeline.records.SampleError`; undecodable data gives ``decode``, zero bytes ``empty``.
+
+:func:`decode_sample` is the pipeline's door to all this: one read sample becomes its row, with pixels or with the
+error that stopped it, and never raises for one sample's fault.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import pickle
 import threading
 import warnings
 
@@ -57,14 +61,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from gq_pipeline.records import SampleError
+from gq_pipeline.records import INT32_MAX, ROW_ERROR, ROW_OK, SampleError, clean_message, is_utf8, printable
 
 if TYPE_CHECKING:  # torch is imported lazily: Ray read tasks decode images and never need it
     import torch
 
+    from gq_pipeline.sources import RawSample
+
 __all__ = ["preprocess_image", "preprocess_uint8", "to_model_input", "decode_image", "to_rgb", "resize_crop",
            "shorter_side_size", "DEFAULT_MAX_PIXELS", "CROP_MODES", "preprocess_pil", "preprocess_pil_uint8",
-           "preprocess_array", "preprocess_array_uint8", "PREPROCESS_POLICIES", "check_policy",
+           "preprocess_array", "preprocess_array_uint8", "PREPROCESS_POLICIES", "check_policy", "decode_sample",
            "reference_rgb", "reference_resized_size", "reference_crop_offsets", "reference_resize_crop"]
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -432,3 +438,57 @@ def preprocess_settings(model, image_size: int, crop: str, precision: str, max_p
     if policy != "gq":  # gq's record gains only "policy": its other fields stay as before this option existed
         rec.update(exif=pol["exif"], crop_offset=pol["crop_offset"])
     return rec
+
+
+# ------------------------------------------------------------------------------------------ one pipeline sample
+# A worker's decode threads turn each read sample into its row (the fields of writers.TOKEN_SCHEMA): preprocessed
+# pixels, or the error that stopped it.
+
+
+def decode_sample(unit_id: str, s: "RawSample", cfg: dict[str, Any]) -> dict[str, Any]:
+    """One sample's row: its identity, and either preprocessed pixels (``img``: uint8 ``[3, img_h, img_w]``, kept
+    only until the model has run) or the error that stopped it. Never raises for one sample's fault: a row that
+    cannot be built, or whose values the unit's table could not hold (a header width beyond int32, text that is
+    not UTF-8), becomes that sample's ``unsupported`` error row instead of failing the unit."""
+    try:
+        row = _decode_row(unit_id, s, cfg)
+        problem = _unstorable(row)
+    except Exception as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem is None:
+        return row
+    return {"unit": unit_id, "idx": int(s.idx), "kind": ROW_ERROR, "key": printable(str(s.key)),
+            "source": printable(str(s.source)), "member": printable(str(s.member or "")), "width": -1, "height": -1,
+            "extra": b"", "error": "unsupported", "message": clean_message(printable(f"row not stored: {problem}")),
+            "img": None}
+
+
+def _unstorable(row: dict[str, Any]) -> str | None:
+    """Why ``row`` would not fit ``TOKEN_SCHEMA`` (checked per row, so one bad value cannot fail the unit's table)."""
+    for name in ("width", "height"):
+        if not -INT32_MAX - 1 <= int(row[name]) <= INT32_MAX:
+            return f"{name} {row[name]} does not fit int32"
+    for name in ("unit", "key", "source", "member", "error", "message"):
+        if not isinstance(row[name], str) or not is_utf8(row[name]):
+            return f"{name} {printable(str(row[name]))!r} is not UTF-8 text"
+    return None
+
+
+def _decode_row(unit_id: str, s: "RawSample", cfg: dict[str, Any]) -> dict[str, Any]:
+    row = {"unit": unit_id, "idx": s.idx, "kind": ROW_OK, "key": s.key, "source": s.source, "member": s.member or "",
+           "width": -1, "height": -1, "extra": pickle.dumps(s.extra, protocol=5) if s.extra else b"",
+           "error": "", "message": "", "img": None}
+    err = s.error
+    if err is None:
+        try:
+            arr, (w, h) = preprocess_uint8(s.data, cfg["image_size"], cfg["crop"], max_pixels=cfg["max_pixels"],
+                                           multiple_of=cfg["multiple_of"], policy=cfg.get("policy", "gq"))
+            row.update(width=w, height=h, img=arr)
+        except SampleError as e:
+            err = e
+        except Exception as e:  # never let one sample kill the unit
+            err = SampleError("decode", f"{type(e).__name__}: {e}")
+    if err is not None:
+        row.update(kind=ROW_ERROR, error=err.kind, message=clean_message(err.message), width=err.width,
+                   height=err.height)
+    return row

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 __all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "tokens_fit_uint16", "ERROR_KINDS", "SampleError", "make_key", "make_unit_id", "ROW_OK",
-           "ROW_ERROR", "checked_dimension", "printable", "is_utf8", "INT32_MAX", "RESERVED_COLUMNS",
+           "ROW_ERROR", "checked_dimension", "printable", "is_utf8", "clean_message", "INT32_MAX", "RESERVED_COLUMNS",
            "IMAGE_EXTENSIONS", "TAR_EXTENSIONS", "PARQUET_EXTENSIONS"]
 
 # Token shard format version (docs/token-format.md): writers stamp it, readers refuse newer ones.
@@ -87,6 +87,14 @@ def is_utf8(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def clean_message(message: str) -> str:
+    """Error text without object addresses (``<_io.BytesIO object at 0x7f..>``), so error files are reproducible."""
+    return _ADDRESS.sub("", message)[:2000]
 
 
 def make_key(identity: str, readable: str) -> str:

@@ -21,12 +21,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from gq_pipeline.commit import commit_unit, create_record
 from gq_pipeline.layout import SINK_TMP
 from gq_pipeline.manifest import SUBDIRS, IncompatibleOutputError, OutputStore, manifest_unit_entry
 from gq_pipeline.plugin import LATENT_COLUMNS, OUTPUT_COLUMNS, GQTokenizer, parse_error
 from gq_pipeline.preprocess import preprocess_settings
 from gq_pipeline.records import ERROR_KINDS, FORMAT_VERSION, RESERVED_COLUMNS, make_key, make_unit_id
-from gq_pipeline.writers import ShardContext
+from gq_pipeline.writers import CompleteUnit, ShardContext
 
 try:  # the sink is a Ray Data Datasink; importing this module without Ray gives a clear error at construction
     from ray.data import Datasink as _Base
@@ -78,7 +79,7 @@ class GQShardSink(_Base):
             preprocess = dict(tok.preprocess_record)
             latents, image_column = tok.latents, image_column or tok.image_column
         else:
-            from gq_pipeline.model_loader import load_model
+            from gq_model.loading import load_model
             from gq_pipeline.preprocess import DEFAULT_MAX_PIXELS
 
             gq = load_model(model, config=config, preset=preset, storage_options=storage_options)
@@ -130,7 +131,6 @@ class GQShardSink(_Base):
         import pyarrow as pa
         from ray.data.block import BlockAccessor
 
-        from gq_pipeline.commit import CompleteUnit, commit_unit
         from gq_pipeline.sources import Unit
 
         tables = [self._normalize(BlockAccessor.for_block(b).to_arrow()) for b in blocks]
@@ -167,7 +167,7 @@ class GQShardSink(_Base):
                 for rel in [s["path"] for s in record["shards"]] + ([record["errors_file"]]
                                                                    if record["errors_file"] else []):
                     _move(store, f"{self.staging_rel}/{rel}", rel)
-                store.commit(record)
+                create_record(store, record)
             self.result = self._write_manifest(store, returns)
         finally:
             self._remove_staging(store)
@@ -204,7 +204,7 @@ class GQShardSink(_Base):
         """A write task's Arrow rows -> (commit_unit's sample rows, unit info, keys), after the refusal checks."""
         import pyarrow as pa
 
-        from gq_pipeline.stages import TOKEN_SCHEMA
+        from gq_pipeline.writers import TOKEN_SCHEMA
 
         names = table.column_names
         missing = [c for c in OUTPUT_COLUMNS if c not in names]

@@ -1,8 +1,10 @@
 """One unit, end to end, on the machine that runs the model: read, decode, tokenize, write shards, commit.
 
-This is the data plane. A unit's images are read and decoded on the worker's own node by a local pool of decode
-threads (PIL releases the GIL while decoding and resizing), its tokens are computed in mini-batches by the worker's
-``ModelRunner``, and its shards and commit record are written from there. What leaves the worker is one small dict
+This is the data plane. A unit's images are read (:mod:`gq_pipeline.sources`) and decoded
+(:func:`gq_pipeline.preprocess.decode_sample`) on the worker's own node by a local pool of decode threads (PIL
+releases the GIL while decoding and resizing), its tokens are computed in mini-batches by the worker's
+:class:`ModelRunner`, and its files and commit record are built (:mod:`gq_pipeline.writers`) and committed
+(:mod:`gq_pipeline.commit`) from there. The worker calls each of those rooms in turn and none calls another. What leaves the worker is one small dict
 per unit (status, commit record, timings): decoded pixels and token rows never cross the object store or the driver,
 so the driver's work is O(units), not O(rows) (docs/architecture.md, "Pipeline").
 
@@ -11,6 +13,7 @@ per CPU node) and in the driver process itself on a single CPU-only machine.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -20,14 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from gq_pipeline.commit import CompleteUnit, commit_staged, stage_unit
+from gq_pipeline.commit import commit_staged, stage_files
 from gq_pipeline.manifest import OutputStore
-from gq_pipeline.records import ROW_OK
+from gq_pipeline.preprocess import decode_sample, to_model_input
+from gq_pipeline.records import ROW_ERROR, ROW_OK, clean_message, tokens_fit_uint16
 from gq_pipeline.sources import Unit, UnitInfo, UnitReadError, iter_samples
-from gq_pipeline.stages import ModelRunner, decode_sample, lower_thread_priority, rows_to_table
-from gq_pipeline.writers import ShardContext
+from gq_pipeline.writers import CompleteUnit, ShardContext, rows_to_table, unit_files
 
-__all__ = ["WorkSpec", "UnitProcessor", "UnitWorkerActor", "UnitOutcome"]
+__all__ = ["WorkSpec", "UnitProcessor", "UnitWorkerActor", "UnitOutcome", "ModelRunner", "encode_uint8",
+           "model_payload", "is_out_of_memory", "lower_thread_priority"]
 
 COMMITTED, FAILED, ALREADY = "committed", "failed", "already_committed"
 
@@ -62,6 +66,168 @@ class WorkSpec:
 
 
 UnitOutcome = dict  # {"unit_id", "status", "record", "error", "inputs", "read_s", "model_s", "write_s", "node"}
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+def lower_thread_priority(niceness: int) -> None:
+    """Lower the OS priority of the *calling thread* (Linux nice values are per thread).
+
+    Decode threads run in the same process as the model; on CPU-only nodes the model's OpenMP threads use every core,
+    and a decode thread preempting one of them stalls the whole parallel region at its next barrier. Niced, decoding
+    still runs whenever a core is idle.
+    """
+    if niceness:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(niceness))
+        except (OSError, AttributeError):
+            pass
+
+
+def model_payload(model) -> dict[str, Any]:
+    """What the driver ``ray.put``s once for all actors: config + CPU weights (actors never re-read the model files,
+    so a DeepSpeed or reference checkpoint is converted once, and every actor provably runs the same weights)."""
+    return {"config": model.config.to_dict(), "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model_fingerprint": model.model_fingerprint}
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device (or host allocator) out-of-memory error: worth retrying with a smaller batch."""
+    # torch.cuda.OutOfMemoryError is a RuntimeError whose message says "out of memory", as are the host allocator's
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def encode_uint8(model, images: np.ndarray, device, *, autocast: bool, latents: bool, token_dtype
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 ``[B,3,H,W]`` -> (tokens ``[B,G,h,w]`` as ``token_dtype``, μ ``[B,C,h,w]`` float16 or None).
+
+    The one model call of gq: ``gq tokenize``'s workers (``ModelRunner``) and the plugin (``GQTokenizer``) both use
+    it, so their tokens are the same bits. Float conversion with ``to_model_input``, encoder (bf16 autocast on CUDA
+    when asked), float32 moments, the quantizer; outputs in the grid layout (:meth:`GQModel.to_grid`).
+    """
+    import torch
+
+    x = to_model_input(images).to(device, non_blocking=True)
+    with torch.no_grad():  # not inference_mode: a multi-threaded search kernel may update tensors in place
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            mu, logvar = model.encode_moments(x)
+        mu, logvar = mu.float(), logvar.float()
+        idx, _ = model.quantizer.quantize(mu, logvar)
+    idx, mu = model.to_grid(idx, images.shape[2:]), model.to_grid(mu, images.shape[2:])  # shards store [B,*,h,w]
+    tokens = idx.cpu().numpy().astype(token_dtype)
+    lat = mu.to(torch.float16).cpu().numpy() if latents else None
+    return tokens, lat
+
+
+class ModelRunner:
+    """The encoder and codebook search on one device, applied to decoded rows in batches of ``batch_size``.
+
+    Images are grouped by shape (``--crop none`` gives several). A batch that runs out of memory is halved and
+    retried, down to one image, and the smaller size is kept for the rest of the run (a CUDA OOM is a property of the
+    device and the shape, not of one image). A batch that raises anything else is retried one image at a time, so a
+    bad sample becomes a ``model`` error record for itself alone. When *every* image of the batch fails alone too,
+    the failure is systematic (a broken model): it raises, so the unit is failed rather than committed as thousands
+    of ``model`` errors.
+    """
+
+    def __init__(self, model, *, batch_size: int, precision: str = "fp32", latents: bool = False,
+                 warmup_size: int | None = None):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.batch_size = max(1, int(batch_size))
+        self.autocast = precision == "bf16" and self.device.type == "cuda"
+        self.latents = latents
+        self.token_dtype = np.uint16 if tokens_fit_uint16(model.config.codebook_size) else np.int32
+        self.oom_halvings = 0
+        if warmup_size:  # first calls pay one-off costs (kernel set-up, lazy imports): keep them out of the stats
+            self._run(np.zeros((1, 3, warmup_size, warmup_size), np.uint8))
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], *, use_gpu: bool, cpu_threads: int, **kwargs) -> "ModelRunner":
+        """Rebuild the driver's model from :func:`model_payload` on this process's device, checking its fingerprint."""
+        import torch
+
+        from gq_model import GQConfig, GQModel
+
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if use_gpu and device.type != "cuda":
+            raise RuntimeError("this worker was placed for a GPU but torch sees no CUDA device")
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, int(cpu_threads)))
+        model = GQModel(GQConfig.from_dict(payload["config"]))
+        model.load_state_dict(payload["state"], strict=True)
+        if model.model_fingerprint != payload["model_fingerprint"]:
+            raise RuntimeError("model weights changed in transit: fingerprint mismatch")
+        return cls(model.to(device).eval(), **kwargs)
+
+    def _run(self, images: np.ndarray):
+        return encode_uint8(self.model, images, self.device, autocast=self.autocast, latents=self.latents,
+                            token_dtype=self.token_dtype)
+
+    def _run_fitting(self, images: np.ndarray):
+        """``_run`` in pieces no larger than the batch size that fits; halves it on out-of-memory."""
+        out_t, out_l = [], []
+        i = 0
+        while i < len(images):
+            n = min(self.batch_size, len(images) - i)
+            try:
+                t, lat = self._run(images[i:i + n])
+            except Exception as e:
+                if not is_out_of_memory(e) or n == 1:
+                    raise
+                self._free_cached_memory()
+                self.batch_size = max(1, n // 2)
+                self.oom_halvings += 1
+                continue
+            out_t.append(t)
+            out_l.append(lat)
+            i += n
+        return np.concatenate(out_t), (np.concatenate(out_l) if self.latents else None)
+
+    def _free_cached_memory(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def tokenize(self, rows: list[dict[str, Any]]) -> float:
+        """Fill ``tokens`` (and ``latent``) of the ``ok`` rows in place, turning rows the model cannot take into
+        ``model`` errors; drops the pixels. Returns the model seconds spent."""
+        t_start = time.perf_counter()
+        groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        for r in rows:
+            if r["kind"] == ROW_OK and r.get("img") is not None:
+                groups.setdefault(r["img"].shape, []).append(r)
+        for members in groups.values():
+            for c0 in range(0, len(members), self.batch_size):
+                chunk = members[c0:c0 + self.batch_size]
+                arrs = np.stack([r["img"] for r in chunk])
+                try:
+                    results = [(chunk, self._run_fitting(arrs))]
+                except Exception as chunk_error:
+                    results, failures = [], []
+                    for j, r in enumerate(chunk):
+                        try:
+                            results.append(([r], self._run_fitting(arrs[j:j + 1])))
+                        except Exception as e:
+                            failures.append((r, clean_message(f"{type(e).__name__}: {e}")))
+                    if not results:
+                        raise RuntimeError(f"the model fails on every image of a batch of {len(chunk)}: "
+                                           f"{type(chunk_error).__name__}: {chunk_error}") from chunk_error
+                    for r, msg in failures:
+                        r.update(kind=ROW_ERROR, error="model", message=msg)
+                for members_, (tok, lat) in results:
+                    for j, r in enumerate(members_):
+                        r["tokens"] = tok[j].tobytes()
+                        r["tg"], r["th"], r["tw"] = tok[j].shape
+                        if lat is not None:
+                            r["latent"] = lat[j].tobytes()
+                            r["lc"], r["lh"], r["lw"] = lat[j].shape
+        for r in rows:
+            r.pop("img", None)
+        return time.perf_counter() - t_start
+
+
+# ------------------------------------------------------------------------------------------------ units
 
 
 class UnitProcessor:
@@ -132,7 +298,7 @@ class UnitProcessor:
         t1 = time.perf_counter()
         # A unit committed before in other formats is redone with all of them (its record keeps every format it has)
         formats = tuple(formats or self.spec.formats)
-        staged = stage_unit(self.store, self.spec.ctx, formats, done)
+        staged = stage_files(self.store, unit_files(self.spec.ctx, formats, done))
         created = commit_staged(self.store, staged)
         out["write_s"] = time.perf_counter() - t1
         if not created:  # another run committed this unit first: its record stands, ours is discarded
@@ -147,7 +313,7 @@ class UnitProcessor:
 
     def tokenize_unit(self, unit: Unit) -> CompleteUnit:
         """Read and tokenize every sample of ``unit`` (decoding on the pool, the model in mini-batches): the rows
-        ``commit_unit`` takes, in sample order. Raises ``UnitReadError`` (transient), ``UnitCancelled``, or
+        ``writers.unit_files`` takes, in sample order. Raises ``UnitReadError`` (transient), ``UnitCancelled``, or
         ``RuntimeError`` when the model fails on a whole batch."""
         t0 = time.perf_counter()
         info = UnitInfo()

@@ -1,27 +1,55 @@
-"""Turn one finished unit's rows into the files of docs/token-format.md, byte-for-byte reproducibly.
+"""One finished unit's rows -> its files of docs/token-format.md and its commit record, in memory, byte-for-byte
+reproducibly. Nothing here does I/O: :mod:`gq_pipeline.commit` writes what :func:`unit_files` returns.
 
-Everything is built in memory (a unit's tokens are ~2 KB per 256² image) and then put with :func:`put_atomic`:
-local files are written under a ``.tmp-`` name and renamed, object stores get one PUT (visible only when complete).
-No timestamps, hostnames or random ids go into any file: the same rows give the same bytes.
+The rows are plain dicts with the fields of ``TOKEN_SCHEMA`` (made by ``preprocess.decode_sample``, filled with
+tokens by the worker's ``ModelRunner``); a unit's rows become one Arrow table with :func:`rows_to_table`. Arrow,
+never numpy string arrays, carries image bytes (numpy would strip trailing NUL bytes).
+
+Everything is built in memory (a unit's tokens are ~2 KB per 256² image). No timestamps, hostnames or random ids go
+into any file: the same rows give the same bytes, so a unit redone after a crash publishes identical files.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gq_pipeline.records import FORMAT_VERSION, ROW_ERROR, ROW_OK, tokens_fit_uint16
-from gq_model.storage import put_atomic  # noqa: F401  (re-exported: the one atomic write)
+from gq_pipeline.layout import CURRENT
+from gq_pipeline.records import ERROR_KINDS, FORMAT_VERSION, ROW_ERROR, ROW_OK, tokens_fit_uint16
+from gq_pipeline.schema import schema_to_json
 
-__all__ = ["ShardContext", "put_atomic", "build_token_table", "build_error_table", "parquet_bytes",
-           "tar_bytes"]
+if TYPE_CHECKING:
+    from gq_pipeline.sources import Unit
+
+__all__ = ["ShardContext", "TOKEN_SCHEMA", "rows_to_table", "CompleteUnit", "UnitFiles", "unit_files", "build_shards",
+           "SHARD_FORMATS", "build_token_table", "build_error_table", "parquet_bytes", "tar_bytes", "split_rows"]
+
+# The rows a worker builds for each sample (ok or error), one table per unit: the input of everything below.
+_COMMON = [("unit", pa.string()), ("idx", pa.int64()), ("kind", pa.string()), ("key", pa.string()),
+           ("source", pa.string()), ("member", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+           ("extra", pa.binary()), ("error", pa.string()), ("message", pa.string()), ("n", pa.int64()),
+           ("info", pa.binary())]
+TOKEN_SCHEMA = pa.schema(_COMMON + [("tokens", pa.binary()), ("tg", pa.int32()), ("th", pa.int32()),
+                                    ("tw", pa.int32()), ("latent", pa.binary()), ("lc", pa.int32()),
+                                    ("lh", pa.int32()), ("lw", pa.int32()), ("model_s", pa.float64())])
+_DEFAULTS = {"unit": "", "idx": -1, "kind": ROW_OK, "key": "", "source": "", "member": "", "width": -1, "height": -1,
+             "extra": b"", "error": "", "message": "", "n": 0, "info": b"", "tokens": b"", "tg": 0, "th": 0, "tw": 0,
+             "latent": b"", "lc": 0, "lh": 0, "lw": 0, "model_s": 0.0}
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """A unit's sample rows (``decode_sample`` rows after ``ModelRunner.tokenize``) as one ``TOKEN_SCHEMA`` table."""
+    return pa.Table.from_pydict({f.name: [r.get(f.name, _DEFAULTS[f.name]) for r in rows] for f in TOKEN_SCHEMA},
+                                schema=TOKEN_SCHEMA)
 
 _TAR_PASSTHROUGH = (("txt", pa.string()), ("json", pa.string()), ("cls", pa.int64()))  # = schema.TAR_PASSTHROUGH
 
@@ -278,3 +306,113 @@ def split_rows(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
 
     kinds = rows.column("kind")
     return rows.filter(pc.equal(kinds, ROW_OK)), rows.filter(pc.equal(kinds, ROW_ERROR))
+
+
+# ------------------------------------------------------------------------------------------- one unit's output
+SHARD_FORMATS = ("parquet", "webdataset")  # the order of a record's ``shards``
+
+
+@dataclass
+class CompleteUnit:
+    """A unit with every sample's row: what the worker (or the plugin's sink) hands over to be written."""
+
+    unit: "Unit"
+    rows: pa.Table  # sample rows (ok + error, ``TOKEN_SCHEMA``), sorted by idx, one per index
+    info: dict[str, Any]
+    model_s: float
+
+
+@dataclass
+class UnitFiles:
+    """Everything one unit commits, built in memory and not yet written: each file by its final relpath, the
+    commit record that vouches for them (sha256 of each), and the unit's token histogram (for usage stats)."""
+
+    unit_id: str
+    files: list[tuple[str, bytes]]
+    record: dict[str, Any]
+    hist: np.ndarray | None
+
+
+def _row_groups(data: bytes) -> list[int]:
+    """Rows per row group of Parquet bytes, from their own footer (recorded so that readers need not read it)."""
+    md = pq.read_metadata(pa.BufferReader(data))
+    return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
+
+def _token_shapes(ok: pa.Table) -> list[list[int]]:
+    """``[[G, h, w, count], ...]`` of a unit's token grids (one entry unless ``--crop none``), sorted."""
+    shapes = Counter(zip(*(ok.column(c).to_pylist() for c in ("tg", "th", "tw"))))
+    return [[int(g), int(h), int(w), int(n)] for (g, h, w), n in sorted(shapes.items())]
+
+
+def build_shards(ctx: ShardContext, unit_id: str, unit_kind: str, formats, ok: pa.Table,
+                 passthrough_schema: pa.Schema | None) -> list[tuple[str, bytes, dict[str, Any]]]:
+    """``(relpath, bytes, record shard entry)`` of each requested format's token shard of one unit's ``ok`` rows.
+
+    The one place shard bytes and their record entries are made: a unit's first commit and a later format
+    conversion (:mod:`gq_pipeline.convert`) both call it, so a shard written from the other format's shard is the
+    file a fresh run writes."""
+    n_ok = ok.num_rows
+    shapes = _token_shapes(ok)
+    out = []
+    for fmt in SHARD_FORMATS:
+        if fmt not in formats:
+            continue
+        rel = CURRENT.shard(fmt, unit_id, ctx.model_fingerprint)
+        if fmt == "parquet":
+            table = build_token_table(ok, ctx, unit_id, passthrough_schema)
+            data = parquet_bytes(table)
+            entry = {"format": "parquet", "path": rel, "rows": n_ok, "bytes": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest(), "row_groups": _row_groups(data),
+                     "columns": table.column_names, "token_shapes": shapes}
+        else:
+            data = tar_bytes(ok, ctx, parquet_input=unit_kind == "parquet")
+            entry = {"format": "webdataset", "path": rel, "rows": n_ok, "bytes": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest(), "row_groups": [n_ok], "token_shapes": shapes}
+        out.append((rel, data, entry))
+    return out
+
+
+def unit_files(ctx: ShardContext, formats: tuple[str, ...], done: CompleteUnit) -> UnitFiles:
+    """A complete unit's token shards (one per format), its error file and its commit record
+    (docs/token-format.md, "Commit records")."""
+    unit = done.unit
+    fp = ctx.model_fingerprint
+    ok, err = split_rows(done.rows) if done.rows is not None else (None, None)
+    n_ok = ok.num_rows if ok is not None else 0
+    n_err = err.num_rows if err is not None else 0
+    files: list[tuple[str, bytes]] = []
+    shards = []
+    passthrough_schema = None
+    if done.info.get("passthrough_schema"):
+        passthrough_schema = pa.ipc.read_schema(pa.py_buffer(done.info["passthrough_schema"]))
+    hist = None
+    if n_ok:
+        for rel, data, entry in build_shards(ctx, unit.unit_id, unit.kind, formats, ok, passthrough_schema):
+            files.append((rel, data))
+            shards.append(entry)
+        flat = np.frombuffer(b"".join(ok.column("tokens").to_pylist()), dtype=ctx.token_numpy)
+        hist = np.bincount(flat.astype(np.int64), minlength=ctx.codebook_size)
+    errors_file = errors_sha = None
+    by_kind: dict[str, int] = {}
+    if n_err:
+        by_kind = dict(sorted(Counter(err.column("error").to_pylist()).items()))
+        data = parquet_bytes(build_error_table(err, ctx, unit.unit_id))
+        errors_file = CURRENT.shard("errors", unit.unit_id, fp)
+        errors_sha = hashlib.sha256(data).hexdigest()
+        files.append((errors_file, data))
+    unknown = set(by_kind) - set(ERROR_KINDS)
+    if unknown:  # a bug upstream (SampleError checks its kind): never commit a record readers cannot interpret
+        raise RuntimeError(f"unit {unit.unit_id}: error kinds {sorted(unknown)} are not in ERROR_KINDS")
+    record = {"format_version": FORMAT_VERSION, "unit_id": unit.unit_id, "kind": unit.kind, "source": unit.source,
+              "inputs": n_ok + n_err, "tokenized": n_ok, "errors": n_err, "errors_by_kind": by_kind,
+              "shards": shards, "errors_file": errors_file, "errors_sha256": errors_sha, "formats": sorted(formats),
+              "latents": ctx.latents, "model_fingerprint": fp, "codebook_fingerprint": ctx.codebook_fingerprint,
+              "codebook_size": ctx.codebook_size, "preprocess": ctx.preprocess}
+    if ctx.passthrough_schema is not None:  # the output's one schema (gq_pipeline.schema), declared by every record
+        record["passthrough_schema"] = schema_to_json(ctx.passthrough_schema)
+    if unit.kind == "files":
+        record["files"] = {"count": len(unit.files), "first": unit.files[0], "last": unit.files[-1]}
+    if done.info.get("image_column"):
+        record["image_column"] = done.info["image_column"]
+    return UnitFiles(unit.unit_id, files, record, hist)

@@ -107,7 +107,7 @@ def test_bundle_missing_and_truncated_files(tmp_path):
 
 def test_bundle_round_trip_s3(moto_s3, s3):
     """A bundle on S3 (moto on 127.0.0.1) with explicit fsspec storage options, also through the pipeline's loader."""
-    from gq_pipeline.model_loader import load_model
+    from gq_pipeline.job import load_model
 
     s3.mkdir("gq-models")
     model = make_tiny_attn_model(seed=5)

@@ -7,7 +7,7 @@ import torch
 
 from gq_model import GQConfig, GQModel
 from gq_model.state_dict_check import StateDictMismatch, check_keys, compare_keys
-from gq_pipeline.stages import encode_uint8
+from gq_pipeline.worker import encode_uint8
 
 VIT = dict(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_ratio=2, z_channels=4, double_z=True)
 

@@ -301,9 +301,9 @@ def test_unknown_directory_and_missing_path(tmp_path):
 
 
 def test_pipeline_loader_is_the_same_function():
-    from gq_pipeline import model_loader
+    from gq_pipeline import job
 
-    assert model_loader.load_model is load_model
+    assert job.load_model is load_model
 
 
 @pytest.mark.slow

@@ -179,7 +179,7 @@ def test_hf_checkpoint_downloads_once_verifies_and_caches_a_bundle(hub, small, t
     assert same_tokens(load_model(spec, config=yaml_path), source) and hub.downloads() == 1
     assert same_tokens(GQModel.from_pretrained(bundles[0]), source)  # the rebuilt entry is whole again
     # every CLI resolves specs through the same function: gq eval's loader, the pipeline's loader
-    from gq_pipeline.model_loader import load_model as pipeline_load_model
+    from gq_pipeline.job import load_model as pipeline_load_model
     from jobs.eval import _load_model
 
     assert same_tokens(_load_model({"model": spec, "reference_config": yaml_path, "preset": None}), source)

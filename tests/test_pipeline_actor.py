@@ -11,7 +11,9 @@ from PIL import Image
 from gq_pipeline import preprocess_image
 from gq_pipeline.records import ROW_ERROR, ROW_OK
 from gq_pipeline.sources import RawSample
-from gq_pipeline.stages import ModelRunner, decode_sample, model_payload, rows_to_table
+from gq_pipeline.preprocess import decode_sample
+from gq_pipeline.worker import ModelRunner, model_payload
+from gq_pipeline.writers import rows_to_table
 from tests.helpers import encode_image, rgb_bytes
 
 SIZE = 32

@@ -8,11 +8,10 @@ import tarfile
 import numpy as np
 import pyarrow as pa
 
-from gq_pipeline.commit import CompleteUnit, commit_unit
+from gq_pipeline.commit import commit_unit
 from gq_pipeline.manifest import OutputStore
 from gq_pipeline.sources import Unit
-from gq_pipeline.stages import TOKEN_SCHEMA
-from gq_pipeline.writers import ShardContext, _TarBuilder, tar_bytes
+from gq_pipeline.writers import TOKEN_SCHEMA, CompleteUnit, ShardContext, _TarBuilder, tar_bytes
 
 CTX = ShardContext("0123456789abcdef", "fedcba9876543210", 4096, 16, 42, 1.0, "unet",
                    {"image_size": 32, "crop": "center"})

@@ -16,15 +16,17 @@ import pyarrow.dataset as pads
 import pytest
 
 import gq_pipeline
-from gq_pipeline.commit import commit_unit, stage_unit
-from gq_pipeline.commitset import STAGING
+from gq_pipeline.commit import commit_unit, create_record, stage_unit
 from gq_pipeline.dataset import TokenDataset
 from gq_pipeline.gc_cli import LeaseHeldError, collect_garbage
+from gq_pipeline.layout import CURRENT
 from gq_pipeline.manifest import OutputStore
 from gq_pipeline.sources import plan_units
 from gq_pipeline.writers import ShardContext
 from gq_model.cli import main as gq_main
 from tests.helpers import rgb_bytes
+
+STAGING = CURRENT.staging
 
 SIZE = 32
 UNIT = 4
@@ -46,7 +48,7 @@ def _ctx(model) -> ShardContext:
 def _complete_units(model, folder: str, storage_options=None):
     """Read and tokenize every unit of ``folder`` in this process, as the job's workers do, without committing."""
     from gq_pipeline.preprocess import DEFAULT_MAX_PIXELS
-    from gq_pipeline.stages import ModelRunner
+    from gq_pipeline.worker import ModelRunner
     from gq_pipeline.worker import UnitProcessor, WorkSpec
 
     plan = plan_units([folder], UNIT, storage_options)
@@ -138,7 +140,7 @@ def crashed(tiny_model, tmp_path):
     units = _complete_units(tiny_model, folder)
     commit_unit(store, ctx, ("parquet", "webdataset"), units[0])
     s1 = stage_unit(store, ctx, ("parquet", "webdataset"), units[1])
-    assert store.commit(s1.record) is not False  # the commit point ... then killed before publish_unit
+    assert create_record(store, s1.record) is not False  # the commit point ... then killed before publish_unit
     s2 = stage_unit(store, ctx, ("parquet", "webdataset"), units[2])  # killed before the record
     return folder, out, units, (s1, s2)
 
@@ -294,7 +296,7 @@ def test_s3_publish_roll_forward_and_gc(tiny_model, moto_s3, s3, tmp_path):
     units = _complete_units(tiny_model, folder)
     commit_unit(store, ctx, ("parquet", "webdataset"), units[0])
     s1 = stage_unit(store, ctx, ("parquet", "webdataset"), units[1])
-    store.commit(s1.record)  # killed before publish
+    create_record(store, s1.record)  # killed before publish
     s2 = stage_unit(store, ctx, ("parquet", "webdataset"), units[2])  # killed before the record
     fp = tiny_model.model_fingerprint
     s3.copy(f"commitset/out/parquet/{units[0].unit.unit_id}-{fp}.parquet",

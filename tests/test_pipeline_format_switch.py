@@ -13,7 +13,7 @@ from PIL import Image
 
 import gq_pipeline
 from gq_pipeline.gc_cli import collect_garbage
-from gq_pipeline.stages import ModelRunner
+from gq_pipeline.worker import ModelRunner
 from tests.helpers import encode_image, make_image_parquet, make_tiny_model, make_wds_tar, rgb_bytes
 
 SIZE = 32

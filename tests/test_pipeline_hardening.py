@@ -27,7 +27,8 @@ from gq_pipeline.manifest import OutputStore
 from gq_pipeline.preprocess import preprocess_uint8
 from gq_pipeline.records import ERROR_KINDS, SampleError, make_key
 from gq_pipeline.sources import Unit, UnitInfo, UnitReadError, iter_samples, plan_units
-from gq_pipeline.stages import decode_sample, rows_to_table
+from gq_pipeline.preprocess import decode_sample
+from gq_pipeline.writers import rows_to_table
 from tests.helpers import make_wds_tar, rgb_bytes
 
 CFG = {"image_size": 32, "crop": "center", "max_pixels": 100_000_000, "multiple_of": 8}

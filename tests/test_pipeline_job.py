@@ -308,7 +308,7 @@ def test_vit_tokens_are_stored_as_g_h_w(ray_cluster, tmp_path):
 
 
 def test_model_placement_choice():
-    from gq_pipeline.job import _model_placement
+    from gq_pipeline.placement import choose_placement as _model_placement
 
     assert _model_placement("auto", 0.0, 1, None, None) == "driver"  # one CPU-only node
     assert _model_placement("auto", 1.0, 1, None, None) == "actors"  # GPUs

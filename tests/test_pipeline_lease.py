@@ -18,6 +18,7 @@ import pytest
 
 from gq_model.storage import (conditional_support, create_exclusive, delete_if_match, read_versioned,
                               replace_if_match)
+from gq_pipeline.commit import create_record
 from gq_pipeline.lease import LEASE_NAME, LeaseHeldError, LeaseLostError, OutputLease, read_lease
 from gq_pipeline.manifest import OutputStore
 from tests.helpers import rgb_bytes
@@ -241,14 +242,14 @@ def test_commit_records_are_created_once(where):
     url = root if _kind(fs) == "local" else f"{'s3' if _kind(fs) == 's3' else 'gs'}://{root}"
     store = OutputStore(url, options)
     store.prepare()
-    assert store.commit(_record("u1")) is True
-    assert store.commit(_record("u1")) is False  # the same record again: another attempt, not counted twice
-    assert store.commit(_record("u1", inputs=99)) is False  # a different writer's record: the first one stays
+    assert create_record(store, _record("u1")) is True
+    assert create_record(store, _record("u1")) is False  # the same record again: another attempt, not counted twice
+    assert create_record(store, _record("u1", inputs=99)) is False  # a different writer's record: the first one stays
     assert store.read_record("u1")["inputs"] == 3
-    assert store.commit(_record("u1", formats=("parquet", "webdataset"))) is True  # a rerun adding a format
+    assert create_record(store, _record("u1", formats=("parquet", "webdataset"))) is True  # a rerun adding a format
     assert store.read_record("u1")["formats"] == ["parquet", "webdataset"]
-    assert store.commit(_record("u1")) is False  # fewer formats never replace more
-    assert store.commit(_record("u1", formats=("parquet", "webdataset"), latents=True)) is True
+    assert create_record(store, _record("u1")) is False  # fewer formats never replace more
+    assert create_record(store, _record("u1", formats=("parquet", "webdataset"), latents=True)) is True
     assert store.read_record("u2") is None
 
 

@@ -72,7 +72,7 @@ def test_is_local():
 
 # Files that may rename on their own: each moves a file it streamed or staged, not bytes it holds (a staged
 # shard's publish, a verified download, a cache fill, a bundle folder), and says so where it does it.
-_RENAMES_ALLOWED = {"gq_model/storage.py", "gq_pipeline/commitset.py", "gq_pipeline/sink.py", "gq_pipeline/shards.py",
+_RENAMES_ALLOWED = {"gq_model/storage.py", "gq_pipeline/commit.py", "gq_pipeline/sink.py", "gq_pipeline/shards.py",
                     "gq_model/weights.py", "gq_model/hub.py", "gq_pipeline/plan_store.py"}
 
 
