@@ -293,7 +293,7 @@ def run_driver(args, work: str) -> dict:
 def run_scaling(args, work: str) -> dict:
     import tracemalloc
 
-    from gq_pipeline.sources import plan_units
+    from gq_pipeline.planning import plan_units
 
     res: dict = {}
     # Listing: many files in many directories, on tmpfs (measures our code + fsspec, not the disk).

@@ -41,7 +41,8 @@ from gq_pipeline.progress import ProgressReporter
 from gq_pipeline.preprocess import preprocess_settings
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
-from gq_pipeline.sources import Unit, ignored_counts, ignored_note, plan_units
+from gq_pipeline.planning import ignored_counts, ignored_note, plan_units
+from gq_pipeline.sources import Unit
 from gq_pipeline.scheduler import FailureBudget, FailureBudgetExceeded, Interrupted, NoWorkersError, run_units
 from gq_pipeline.worker import WorkSpec
 from gq_pipeline.writers import ShardContext

@@ -90,12 +90,12 @@ def list_images(url: str, limit: int | None = None, storage_options: dict | None
                 in_process: bool = True) -> tuple[list[str], int]:
     """(full URLs of the images to evaluate, number listed before ``--limit``).
 
-    Listed as ``gq tokenize`` lists (``gq_pipeline.sources.list_input_files``: a folder recursively, a glob, a
+    Listed as ``gq tokenize`` lists (``gq_pipeline.planning.list_input_files``: a folder recursively, a glob, a
     brace pattern; the tokenizer's image extensions; hidden names skipped), sorted by URL (code-point order), so
     ``--limit N`` always takes the same N images.
     """
+    from gq_pipeline.planning import list_input_files
     from gq_pipeline.records import IMAGE_EXTENSIONS
-    from gq_pipeline.sources import list_input_files
 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from gq_pipeline.job import JobError, RunInterrupted, tokenize
     from gq_pipeline.lease import LeaseHeldError, LeaseLostError
-    from gq_pipeline.sources import ListingError
+    from gq_pipeline.planning import ListingError
 
     if not args.input and not args.input_list:
         print("gq tokenize: error: give --input URL..., --input-list FILE, or both", file=sys.stderr)

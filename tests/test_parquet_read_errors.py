@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gq_pipeline.sources import UnitInfo, UnitReadError, iter_samples, plan_units
+from gq_pipeline.planning import plan_units
+from gq_pipeline.sources import UnitInfo, UnitReadError, iter_samples
 from tests.helpers import rgb_bytes
 
 

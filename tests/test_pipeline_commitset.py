@@ -21,7 +21,7 @@ from gq_pipeline.dataset import TokenDataset
 from gq_pipeline.gc_cli import LeaseHeldError, collect_garbage
 from gq_pipeline.layout import CURRENT
 from gq_pipeline.manifest import OutputStore
-from gq_pipeline.sources import plan_units
+from gq_pipeline.planning import plan_units
 from gq_pipeline.writers import ShardContext
 from gq_model.cli import main as gq_main
 from tests.helpers import rgb_bytes

@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from gq_pipeline import sources
+from gq_pipeline import planning, sources
 from gq_pipeline.manifest import OutputStore
-from gq_pipeline.preprocess import preprocess_uint8
+from gq_pipeline.planning import plan_units
+from gq_pipeline.preprocess import decode_sample, preprocess_uint8
 from gq_pipeline.records import ERROR_KINDS, SampleError, make_key
-from gq_pipeline.sources import Unit, UnitInfo, UnitReadError, iter_samples, plan_units
-from gq_pipeline.preprocess import decode_sample
+from gq_pipeline.sources import Unit, UnitInfo, UnitReadError, iter_samples
 from gq_pipeline.writers import rows_to_table
 from tests.helpers import make_wds_tar, rgb_bytes
 
@@ -263,7 +263,7 @@ def test_fifo_is_skipped_at_listing_and_never_blocks_a_read(tmp_path):
         plan = in_thread(lambda: plan_units([str(p) for p in inputs]))
         assert [u.files for u in plan.units] == [("a.jpg",)]
         assert plan.skipped == 2 and any(e.endswith("/x.jpg") for e in plan.skipped_examples)
-    assert sources.ignored_counts(plan)["skipped_files"] == 2
+    assert planning.ignored_counts(plan)["skipped_files"] == 2
 
 
 def test_a_remote_read_that_never_answers_times_out(monkeypatch):
@@ -341,10 +341,10 @@ def test_pillow_formats_left_out_are_counted_and_extensions_add_them(tmp_path):
     (d / "a.jpg").write_bytes(rgb_bytes(40, 40))
     (d / "notes.txt").write_text("not an image")
     plan = plan_units([str(d)])
-    counts = sources.ignored_counts(plan)
+    counts = planning.ignored_counts(plan)
     assert plan.ignored == 4 and counts["ignored_decodable"] == 3
     assert counts["ignored_decodable_by_extension"] == {"ico": 1, "ppm": 1, "tga": 1}
-    assert "--extensions" in sources.ignored_note(plan)
+    assert "--extensions" in planning.ignored_note(plan)
     plan, samples = read_all([d], extensions=["ppm", ".TGA"])
     assert sorted(f for u in plan.units for f in u.files) == ["a.jpg", "x.ppm", "x.tga"]
     assert plan.ignored == 2 and all(decode_sample("u", s, CFG)["kind"] == "ok" for s in samples)

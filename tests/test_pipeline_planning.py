@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gq_pipeline.sources import (ListingError, UnitInfo, UnitReadError, _list_unit_urls, get_fs, iter_samples,
-                                 plan_units)
+from gq_pipeline.planning import ListingError, plan_units
+from gq_pipeline.sources import UnitInfo, UnitReadError, _list_unit_urls, get_fs, iter_samples
 from tests.helpers import make_wds_tar, rgb_bytes
 
 SIZE = 32

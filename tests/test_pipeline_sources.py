@@ -8,8 +8,9 @@ import pickle
 import pyarrow as pa
 import pytest
 
+from gq_pipeline.planning import plan_units
 from gq_pipeline.records import make_key
-from gq_pipeline.sources import Unit, UnitInfo, iter_samples, plan_units
+from gq_pipeline.sources import Unit, UnitInfo, iter_samples
 from tests.helpers import make_image_parquet, make_wds_tar, rgb_bytes, write_messy_folder
 
 
@@ -182,7 +183,8 @@ def test_reading_and_committing_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, gq_pipeline.sources, gq_pipeline.commit, gq_pipeline.manifest, gq_model.storage; "
+    code = ("import sys, gq_pipeline.planning, gq_pipeline.sources, gq_pipeline.commit, gq_pipeline.manifest, "
+            "gq_model.storage; "
             "print(sorted(m for m in ('torch', 'gq_model.model') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

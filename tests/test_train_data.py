@@ -260,7 +260,8 @@ def test_s3_folder_via_fsspec(tmp_path, monkeypatch):
 def test_training_reads_a_tar_as_the_tokenizer_does(tmp_path):
     """One reading of a tar (gq_pipeline.sources.group_tar_members): training indexes exactly the samples with an
     image that ``gq tokenize`` tokenizes, the same image member each, and none of those it records as errors."""
-    from gq_pipeline.sources import UnitInfo, iter_samples, plan_units
+    from gq_pipeline.planning import plan_units
+    from gq_pipeline.sources import UnitInfo, iter_samples
 
     path = tmp_path / "mixed.tar"
     with tarfile.open(path, "w") as tf:

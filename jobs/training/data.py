@@ -111,9 +111,9 @@ def _unstrip(fs, path: str, original: str) -> str:
 def expand_paths(spec: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """A folder (recursive), a glob, a brace pattern (``shard-{000..009}.tar``) or a file -> sorted file URLs of
     images, tar shards and Parquet files, listed exactly as ``gq tokenize`` lists
-    (``gq_pipeline.sources.list_input_files``: the tokenizer's extensions, hidden names and non-regular files
+    (``gq_pipeline.planning.list_input_files``: the tokenizer's extensions, hidden names and non-regular files
     skipped), so a model trains on what the pipeline tokenizes."""
-    from gq_pipeline.sources import list_input_files
+    from gq_pipeline.planning import list_input_files
 
     try:
         return list_input_files(spec, dict(storage_options) if storage_options else None)
