@@ -184,11 +184,13 @@ def commit_unit(store: "OutputStore", ctx: ShardContext, formats: tuple[str, ...
 
 # --------------------------------------------------------------------------- finishing an interrupted commit
 def sha256_of(fs, path: str) -> str:
+    """A staged or published file's sha256, streamed (shards can be large), to compare with its record's."""
     h = hashlib.sha256()
     with fs.open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
 
 @dataclass
 class RollForward:

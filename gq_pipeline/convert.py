@@ -30,7 +30,6 @@ import hashlib
 import io
 import json
 import pickle
-import posixpath
 from dataclasses import replace
 from typing import Any
 
@@ -40,12 +39,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gq_model.storage import read_versioned, replace_if_match
-from gq_pipeline.commit import StagedUnit, discard_unit, publish_unit, record_bytes
-from gq_pipeline.commitset import new_attempt, staged_relpath
+from gq_pipeline.commit import discard_unit, publish_unit, record_bytes, stage_files
 from gq_pipeline.manifest import OutputStore
 from gq_pipeline.schema import schema_from_json
 from gq_pipeline.shards import token_tar_groups
-from gq_pipeline.writers import SHARD_FORMATS, TOKEN_SCHEMA, ShardContext, build_shards
+from gq_pipeline.writers import SHARD_FORMATS, TOKEN_SCHEMA, ShardContext, UnitFiles, build_shards
 
 __all__ = ["ConversionImpossible", "missing_formats", "why_not_convertible", "convert_unit", "CONVERTED",
            "NEEDS_MODEL", "UNCHANGED"]
@@ -215,13 +213,7 @@ def convert_unit(store: OutputStore, ctx: ShardContext, unit_id: str, formats) -
     new["shards"] = sorted(list(record.get("shards", ())) + [e for _, _, e in built],
                            key=lambda s: SHARD_FORMATS.index(s["format"]) if s["format"] in SHARD_FORMATS else 9)
     new["formats"] = sorted(set(record.get("formats", ())) | set(add))
-    staged = StagedUnit(new_attempt(unit_id), [], new, None)
-    for rel, data, _ in built:
-        target = staged_relpath(staged.attempt, rel, store.layout)
-        if store.local:
-            store.fs.makedirs(posixpath.dirname(store.path(target)), exist_ok=True)
-        store.put(target, data)
-        staged.files.append(rel)
+    staged = stage_files(store, UnitFiles(unit_id, [(rel, data) for rel, data, _ in built], new, None))
     # The commit point. If it raises, the staging folder stays: whether or not the replace landed, the next run's
     # roll-forward (or gq gc) publishes or removes it by what the record then says.
     replaced = replace_if_match(store.fs, path, record_bytes(new), version)

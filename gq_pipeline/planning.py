@@ -21,6 +21,7 @@ the other way round: each half reads on its own, and a read task never imports l
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -35,9 +36,10 @@ import fsspec
 
 from gq_model.storage import is_local_fs
 from gq_pipeline.records import IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, TAR_EXTENSIONS, printable
-from gq_pipeline.sources import _IN_PROCESS, Unit, _ext, get_fs, image_extensions, pillow_extensions, to_url
+from gq_pipeline.sources import Unit, file_extension, get_fs, image_extensions, in_process_reads, to_url
 
-__all__ = ["Plan", "ListingError", "plan_units", "list_input_files", "ignored_counts", "ignored_note"]
+__all__ = ["Plan", "ListingError", "plan_units", "list_input_files", "ignored_counts", "ignored_note",
+           "pillow_extensions"]
 
 _MAGIC = re.compile(r"[*?\[]")
 
@@ -72,6 +74,20 @@ class Plan:
     def iter_units(self) -> Iterator[Unit]:
         yield from self.units
         yield from self.list_units
+
+
+def pillow_extensions() -> frozenset[str]:
+    """Extensions of the formats this Pillow can open (``.ico``, ``.ppm``, ``.tga``, ``.psd``, ``.dds``, ...)."""
+    global _PILLOW_EXTENSIONS
+    if _PILLOW_EXTENSIONS is None:
+        from PIL import Image
+
+        _PILLOW_EXTENSIONS = frozenset(e.lstrip(".").lower() for e, fmt in Image.registered_extensions().items()
+                                       if fmt in Image.OPEN)
+    return _PILLOW_EXTENSIONS
+
+
+_PILLOW_EXTENSIONS: frozenset[str] | None = None
 
 
 def ignored_counts(plan: Plan) -> dict[str, Any]:
@@ -127,12 +143,9 @@ def list_input_files(inputs: str | list[str], storage_options: dict | None = Non
     and Parquet files (``parquet``). ``in_process``: the caller reads the files in this process, so ``memory://``
     is allowed (other processes cannot see it, which is why the pipeline refuses it)."""
     specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    token = _IN_PROCESS.set(in_process)
-    try:
+    with in_process_reads() if in_process else contextlib.nullcontext():
         plan = plan_units([os.fspath(s) for s in specs], unit_size=1 << 30, storage_options=storage_options,
                           extensions=extensions)
-    finally:
-        _IN_PROCESS.reset(token)
     out: list[str] = []
     for u in plan.units:
         if u.kind not in kinds:
@@ -380,7 +393,7 @@ def _classify(plan: Plan, fs, root_path: str, d: str, names: list[str], by_dir: 
     for name in names:
         if name.startswith("."):
             continue
-        ext = _ext(name)
+        ext = file_extension(name)
         if ext in image_exts:
             if images is None:
                 rel = posixpath.relpath(d, root_path) if root_path and d.startswith(root_path) else ""

@@ -5,7 +5,7 @@ run of image files of one directory, or a run of rows of an ``--input-list`` (re
 the output, :mod:`gq_pipeline.plan_store`). The driver cuts inputs into units (:mod:`gq_pipeline.planning`); this
 module turns a unit's bytes into :class:`RawSample` records. It also holds what both halves need: ``Unit``,
 :func:`get_fs` and :func:`to_url` (the URL spelling keys and unit ids are made of), the extension tables
-(:func:`image_extensions`, :func:`pillow_extensions`), the Parquet image column (:func:`find_image_column`) and the one
+(:func:`image_extensions`, :func:`file_extension`), the Parquet image column (:func:`find_image_column`) and the one
 reading of which tar members form a sample (:func:`group_tar_members`, which the training data's tar index uses too).
 Planning imports this module, never the reverse, so a read task loads no listing machinery.
 
@@ -18,6 +18,7 @@ one by name, never through fsspec's glob expansion (``br[1].jpg`` is a file name
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import errno
 import gzip
@@ -39,7 +40,7 @@ from gq_pipeline.records import (IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, RESERVED_
                                  is_utf8, make_key, make_unit_id, printable)
 
 __all__ = ["Unit", "RawSample", "UnitInfo", "UnitReadError", "iter_samples", "get_fs", "to_url", "find_image_column",
-           "image_extensions", "pillow_extensions", "TarGroup", "group_tar_members", "image_member"]
+           "image_extensions", "file_extension", "in_process_reads", "TarGroup", "group_tar_members", "image_member"]
 
 _IMAGE_COLUMN_NAMES = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
 _FILE_CHUNK = 16  # files fetched at once (concurrent GETs on object stores)
@@ -51,9 +52,18 @@ class UnitReadError(Exception):
     rerun retries it. Format problems (a corrupt tar) are *not* this: they become ``read`` error records."""
 
 
-# Set by gq_pipeline.planning.list_input_files(in_process=True): the caller reads every file in this process, so
-# memory:// is fine.
 _IN_PROCESS: contextvars.ContextVar[bool] = contextvars.ContextVar("gq_in_process_listing", default=False)
+
+
+@contextlib.contextmanager
+def in_process_reads() -> Iterator[None]:
+    """Within this block :func:`get_fs` allows ``memory://``: the caller reads every file in this process
+    (``planning.list_input_files(in_process=True)``: training data, ``gq eval``)."""
+    token = _IN_PROCESS.set(True)
+    try:
+        yield
+    finally:
+        _IN_PROCESS.reset(token)
 
 
 def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -69,7 +79,8 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def _ext(name: str) -> str:
+def file_extension(name: str) -> str:
+    """The extension gq classifies a file by: ``tar.gz`` and the shard extensions whole, else the last suffix."""
     low = name.lower()
     for ext in TAR_EXTENSIONS + PARQUET_EXTENSIONS:
         if low.endswith("." + ext):
@@ -145,18 +156,6 @@ def image_extensions(extra: tuple[str, ...] | list[str] | None = None) -> tuple[
     return tuple(out)
 
 
-def pillow_extensions() -> frozenset[str]:
-    """Extensions of the formats this Pillow can open (``.ico``, ``.ppm``, ``.tga``, ``.psd``, ``.dds``, ...)."""
-    global _PILLOW_EXTENSIONS
-    if _PILLOW_EXTENSIONS is None:
-        from PIL import Image
-
-        _PILLOW_EXTENSIONS = frozenset(e.lstrip(".").lower() for e, fmt in Image.registered_extensions().items()
-                                       if fmt in Image.OPEN)
-    return _PILLOW_EXTENSIONS
-
-
-_PILLOW_EXTENSIONS: frozenset[str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------- reading

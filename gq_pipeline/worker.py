@@ -4,9 +4,11 @@ This is the data plane. A unit's images are read (:mod:`gq_pipeline.sources`) an
 (:func:`gq_pipeline.preprocess.decode_sample`) on the worker's own node by a local pool of decode threads (PIL
 releases the GIL while decoding and resizing), its tokens are computed in mini-batches by the worker's
 :class:`ModelRunner`, and its files and commit record are built (:mod:`gq_pipeline.writers`) and committed
-(:mod:`gq_pipeline.commit`) from there. The worker calls each of those rooms in turn and none calls another. What leaves the worker is one small dict
-per unit (status, commit record, timings): decoded pixels and token rows never cross the object store or the driver,
-so the driver's work is O(units), not O(rows) (docs/architecture.md, "Pipeline").
+(:mod:`gq_pipeline.commit`) from there. The worker calls each of those rooms in turn, and none of them calls another.
+
+What leaves the worker is one small dict per unit (status, commit record, timings): decoded pixels and token rows
+never cross the object store or the driver, so the driver's work is O(units), not O(rows) (docs/architecture.md,
+"Pipeline"). The model lives here too (:class:`ModelRunner`), since only the worker runs it.
 
 The same :class:`UnitProcessor` serves both placements: inside a Ray actor (:class:`UnitWorkerActor`, one per GPU or
 per CPU node) and in the driver process itself on a single CPU-only machine.
@@ -68,7 +70,6 @@ class WorkSpec:
 UnitOutcome = dict  # {"unit_id", "status", "record", "error", "inputs", "read_s", "model_s", "write_s", "node"}
 
 
-# ---------------------------------------------------------------------------------------------------- the model
 def lower_thread_priority(niceness: int) -> None:
     """Lower the OS priority of the *calling thread* (Linux nice values are per thread).
 
@@ -83,6 +84,7 @@ def lower_thread_priority(niceness: int) -> None:
             pass
 
 
+# ---------------------------------------------------------------------------------------------------- the model
 def model_payload(model) -> dict[str, Any]:
     """What the driver ``ray.put``s once for all actors: config + CPU weights (actors never re-read the model files,
     so a DeepSpeed or reference checkpoint is converted once, and every actor provably runs the same weights)."""

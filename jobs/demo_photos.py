@@ -43,11 +43,16 @@ class Source:
     deb_sha256: str = ""
 
 
+def _under(prefix: str, pins: dict[str, str]) -> dict[str, str]:
+    """``pins`` (name -> SHA-256) with each name placed under ``prefix``, the folder the package keeps them in."""
+    return {prefix + name: sha for name, sha in pins.items()}
+
+
 SOURCES: tuple[Source, ...] = (
     Source("mate-backgrounds", "train", "deb", "m/mate-backgrounds/mate-backgrounds_1.26.0-1_all.deb",
            "GPL-2+ (photos by C. Barbin, L. Poettering, M. Cogoni, J. Ansorg, T. Schellhase, S. Nazarov, "
            "J.-F. Fortin Tam and others; debian/copyright)",
-           {f"usr/share/backgrounds/mate/{k}": v for k, v in {
+           _under("usr/share/backgrounds/mate/", {
                "nature/Aqua.jpg": "5c30118205982da441bf7e6a1ada636a8a0be879408140b3148280c665ed6bce",
                "nature/Blinds.jpg": "f7aac0dcc2e06d0491643e84df3da1d9db7c4610f58806a880d56e074799f600",
                "nature/Dune.jpg": "8a67c2cb0be8c46b70c237311a4fa4d2b4ac7d39568135384787801fa5cc9a91",
@@ -61,11 +66,11 @@ SOURCES: tuple[Source, ...] = (
                "nature/Wood.jpg": "19c78500ac00a622e19907ab9cc7d06d46fe08c4a6142759a84195696150ec07",
                "nature/YellowFlower.jpg": "254da96256acb7add685679775a04d1e4a5bc8cd13e5a5a3d61351ce198a5306",
                "abstract/Elephants.jpg": "b402668de7212c568090edc032288759029e15e5153f3ae43f079abfd44105a4",
-           }.items()},
+           }),
            deb_sha256="7bf4c2209f34b4f61ba6d24c8b58c28b361e82e4b943aae6d42c030169af9e04"),
     Source("ukui-wallpapers", "train", "deb", "u/ukui-wallpapers/ukui-wallpapers_20.04.3-1.1_all.deb",
            "CC-BY-SA-3.0 (Ubuntu Kylin community contributors; debian/copyright)",
-           {f"usr/share/backgrounds/{k}": v for k, v in {
+           _under("usr/share/backgrounds/", {
                "2004default.jpg": "3a9ce649f4cc97bec5f53eba56b73d4186efa86de0708bf1d85236eeeb875ca8",
                "calla.png": "26fc5b5461f37132d913c9b03a48392e59a58f66e665cc5dfc2d997bda4190d4",
                "city.png": "7d7d048f935a7ca9de2808bc0523507a2fe36eda7e9b2fdfc1e3ebd7f4f2169d",
@@ -78,13 +83,13 @@ SOURCES: tuple[Source, ...] = (
                "rollpaper.png": "6928e4ae7483a4df1fa5d3cdd89ef94fa236fe560f97c99f399f0163120e9669",
                "string.jpg": "73fd26471a45955d256e9318fb24e7ec3a6a922fdc12ec3080c75d2a8da8ab3d",
                "the-mouse.jpg": "e4717d5cb7dd3ed12cf0883567b7f2ca38dd83a073a12fc666e8c3b87c3abf79",
-           }.items()},
+           }),
            deb_sha256="6d49be70152e6d603163458e177e501deb0be8f2916389ccbfcf59b0d7fc0262"),
     Source("lomiri-wallpapers-16.04", "train", "deb",
            "l/lomiri-wallpapers/lomiri-wallpapers-16.04_20.04.0-2_all.deb",
            "CC-BY-4.0, CC-BY-SA-4.0 and CC0-1.0, per photo (A. Berasategi, P. Nerlich, S. Klootwijk, Bolly, "
            "T. Freespace, C. Engelhardt, A. Mudgal, J. Mede; debian/copyright)",
-           {f"usr/share/backgrounds/{k}": v for k, v in {
+           _under("usr/share/backgrounds/", {
                "Bridge_by_Sander_Klootwijk.jpg": "bd86b081f9975e2b83527f71e49b9271a8ab40885428395969d9f7d834d7f050",
                "Dragonfly_by_Bolly.jpg": "af5af17841009732def24b09bb1e669a1b09d2b4bdeee7812c371101c30d2bb3",
                "Picture_0B_by_freespace.jpg": "c8c0ab18e48d9e0419fe42881112137f3afafc27dfddc29ec3a6d54c56d225ad",
@@ -101,23 +106,23 @@ SOURCES: tuple[Source, ...] = (
                "seeding_by_Clements_Engelhardt.jpg": "a5634d1ab5e41a3568e92d4a894a500c92b891f9ff734e50bd224d6e185a605f",
                "sunset_by_Aitzol_Berasategi.jpg": "474dab6a4b9f94dc76c29dfe30e9f5db4af0fd2e33fe5d695f8152b371efca18",
                "umang_by_Abhishek_Mudgal.jpg": "bfb425545e77e9f0eb1b037b607fc9ed4a446f3b0f04aa2879be3556073c57ef",
-           }.items()},
+           }),
            deb_sha256="a99ff6a3bfe451e4cc0682ecb3cc82e71740626d59e4845ae34a0a0e45421eab"),
     Source("lomiri-wallpapers-20.04", "heldout", "deb",
            "l/lomiri-wallpapers/lomiri-wallpapers-20.04_20.04.0-2_all.deb",
            "CC-BY-SA-3.0 (J. Roks, Aury88, L. Baubkus, HEROBRINE7GAMER; debian/copyright)",
-           {f"usr/share/backgrounds/{k}": v for k, v in {
+           _under("usr/share/backgrounds/", {
                "Fossa_by_Jasper_Roks.jpg": "4e1f6bfd73f374ac28adbf37d5f9f7ce847dccba71e860f0ff50509316be1f82",
                "Infinite-Sea_by_Aury88.jpg": "9319dfb3651833881339a8d9b769b99efaf474969e6cd58e427eb2524aca8e8a",
                "Kleiber_by_Lukas_Baubkus.jpg": "6572410c09f4492c74ccadde133565a14c0161617d5917d4c820c66d65a44ba7",
                "Painting-Colors_by__herobrine7gamer.jpg":
                    "dc688df829e177f23d5e2761a198d2e44e477e4b3b3c750661052c89f7abc46c",
-           }.items()},
+           }),
            deb_sha256="d44e89b8473aafe64a5b678f014862dc31335aaaf18665c544d985d854f1a709"),
     Source("scikit-image", "heldout", "wheel", "scikit-image==0.26.0",
            "BSD-3-Clause package; astronaut, rocket and hubble_deep_field are NASA public domain, the others "
            "CC0 or public domain (skimage/data/README.txt and the skimage.data docstrings)",
-           {f"skimage/data/{k}": v for k, v in {
+           _under("skimage/data/", {
                "astronaut.png": "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
                "chelsea.png": "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb",
                "coffee.png": "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
@@ -126,7 +131,7 @@ SOURCES: tuple[Source, ...] = (
                "hubble_deep_field.jpg": "3a19c5dd8a927a9334bb1229a6d63711b1c0c767fb27e2286e7c84a3e2c2f5f4",
                "ihc.png": "f8dd1aa387ddd1f49d8ad13b50921b237df8e9b262606d258770687b0ef93cef",
                "retina.jpg": "38a07f36f27f095e818aea7b96d34202c05176d30253c66733f2e00379e9e0e6",
-           }.items()}),
+           })),
     Source("scikit-learn", "heldout", "wheel", "scikit-learn==1.9.1",
            "CC-BY-2.0 (Flickr users danielbuechele and vultilion; sklearn/datasets/images/README.txt)",
            {"sklearn/datasets/images/china.jpg": "8378025ad2519d649d02e32bd98990db4ab572357d9f09841c2fbfbb4fefad29",
