@@ -28,20 +28,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from gq_model.loading import load_model
 from gq_pipeline.commitset import staged_files
-from gq_pipeline.layout import LEGACY_WIDS_INDEX
 from gq_pipeline.convert import CONVERTED, NEEDS_MODEL, UNCHANGED, convert_unit, why_not_convertible
+from gq_pipeline.layout import LEGACY_WIDS_INDEX
 from gq_pipeline.lease import LeaseHeldError, LeaseLostError, OutputLease
 from gq_pipeline.manifest import IncompatibleOutputError, OutputStore, manifest_unit_entry
-from gq_model.loading import load_model
 from gq_pipeline.options import FORMATS, PLACEMENTS, PRECISIONS, Resources, TokenizeOptions, split_keywords
 from gq_pipeline.placement import place, worker_pool
 from gq_pipeline.plan_store import PLAN_DIR
-from gq_pipeline.progress import ProgressReporter
+from gq_pipeline.planning import ignored_counts, ignored_note, plan_units
 from gq_pipeline.preprocess import preprocess_settings
+from gq_pipeline.progress import ProgressReporter
 from gq_pipeline.records import FORMAT_VERSION
 from gq_pipeline.replan import reconcile_with_committed
-from gq_pipeline.planning import ignored_counts, ignored_note, plan_units
 from gq_pipeline.sources import Unit
 from gq_pipeline.scheduler import FailureBudget, FailureBudgetExceeded, Interrupted, NoWorkersError, run_units
 from gq_pipeline.worker import WorkSpec

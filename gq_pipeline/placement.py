@@ -199,8 +199,7 @@ def worker_pool(gq, spec, placement: Placement, precision: str, latents: bool, r
     torch's thread count set for the run and put back), or an elastic pool of Ray actors that keeps between
     ``res.min_workers`` (waiting up to ``res.worker_timeout_s`` for them) and ``placement.workers`` alive."""
     from gq_pipeline.scheduler import ActorPool, LocalPool
-    from gq_pipeline.worker import ModelRunner, model_payload
-    from gq_pipeline.worker import UnitProcessor, UnitWorkerActor
+    from gq_pipeline.worker import ModelRunner, UnitProcessor, UnitWorkerActor, model_payload
 
     if placement.model_placement == "driver":
         import torch
