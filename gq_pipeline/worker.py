@@ -92,10 +92,21 @@ def model_payload(model) -> dict[str, Any]:
             "model_fingerprint": model.model_fingerprint}
 
 
+# What torch's CPU allocator says when it fails. It raises a plain RuntimeError (a c10::Error) with no type of its
+# own, so this one case is recognised by its text: "DefaultCPUAllocator: can't allocate memory: you tried to ...".
+_CPU_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+
+
 def is_out_of_memory(e: BaseException) -> bool:
-    """A device (or host allocator) out-of-memory error: worth retrying with a smaller batch."""
-    # torch.cuda.OutOfMemoryError is a RuntimeError whose message says "out of memory", as are the host allocator's
-    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+    """A device or host out-of-memory error: worth retrying with a smaller batch.
+
+    By type: ``torch.OutOfMemoryError`` (CUDA and other device allocators) and Python's ``MemoryError``. The CPU
+    allocator's failure has no type of its own (see ``_CPU_ALLOCATOR_FAILURE``)."""
+    import torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return type(e) is RuntimeError and _CPU_ALLOCATOR_FAILURE in str(e)
 
 
 def encode_uint8(model, images: np.ndarray, device, *, autocast: bool, latents: bool, token_dtype

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gq_pipeline import preprocess_image
 from gq_pipeline.records import ROW_ERROR, ROW_OK
-from gq_pipeline.sources import RawSample
 from gq_pipeline.preprocess import decode_sample
-from gq_pipeline.worker import ModelRunner, model_payload
+from gq_pipeline.sources import RawSample
+from gq_pipeline.worker import ModelRunner, is_out_of_memory, model_payload
 from gq_pipeline.writers import rows_to_table
 from tests.helpers import encode_image, rgb_bytes
 
@@ -80,7 +81,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_image(tiny_model):
 
     def encode_small_batches_only(x):
         if x.shape[0] > 2:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")  # the message torch gives
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # what torch raises
         return encode(x)
 
     runner.model.encode_moments = encode_small_batches_only
@@ -90,3 +91,27 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_image(tiny_model):
     for i, r in enumerate(out):
         want = tiny_model.tokenize(preprocess_image(images[i], SIZE)[None])[0].numpy()
         assert np.array_equal(np.frombuffer(r["tokens"], np.uint16).reshape(want.shape), want)
+
+
+
+def test_a_real_cpu_allocator_failure_halves_the_batch_too(tiny_model):
+    """torch's CPU allocator raises a plain RuntimeError, not torch.OutOfMemoryError: here it really fails (an
+    allocation of 2**50 bytes) on batches of more than two images, and the runner halves its batch as it does for a
+    device."""
+    images = [rgb_bytes(40, 44, seed=i) for i in range(5)]
+    runner = ModelRunner.from_payload(model_payload(tiny_model), use_gpu=False, cpu_threads=1, batch_size=8)
+    encode = runner.model.encode_moments
+
+    def allocate_too_much_for_big_batches(x):
+        if x.shape[0] > 2:
+            torch.empty(1 << 50, dtype=torch.uint8)  # raises: no machine has a petabyte
+        return encode(x)
+
+    runner.model.encode_moments = allocate_too_much_for_big_batches
+    out = _tokenized(runner, images)
+    assert [r["kind"] for r in out] == [ROW_OK] * 5
+    assert runner.batch_size <= 2 and runner.oom_halvings >= 1
+    with pytest.raises(RuntimeError) as e:  # the assumption this relies on: no type of its own
+        torch.empty(1 << 50, dtype=torch.uint8)
+    assert type(e.value) is RuntimeError and is_out_of_memory(e.value)
+    assert not is_out_of_memory(RuntimeError("expected input with 3 channels"))
