@@ -24,7 +24,7 @@ import numpy as np
 from gq_pipeline.preprocess import (CROP_MODES, DEFAULT_MAX_PIXELS, preprocess_array_uint8, preprocess_pil_uint8,
                                     preprocess_settings, preprocess_uint8, check_policy)
 from gq_pipeline.records import FORMAT_VERSION, IMAGE_EXTENSIONS, SampleError, clean_message, tokens_fit_uint16
-from gq_pipeline.worker import encode_uint8  # the one model call, shared with gq tokenize
+from gq_pipeline.worker import ModelRunner  # the one model call and batching policy, shared with gq tokenize
 
 __all__ = ["GQTokenizer", "OUTPUT_COLUMNS", "PREPROCESS_MODES", "parse_error"]
 
@@ -120,6 +120,7 @@ class GQTokenizer:
         self.preprocess_record = preprocess_settings(gq, image_size, crop, precision, max_pixels, policy)
         self.policy = policy
         self._device = None  # resolved by the first call, in the process that runs the model
+        self._model_runner: ModelRunner | None = None  # made with the device
 
     # ------------------------------------------------------------------ identity
     @property
@@ -145,6 +146,7 @@ class GQTokenizer:
         if self._device is not None and self._device.type != "cpu":
             state["model"] = copy.deepcopy(self.model).cpu()
         state["_device"] = None
+        state["_model_runner"] = None
         return state
 
     def _ready(self):
@@ -163,6 +165,15 @@ class GQTokenizer:
             self.model = self.model.to(device).eval()
             self._device = device
         return self._device
+
+    def _runner(self) -> ModelRunner:
+        """The model on its device with gq tokenize's batching policy, made at the first batch (the device is
+        chosen in the process that runs the batches). Its batch size, once halved for memory, stays halved."""
+        if self._model_runner is None:
+            self._ready()
+            self._model_runner = ModelRunner(self.model, batch_size=self.batch_size, precision=self.precision,
+                                             latents=self.latents)
+        return self._model_runner
 
     # ------------------------------------------------------------------ per sample
     def _image_uint8(self, value: Any) -> tuple[np.ndarray, tuple[int, int]]:
@@ -230,39 +241,14 @@ class GQTokenizer:
             rows.append(row)
         if not arrays:
             return rows
-        device = self._ready()
-        autocast = self.precision == "bf16" and device.type == "cuda"
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, arr in arrays.items():  # crop="none" gives several shapes
-            groups.setdefault(arr.shape, []).append(i)
-
-        def run(stack):
-            return encode_uint8(self.model, stack, device, autocast=autocast, latents=self.latents,
-                                token_dtype=self.token_dtype)
-
-        for members in groups.values():
-            for c0 in range(0, len(members), self.batch_size):
-                chunk = members[c0:c0 + self.batch_size]
-                stack = np.stack([arrays[i] for i in chunk])
-                try:
-                    done = [(chunk, run(stack))]
-                except Exception as chunk_error:  # retry alone: a bad image fails for itself only
-                    done, failures = [], {}
-                    for j, i in enumerate(chunk):
-                        try:
-                            done.append(([i], run(stack[j:j + 1])))
-                        except Exception as e:
-                            failures[i] = f"model: {clean_message(f'{type(e).__name__}: {e}')}"
-                    if not done:  # systematic (broken model, out of memory): not a per-sample error
-                        raise RuntimeError(f"the model fails on every image of a batch of {len(chunk)}: "
-                                           f"{type(chunk_error).__name__}: {chunk_error}") from chunk_error
-                    for i, msg in failures.items():
-                        rows[i].error = msg
-                for idx, (tok, lat) in done:
-                    for j, i in enumerate(idx):
-                        rows[i].tokens = tok[j]
-                        if lat is not None:
-                            rows[i].latent = lat[j]
+        # gq tokenize's batching policy: by shape (crop="none" gives several), halved on out-of-memory, a batch
+        # that fails otherwise retried image by image; a model that fails on every image raises (not a sample's fault)
+        idx = list(arrays)
+        for i, got in zip(idx, self._runner().encode_each([arrays[i] for i in idx])):
+            if isinstance(got, str):
+                rows[i].error = f"model: {got}"
+            else:
+                rows[i].tokens, rows[i].latent = got
         return rows
 
     # ------------------------------------------------------------------ batches

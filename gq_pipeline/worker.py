@@ -202,39 +202,54 @@ class ModelRunner:
 
             torch.cuda.empty_cache()
 
-    def tokenize(self, rows: list[dict[str, Any]]) -> float:
-        """Fill ``tokens`` (and ``latent``) of the ``ok`` rows in place, turning rows the model cannot take into
-        ``model`` errors; drops the pixels. Returns the model seconds spent."""
-        t_start = time.perf_counter()
-        groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-        for r in rows:
-            if r["kind"] == ROW_OK and r.get("img") is not None:
-                groups.setdefault(r["img"].shape, []).append(r)
+    def encode_each(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None] | str]:
+        """For each uint8 ``[3,H,W]`` image: ``(tokens [G,h,w], latent [C,h,w] or None)``, or the error text of an
+        image the model cannot take. The one batching policy of gq, shared by ``gq tokenize``'s workers
+        (:meth:`tokenize`) and the plugin (``GQTokenizer``): images grouped by shape, batches of ``batch_size``
+        halved on out-of-memory, a batch that fails otherwise retried image by image. Raises ``RuntimeError``
+        when every image of a batch fails alone too (a broken model, not bad images)."""
+        out: list[tuple[np.ndarray, np.ndarray | None] | str] = [""] * len(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(img.shape, []).append(i)
         for members in groups.values():
             for c0 in range(0, len(members), self.batch_size):
                 chunk = members[c0:c0 + self.batch_size]
-                arrs = np.stack([r["img"] for r in chunk])
+                arrs = np.stack([images[i] for i in chunk])
                 try:
                     results = [(chunk, self._run_fitting(arrs))]
                 except Exception as chunk_error:
                     results, failures = [], []
-                    for j, r in enumerate(chunk):
+                    for j, i in enumerate(chunk):
                         try:
-                            results.append(([r], self._run_fitting(arrs[j:j + 1])))
+                            results.append(([i], self._run_fitting(arrs[j:j + 1])))
                         except Exception as e:
-                            failures.append((r, clean_message(f"{type(e).__name__}: {e}")))
+                            failures.append((i, clean_message(f"{type(e).__name__}: {e}")))
                     if not results:
                         raise RuntimeError(f"the model fails on every image of a batch of {len(chunk)}: "
                                            f"{type(chunk_error).__name__}: {chunk_error}") from chunk_error
-                    for r, msg in failures:
-                        r.update(kind=ROW_ERROR, error="model", message=msg)
-                for members_, (tok, lat) in results:
-                    for j, r in enumerate(members_):
-                        r["tokens"] = tok[j].tobytes()
-                        r["tg"], r["th"], r["tw"] = tok[j].shape
-                        if lat is not None:
-                            r["latent"] = lat[j].tobytes()
-                            r["lc"], r["lh"], r["lw"] = lat[j].shape
+                    for i, msg in failures:
+                        out[i] = msg
+                for idx, (tok, lat) in results:
+                    for j, i in enumerate(idx):
+                        out[i] = (tok[j], lat[j] if lat is not None else None)
+        return out
+
+    def tokenize(self, rows: list[dict[str, Any]]) -> float:
+        """Fill ``tokens`` (and ``latent``) of the ``ok`` rows in place, turning rows the model cannot take into
+        ``model`` errors; drops the pixels. Returns the model seconds spent."""
+        t_start = time.perf_counter()
+        todo = [r for r in rows if r["kind"] == ROW_OK and r.get("img") is not None]
+        for r, got in zip(todo, self.encode_each([r["img"] for r in todo])):
+            if isinstance(got, str):
+                r.update(kind=ROW_ERROR, error="model", message=got)
+                continue
+            tok, lat = got
+            r["tokens"] = tok.tobytes()
+            r["tg"], r["th"], r["tw"] = tok.shape
+            if lat is not None:
+                r["latent"] = lat.tobytes()
+                r["lc"], r["lh"], r["lw"] = lat.shape
         for r in rows:
             r.pop("img", None)
         return time.perf_counter() - t_start

@@ -128,10 +128,10 @@ def test_every_batch_type_and_value_type_bit_identical(tiny_model, tok, jpegs):
 
 def test_model_failing_on_one_image_marks_that_row(tiny_model, jpegs, monkeypatch):
     """A model error on one image is a ``model`` error value on that row alone; on every image it raises."""
-    import gq_pipeline.plugin as plugin
+    import gq_pipeline.worker as worker  # the plugin runs the model through the worker's ModelRunner
 
     t = GQTokenizer(tiny_model, image_size=SIZE, batch_size=4)
-    real = plugin.encode_uint8
+    real = worker.encode_uint8
     bad = preprocess_uint8(jpegs["img1.jpg"], SIZE)[0]
 
     def flaky(model, images, *a, **kw):
@@ -139,12 +139,35 @@ def test_model_failing_on_one_image_marks_that_row(tiny_model, jpegs, monkeypatc
             raise RuntimeError("boom")
         return real(model, images, *a, **kw)
 
-    monkeypatch.setattr(plugin, "encode_uint8", flaky)
+    monkeypatch.setattr(worker, "encode_uint8", flaky)
     out = t({"image": [jpegs["img0.jpg"], jpegs["img1.jpg"], jpegs["img2.jpg"]]})
     assert out["gq_error"][0] is None and out["gq_error"][2] is None
     assert out["gq_error"][1] == "model: RuntimeError: boom" and out["tokens"][1] is None
     with pytest.raises(RuntimeError, match="fails on every image"):
         t({"image": [jpegs["img1.jpg"]]})
+
+
+def test_out_of_memory_halves_the_plugins_batch_as_gq_tokenize_does(tiny_model, jpegs):
+    """The plugin batches like gq tokenize's workers: a real CPU allocator failure on batches of more than two
+    images halves the batch (kept for later calls) and every image still gets its tokens, equal to a plain run's."""
+    import torch
+
+    images = [jpegs[f"img{i}.jpg"] for i in range(3)] * 2
+    want = GQTokenizer(tiny_model, image_size=SIZE, batch_size=8)({"image": images})["tokens"]
+    t = GQTokenizer(tiny_model, image_size=SIZE, batch_size=8)
+    encode = t.model.encode_moments
+
+    def allocate_too_much_for_big_batches(x):
+        if x.shape[0] > 2:
+            torch.empty(1 << 50, dtype=torch.uint8)  # raises RuntimeError from torch's CPU allocator
+        return encode(x)
+
+    t.model.encode_moments = allocate_too_much_for_big_batches
+    out = t({"image": images})
+    assert all(e is None for e in out["gq_error"])
+    assert all(np.array_equal(a, b) for a, b in zip(out["tokens"], want))
+    runner = t._runner()
+    assert runner.batch_size <= 2 and runner.oom_halvings >= 1
 
 
 # ---------------------------------------------------------------------------------------------- Ray Data
