@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gq_model.loading import load_model
+from gq_model.metrics.codebook_usage import run_usage
 from gq_pipeline.commitset import staged_files
 from gq_pipeline.convert import CONVERTED, NEEDS_MODEL, UNCHANGED, convert_unit, why_not_convertible
 from gq_pipeline.layout import LEGACY_WIDS_INDEX
@@ -118,15 +119,6 @@ def _check_first_parquet(units, image_column: str | None, storage_options: dict 
         find_image_column(schema, image_column)
     except ValueError as e:
         raise ValueError(f"{first.source}: {e}") from None
-
-
-def _usage(hist: np.ndarray | None) -> dict[str, Any]:
-    """This run's token histogram in the one usage vocabulary (``gq_model.metrics.usage_summary``)."""
-    if hist is None or hist.sum() == 0:
-        return {"scope": "this run", "tokens": 0}
-    from gq_model.metrics.codebook_usage import usage_summary
-
-    return usage_summary(hist, scope="this run")
 
 
 def tokenize(model: Any, inputs: str | Sequence[str], output: str, *, options: TokenizeOptions | None = None,
@@ -568,7 +560,7 @@ def _run_leased(opts: TokenizeOptions, res: Resources, run: _Run, state, work: _
                 "inputs": tot_in, "tokenized": tot_ok, "errors": tot_err,
                 "errors_by_kind": dict(sorted(by_kind.items())),
                 "units": [manifest_unit_entry(r) for r in all_records], "wids_index": None,
-                "throughput": throughput, "codebook_usage": _usage(hist_total), "listing_changes": listing_changes}
+                "throughput": throughput, "codebook_usage": run_usage(hist_total), "listing_changes": listing_changes}
     if failed:
         manifest["failed_units"] = failed
     if lease is not None:

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from gq_model.metrics.codebook_usage import run_usage
 from gq_pipeline.commit import commit_unit, create_record
 from gq_pipeline.layout import SINK_TMP
 from gq_pipeline.manifest import SUBDIRS, IncompatibleOutputError, OutputStore, manifest_unit_entry
@@ -359,7 +360,7 @@ class GQShardSink(_Base):
                     "inputs": sum(r["inputs"] for r in records), "tokenized": sum(r["tokenized"] for r in records),
                     "errors": sum(r["errors"] for r in records), "errors_by_kind": dict(sorted(by_kind.items())),
                     "units": [manifest_unit_entry(r) for r in records], "wids_index": wids,
-                    "writer": "GQShardSink", "codebook_usage": _usage(hist),
+                    "writer": "GQShardSink", "codebook_usage": run_usage(hist),
                     "this_run": {"units": len(returns), "inputs": sum(r["record"]["inputs"] for r in returns)}}
         store.write_manifest(manifest)
         return manifest
@@ -419,10 +420,3 @@ def _content_id(image: Any, tokens: Any, error: str | None) -> str:
     return "content:" + h.hexdigest()
 
 
-def _usage(hist: np.ndarray) -> dict[str, Any]:
-    """This sink's token histogram in the one usage vocabulary (``gq_model.metrics.usage_summary``)."""
-    if hist.sum() == 0:
-        return {"scope": "this run", "tokens": 0}
-    from gq_model.metrics.codebook_usage import usage_summary
-
-    return usage_summary(hist, scope="this run")

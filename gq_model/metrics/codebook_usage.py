@@ -17,7 +17,7 @@ import math
 
 import torch
 
-__all__ = ["CodebookUsage", "usage_stats", "usage_summary"]
+__all__ = ["CodebookUsage", "usage_stats", "usage_summary", "run_usage"]
 
 
 def usage_stats(counts: torch.Tensor) -> dict:
@@ -49,6 +49,14 @@ def usage_summary(counts, codebook_size: int | None = None, *, scope: str | None
     out.update(tokens=s["tokens"], codebook_size=k, used=s["used"], usage=s["used"] / k if k else 0.0,
                entropy_bits=h, perplexity=ppl)
     return out
+
+
+def run_usage(hist) -> dict:
+    """The ``codebook_usage`` block of a run's report (``gq tokenize``'s manifest and summary, ``GQShardSink``'s):
+    :func:`usage_summary` of the run's token histogram, or only ``tokens: 0`` when it tokenized nothing."""
+    if hist is None or int(hist.sum()) == 0:
+        return {"scope": "this run", "tokens": 0}
+    return usage_summary(hist, scope="this run")
 
 
 class CodebookUsage:
