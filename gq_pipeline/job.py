@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -398,135 +398,181 @@ def _run_planned(opts: TokenizeOptions, res: Resources, run: _Run) -> dict[str, 
 def _run_leased(opts: TokenizeOptions, res: Resources, run: _Run, state, work: _Survey | None,
                 lease: OutputLease | None) -> dict[str, Any]:
     """Under the output's lease (or, with nothing to write, without one): convert, tokenize, write the manifest."""
-    store, ctx, plan, progress, formats, tally = run.store, run.ctx, run.plan, opts.progress, opts.formats, run.tally
-    c = run.gq.config
     if lease is not None:
-        fresh = store.load()  # under the lease now: what another run committed meanwhile counts
-        store.check_compatible(fresh, ctx)
-        store.prepare(temp_stale_s=lease.temp_grace_s)  # after the check: a refused output is left as it was
-        if work is None or fresh.records != state.records or fresh.torn != state.torn:
-            state, work = fresh, _survey(store, fresh, plan, opts.unit_size, formats, opts.latents)
-            if not work.planned and not work.records and not opts.allow_empty:
-                raise _no_inputs(run.inputs, opts.input_list, plan)
+        state, work = _survey_under_lease(opts, run, state, work, lease)
     for path in state.torn:
-        _log(progress, f"note: {path} is damaged (not a whole commit record); its unit counts as not committed, "
-                       f"is redone if this run plans it, and its record is then replaced")
-    records = work.records
-    tally.records = records
-    replanned, planned, todo, skipped = work.replanned, work.planned, list(work.todo), work.skipped
+        _log(opts.progress, f"note: {path} is damaged (not a whole commit record); its unit counts as not committed, "
+                            f"is redone if this run plans it, and its record is then replaced")
+    run.tally.records = records = work.records
+    todo = list(work.todo)
     # One schema per output (gq_pipeline.schema): the committed one, or the union over this run's inputs
-    ctx = store.resolve_schema(ctx, state, [Unit.from_dict(u) for u in todo], opts.image_column,
-                               opts.storage_options)
-    if replanned.changed_dirs:
-        _log(progress, "note: " + replanned.describe())
+    ctx = run.store.resolve_schema(run.ctx, state, [Unit.from_dict(u) for u in todo], opts.image_column,
+                                   opts.storage_options)
+    if work.replanned.changed_dirs:
+        _log(opts.progress, "note: " + work.replanned.describe())
     plan_s = time.perf_counter() - run.t0
-
     if lease is not None and state.manifest is not None and (
             work.convert or any(u["unit_id"] in records for u in todo)):
         # This run replaces records (formats or latents added). manifest.json caches records, and a run stopped
         # after a replace but before its new manifest would leave a cache naming fewer files than units/ does (gc
         # would take the added shards for orphans): the stale cache goes first, and is rebuilt at the end.
-        store.fs.rm_file(store.path(store.layout.manifest))
-
-    # ---------------------------------------------------------------- conversions (no model call)
-    failed: list[dict[str, str]] = []
-    converted: list[dict[str, Any]] = []
-    model_again = dict(work.model_again)
-    if work.convert:
-        _log(progress, f"{len(work.convert)} committed units lack {'/'.join(formats)}: writing it from their "
-                       f"committed shards (no model call)")
-        try:
-            with _stop_signals():
-                converted, again, conv_failed = _convert_units(store, ctx, work.convert, formats, progress,
-                                                               opts.max_attempts)
-        except KeyboardInterrupt:
-            raise RunInterrupted("interrupted while writing formats from committed shards; what was converted is "
-                                 "committed; rerun the same command to resume") from None
-        failed += conv_failed
-        for f in conv_failed:  # a failure after the commit point still replaced the record: count what is there
-            f["source"] = next((u.source for u in planned if u.unit_id == f["unit_id"]), "")
-            r = store.read_record(f["unit_id"])
-            if r is not None:
-                records[f["unit_id"]] = r
-        for r in converted:
-            records[r["unit_id"]] = r
-        by_id = {u.unit_id: u for u in planned}
-        for uid, why in again.items():
-            model_again[uid] = why
-            have = set(records.get(uid, {}).get("formats", ()))
-            todo.append({**by_id[uid].to_dict(), "formats": sorted(have | set(formats))})
+        run.store.fs.rm_file(run.store.path(run.store.layout.manifest))
+    conv = _conversions(opts, run, ctx, work, records)
+    todo += conv.todo
+    model_again = {**work.model_again, **conv.model_again}
     if model_again:
         reasons = sorted(set(model_again.values()))
-        _log(progress, f"{len(model_again)} committed unit(s) need the model again for the asked format(s): "
-                       + "; ".join(reasons[:3]))
-    _log(progress, f"{skipped} units already committed, {len(converted)} converted, {len(todo)} to tokenize")
-
-    # ---------------------------------------------------------------- run
-    new_records: list[dict[str, Any]] = []
-    hist_total = np.zeros(c.codebook_size, dtype=np.int64)
-    stage = {"read_decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
-    pipeline_s = 0.0
-    pipeline_error: Exception | None = None
-    placement = None
-    run_stats = None
-    interrupted = False
-    if todo:
-        with place(res, opts.verbose) as placement:
-            placement.check_precision(opts.precision)
-            for line in placement.describe():
-                _log(progress, line)
-            spec = WorkSpec(output=store.url, storage_options=opts.storage_options, ctx=ctx, formats=formats,
-                            image_size=opts.image_size, crop=opts.crop, max_pixels=opts.max_pixels,
-                            multiple_of=run.factor, image_column=opts.image_column, batch_size=opts.batch_size,
-                            decode_threads=placement.decode_threads, allow_external_refs=opts.allow_external_refs,
-                            extensions=opts.extensions, niceness=placement.decode_niceness)
-            budget = FailureBudget(opts.max_failed_units, len(todo))
-            t_run = time.perf_counter()
-            with _stop_signals(), worker_pool(run.gq, spec, placement, opts.precision, opts.latents,
-                                              res) as pool:
-                reporter = ProgressReporter(todo, enabled=progress)
-                try:
-                    run_stats = run_units(pool, iter(todo), budget=budget, max_attempts=opts.max_attempts,
-                                          on_progress=_progress_logger(reporter, lease, pool),
-                                          progress_every_s=reporter.tick_s)
-                except FailureBudgetExceeded as e:
-                    run_stats, pipeline_error = e.stats, e
-                except NoWorkersError as e:
-                    pipeline_error = e
-                except Interrupted as e:
-                    run_stats, interrupted = e.stats, True
-                except (LeaseLostError, ValueError, TypeError):
-                    raise
-                except Exception as e:  # the cluster or the driver's side of it broke (a raylet gone, ...)
-                    pipeline_error = e
-                pipeline_s = time.perf_counter() - t_run
-                reporter.close(run_stats)
-                try:
-                    for st in pool.stats():
-                        hist_total += st["hist"]
-                        stage["oom_halvings"] = stage.get("oom_halvings", 0) + st.get("oom_halvings", 0)
-                except Exception:  # workers gone at the end: this run's usage statistics lack their histograms
-                    pass
-        if run_stats is not None:
-            failed += run_stats.failed
-            for o in run_stats.committed:
-                new_records.append(o["record"])
-                stage["read_decode_s"] += o.get("read_s", 0.0)
-                stage["model_s"] += o.get("model_s", 0.0)
-                stage["write_s"] += o.get("write_s", 0.0)
-            stage["retries"], stage["workers_lost"] = run_stats.retries, run_stats.workers_lost
-            stage["already_committed_by_another_run"] = len(run_stats.already)
-            for r in run_stats.already:  # in the manifest, not in this run's counts
-                records[r["unit_id"]] = r
-            stage["driver_bytes_received"] = run_stats.outcome_bytes
-        if new_records == [] and failed and len(failed) == len(todo) and pipeline_error is None:
-            # nothing committed and every unit failed: systematic (a broken model or store), not bad inputs
-            pipeline_error = RuntimeError(failed[0]["reason"])
-
-    # ---------------------------------------------------------------- manifest and summary
-    for r in new_records:
+        _log(opts.progress, f"{len(model_again)} committed unit(s) need the model again for the asked format(s): "
+                            + "; ".join(reasons[:3]))
+    _log(opts.progress, f"{work.skipped} units already committed, {len(conv.converted)} converted, {len(todo)} to "
+                        f"tokenize")
+    done = _tokenize_units(opts, res, run, ctx, todo, lease) if todo else _Tokenized(
+        hist=np.zeros(run.gq.config.codebook_size, dtype=np.int64))
+    for r in done.already + done.new_records:  # another run's commits count in the manifest, not in this run's
         records[r["unit_id"]] = r
-    tally.this_run = len(new_records) + len(converted)
+    run.tally.this_run = len(done.new_records) + len(conv.converted)
+    return _finish(opts, run, ctx, lease, work, records, conv, done, len(todo), plan_s)
+
+
+def _survey_under_lease(opts: TokenizeOptions, run: _Run, state, work: _Survey | None, lease: OutputLease):
+    """The output's state read again under the lease (what another run committed meanwhile counts), checked,
+    cleaned up after a killed run, and surveyed again if it changed since the survey without the lease."""
+    store = run.store
+    fresh = store.load()
+    store.check_compatible(fresh, run.ctx)
+    store.prepare(temp_stale_s=lease.temp_grace_s)  # after the check: a refused output is left as it was
+    if work is None or fresh.records != state.records or fresh.torn != state.torn:
+        state, work = fresh, _survey(store, fresh, run.plan, opts.unit_size, opts.formats, opts.latents)
+        if not work.planned and not work.records and not opts.allow_empty:
+            raise _no_inputs(run.inputs, opts.input_list, run.plan)
+    return state, work
+
+
+@dataclass
+class _Converted:
+    """What the format conversions did: records now holding the asked formats, units that failed, and units that
+    turned out to need the model again (their ``todo`` entries, and why)."""
+
+    converted: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    todo: list[dict[str, Any]] = field(default_factory=list)
+    model_again: dict[str, str] = field(default_factory=dict)
+
+
+def _conversions(opts: TokenizeOptions, run: _Run, ctx: ShardContext, work: _Survey,
+                 records: dict[str, dict[str, Any]]) -> _Converted:
+    """Write the asked formats of committed units from their committed shards (no model call). ``records`` gets the
+    records as they are afterwards, failed ones included (a failure after the commit point still replaced it)."""
+    out = _Converted()
+    if not work.convert:
+        return out
+    store, formats = run.store, opts.formats
+    _log(opts.progress, f"{len(work.convert)} committed units lack {'/'.join(formats)}: writing it from their "
+                        f"committed shards (no model call)")
+    try:
+        with _stop_signals():
+            out.converted, again, out.failed = _convert_units(store, ctx, work.convert, formats, opts.progress,
+                                                              opts.max_attempts)
+    except KeyboardInterrupt:
+        raise RunInterrupted("interrupted while writing formats from committed shards; what was converted is "
+                             "committed; rerun the same command to resume") from None
+    for f in out.failed:
+        f["source"] = next((u.source for u in work.planned if u.unit_id == f["unit_id"]), "")
+        r = store.read_record(f["unit_id"])
+        if r is not None:
+            records[f["unit_id"]] = r
+    for r in out.converted:
+        records[r["unit_id"]] = r
+    by_id = {u.unit_id: u for u in work.planned}
+    for uid, why in again.items():
+        out.model_again[uid] = why
+        have = set(records.get(uid, {}).get("formats", ()))
+        out.todo.append({**by_id[uid].to_dict(), "formats": sorted(have | set(formats))})
+    return out
+
+
+@dataclass
+class _Tokenized:
+    """What the model's part of the run did, for the manifest and the summary."""
+
+    hist: np.ndarray
+    new_records: list[dict[str, Any]] = field(default_factory=list)
+    already: list[dict[str, Any]] = field(default_factory=list)  # committed by another run first
+    failed: list[dict[str, str]] = field(default_factory=list)
+    stage: dict[str, Any] = field(default_factory=lambda: {"read_decode_s": 0.0, "model_s": 0.0, "write_s": 0.0})
+    pipeline_s: float = 0.0
+    pipeline_error: Exception | None = None
+    placement: Any = None
+    interrupted: bool = False
+
+
+def _tokenize_units(opts: TokenizeOptions, res: Resources, run: _Run, ctx: ShardContext, todo: list,
+                    lease: OutputLease | None) -> _Tokenized:
+    """Run ``todo`` on the placement's pool. Faults the budget allows, a lost cluster and Ctrl-C are recorded in the
+    result (the manifest is still written); refusals and bad arguments raise."""
+    done = _Tokenized(hist=np.zeros(run.gq.config.codebook_size, dtype=np.int64))
+    stage, run_stats = done.stage, None
+    with place(res, opts.verbose) as placement:
+        done.placement = placement
+        placement.check_precision(opts.precision)
+        for line in placement.describe():
+            _log(opts.progress, line)
+        spec = WorkSpec(output=run.store.url, storage_options=opts.storage_options, ctx=ctx, formats=opts.formats,
+                        image_size=opts.image_size, crop=opts.crop, max_pixels=opts.max_pixels,
+                        multiple_of=run.factor, image_column=opts.image_column, batch_size=opts.batch_size,
+                        decode_threads=placement.decode_threads, allow_external_refs=opts.allow_external_refs,
+                        extensions=opts.extensions, niceness=placement.decode_niceness)
+        budget = FailureBudget(opts.max_failed_units, len(todo))
+        t_run = time.perf_counter()
+        with _stop_signals(), worker_pool(run.gq, spec, placement, opts.precision, opts.latents, res) as pool:
+            reporter = ProgressReporter(todo, enabled=opts.progress)
+            try:
+                run_stats = run_units(pool, iter(todo), budget=budget, max_attempts=opts.max_attempts,
+                                      on_progress=_progress_logger(reporter, lease, pool),
+                                      progress_every_s=reporter.tick_s)
+            except FailureBudgetExceeded as e:
+                run_stats, done.pipeline_error = e.stats, e
+            except NoWorkersError as e:
+                done.pipeline_error = e
+            except Interrupted as e:
+                run_stats, done.interrupted = e.stats, True
+            except (LeaseLostError, ValueError, TypeError):
+                raise
+            except Exception as e:  # the cluster or the driver's side of it broke (a raylet gone, ...)
+                done.pipeline_error = e
+            done.pipeline_s = time.perf_counter() - t_run
+            reporter.close(run_stats)
+            try:
+                for st in pool.stats():
+                    done.hist += st["hist"]
+                    stage["oom_halvings"] = stage.get("oom_halvings", 0) + st.get("oom_halvings", 0)
+            except Exception:  # workers gone at the end: this run's usage statistics lack their histograms
+                pass
+    if run_stats is not None:
+        done.failed = list(run_stats.failed)
+        for o in run_stats.committed:
+            done.new_records.append(o["record"])
+            stage["read_decode_s"] += o.get("read_s", 0.0)
+            stage["model_s"] += o.get("model_s", 0.0)
+            stage["write_s"] += o.get("write_s", 0.0)
+        stage["retries"], stage["workers_lost"] = run_stats.retries, run_stats.workers_lost
+        stage["already_committed_by_another_run"] = len(run_stats.already)
+        done.already = list(run_stats.already)
+        stage["driver_bytes_received"] = run_stats.outcome_bytes
+    if not done.new_records and done.failed and len(done.failed) == len(todo) and done.pipeline_error is None:
+        # nothing committed and every unit failed: systematic (a broken model or store), not bad inputs
+        done.pipeline_error = RuntimeError(done.failed[0]["reason"])
+    return done
+
+
+def _finish(opts: TokenizeOptions, run: _Run, ctx: ShardContext, lease: OutputLease | None, work: _Survey,
+            records: dict[str, dict[str, Any]], conv: _Converted, done: _Tokenized, n_todo: int,
+            plan_s: float) -> dict[str, Any]:
+    """The manifest (written under the lease), then the run's outcome: an exception for an interrupted or stopped
+    run, else the summary ``tokenize`` returns."""
+    store, plan, progress, c = run.store, run.plan, opts.progress, run.gq.config
+    failed = conv.failed + done.failed
+    new_records, converted, planned, skipped = done.new_records, conv.converted, work.planned, work.skipped
     all_records = [records[k] for k in sorted(records)]
     tot_in = sum(r["inputs"] for r in all_records)
     tot_ok = sum(r["tokenized"] for r in all_records)
@@ -537,6 +583,7 @@ def _run_leased(opts: TokenizeOptions, res: Resources, run: _Run, state, work: _
             by_kind[k] = by_kind.get(k, 0) + v
     run_in = sum(r["inputs"] for r in new_records)
     wall = time.perf_counter() - run.t_start
+    stage, pipeline_s, placement = done.stage, done.pipeline_s, done.placement
     busy = {k: stage[k] for k in ("read_decode_s", "model_s", "write_s")}
     busy_total = sum(busy.values()) or 1.0
     throughput = {
@@ -547,10 +594,12 @@ def _run_leased(opts: TokenizeOptions, res: Resources, run: _Run, state, work: _
         "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
         "model_utilization": (round(stage["model_s"] / (pipeline_s * placement.workers), 3)
                               if pipeline_s > 0 and placement is not None else None),
-        "resources": placement.as_dict() if placement is not None else {}, "driver_bytes_received": stage.get("driver_bytes_received", 0),
+        "resources": placement.as_dict() if placement is not None else {},
+        "driver_bytes_received": stage.get("driver_bytes_received", 0),
         "faults": {k: stage.get(k, 0) for k in ("retries", "workers_lost", "oom_halvings",
                                                 "already_committed_by_another_run")},
     }
+    replanned = work.replanned
     listing_changes = {"folders": len(replanned.changed_dirs), "recut_units": replanned.recut_units,
                        "committed_files_no_longer_listed": replanned.committed_unlisted,
                        "units_read_back": replanned.shards_read}
@@ -560,7 +609,7 @@ def _run_leased(opts: TokenizeOptions, res: Resources, run: _Run, state, work: _
                 "inputs": tot_in, "tokenized": tot_ok, "errors": tot_err,
                 "errors_by_kind": dict(sorted(by_kind.items())),
                 "units": [manifest_unit_entry(r) for r in all_records], "wids_index": None,
-                "throughput": throughput, "codebook_usage": run_usage(hist_total), "listing_changes": listing_changes}
+                "throughput": throughput, "codebook_usage": run_usage(done.hist), "listing_changes": listing_changes}
     if failed:
         manifest["failed_units"] = failed
     if lease is not None:
@@ -571,21 +620,21 @@ def _run_leased(opts: TokenizeOptions, res: Resources, run: _Run, state, work: _
         except (LeaseLostError, LeaseHeldError):
             raise
         except Exception as e:  # the commit records are the truth: a rerun rebuilds the manifest from them
-            raise JobError(f"writing {store.url}/manifest.json failed: {_one_line(e)}. {tally.describe()} (the "
+            raise JobError(f"writing {store.url}/manifest.json failed: {_one_line(e)}. {run.tally.describe()} (the "
                            f"manifest is rebuilt from units/ by the rerun)") from e
     else:  # nothing to write: the manifest on storage is current
         manifest["wids_index"] = store.layout.wids_index if store.wids_index_bytes(all_records) is not None else None
         _log(progress, "nothing to do: every planned unit is committed and manifest.json is current (nothing was "
                        "written)")
-    if interrupted:
+    if done.interrupted:
         raise RunInterrupted(f"interrupted: {len(new_records)} units committed in this run ({len(all_records)} of "
                              f"{len(planned)} in the output, {tot_in} inputs); rerun the same command to resume")
-    if pipeline_error is not None:
-        raise JobError(f"the pipeline stopped after committing {len(new_records)} of {len(todo)} units: "
-                       f"{_one_line(pipeline_error)}. {tally.describe()}") from pipeline_error
+    if done.pipeline_error is not None:
+        raise JobError(f"the pipeline stopped after committing {len(new_records)} of {n_todo} units: "
+                       f"{_one_line(done.pipeline_error)}. {run.tally.describe()}") from done.pipeline_error
     summary = {"output": store.url, "units_planned": len(planned), "units_skipped": skipped,
-               "units_committed": len(new_records), "units_converted": len(converted), "units_failed": failed, "inputs": tot_in, "tokenized": tot_ok,
-               "errors": tot_err, "errors_by_kind": manifest["errors_by_kind"],
+               "units_committed": len(new_records), "units_converted": len(converted), "units_failed": failed,
+               "inputs": tot_in, "tokenized": tot_ok, "errors": tot_err, "errors_by_kind": manifest["errors_by_kind"],
                "this_run": {"inputs": run_in, "tokenized": sum(r["tokenized"] for r in new_records),
                             "errors": sum(r["errors"] for r in new_records)},
                "ignored_files": plan.ignored, **ignored_counts(plan), "listing_changes": manifest["listing_changes"],
