@@ -565,6 +565,26 @@ def _tokenize_units(opts: TokenizeOptions, res: Resources, run: _Run, ctx: Shard
     return done
 
 
+def _throughput(done: _Tokenized, images: int, wall: float, list_s: float, plan_s: float) -> dict[str, Any]:
+    """The manifest's and summary's ``throughput``: clocks, images/s, where the workers' time went, faults."""
+    stage, pipeline_s, placement = done.stage, done.pipeline_s, done.placement
+    busy = {k: stage[k] for k in ("read_decode_s", "model_s", "write_s")}
+    busy_total = sum(busy.values()) or 1.0
+    return {
+        "wall_s": round(wall, 3), "list_s": round(list_s, 3), "plan_s": round(plan_s, 3),
+        "pipeline_s": round(pipeline_s, 3), "images": images,
+        "images_per_s": round(images / pipeline_s, 2) if pipeline_s > 0 else None,
+        "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
+        "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
+        "model_utilization": (round(stage["model_s"] / (pipeline_s * placement.workers), 3)
+                              if pipeline_s > 0 and placement is not None else None),
+        "resources": placement.as_dict() if placement is not None else {},
+        "driver_bytes_received": stage.get("driver_bytes_received", 0),
+        "faults": {k: stage.get(k, 0) for k in ("retries", "workers_lost", "oom_halvings",
+                                                "already_committed_by_another_run")},
+    }
+
+
 def _finish(opts: TokenizeOptions, run: _Run, ctx: ShardContext, lease: OutputLease | None, work: _Survey,
             records: dict[str, dict[str, Any]], conv: _Converted, done: _Tokenized, n_todo: int,
             plan_s: float) -> dict[str, Any]:
@@ -583,22 +603,7 @@ def _finish(opts: TokenizeOptions, run: _Run, ctx: ShardContext, lease: OutputLe
             by_kind[k] = by_kind.get(k, 0) + v
     run_in = sum(r["inputs"] for r in new_records)
     wall = time.perf_counter() - run.t_start
-    stage, pipeline_s, placement = done.stage, done.pipeline_s, done.placement
-    busy = {k: stage[k] for k in ("read_decode_s", "model_s", "write_s")}
-    busy_total = sum(busy.values()) or 1.0
-    throughput = {
-        "wall_s": round(wall, 3), "list_s": round(plan.list_s, 3), "plan_s": round(plan_s, 3),
-        "pipeline_s": round(pipeline_s, 3), "images": run_in,
-        "images_per_s": round(run_in / pipeline_s, 2) if pipeline_s > 0 else None,
-        "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
-        "time_split": {k: round(v / busy_total, 3) for k, v in busy.items()},
-        "model_utilization": (round(stage["model_s"] / (pipeline_s * placement.workers), 3)
-                              if pipeline_s > 0 and placement is not None else None),
-        "resources": placement.as_dict() if placement is not None else {},
-        "driver_bytes_received": stage.get("driver_bytes_received", 0),
-        "faults": {k: stage.get(k, 0) for k in ("retries", "workers_lost", "oom_halvings",
-                                                "already_committed_by_another_run")},
-    }
+    throughput = _throughput(done, run_in, wall, plan.list_s, plan_s)
     replanned = work.replanned
     listing_changes = {"folders": len(replanned.changed_dirs), "recut_units": replanned.recut_units,
                        "committed_files_no_longer_listed": replanned.committed_unlisted,
