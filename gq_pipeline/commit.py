@@ -2,8 +2,9 @@
 
 The whole commit protocol lives here, the way Ray Data's ``Datasink`` keeps its lifecycle in one place: every write
 that makes a unit "done", and the roll-forward that finishes a commit a crash interrupted. What the files and the
-record contain is :mod:`gq_pipeline.writers`' (built in memory, no I/O); the names of staging folders and the
-listing of what is committed are :mod:`gq_pipeline.commitset`'s, shared with the readers and ``gq gc``. Whoever
+record contain is :mod:`gq_pipeline.writers`' (built in memory, no I/O); every path name, staging folders' too, is
+:mod:`gq_pipeline.layout`'s; the listing of what is committed is :mod:`gq_pipeline.commitset`'s, shared with the
+readers and ``gq gc`` (roll-forward reads it). Whoever
 produced the unit's rows (a worker that tokenized it, or a plugin sink) commits them through here. The steps, and
 why in this order:
 
@@ -30,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gq_model.storage import create_exclusive, is_local_fs, put_atomic, read_versioned, replace_if_match
-from gq_pipeline.commitset import TornRecordError, attempt_unit, new_attempt, parse_record, staged_files
-from gq_pipeline.layout import CURRENT, Layout
+from gq_pipeline.commitset import TornRecordError, parse_record, staged_files
+from gq_pipeline.layout import CURRENT, Layout, attempt_unit, new_attempt
 from gq_pipeline.writers import CompleteUnit, ShardContext, UnitFiles, unit_files
 
 if TYPE_CHECKING:

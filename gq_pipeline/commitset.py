@@ -6,7 +6,8 @@ One home for the rules that the writer, the readers (:mod:`gq_pipeline.shards`) 
 (docs/token-format.md, "Staging"):
 
 * a unit's files are first written under ``.gq/staging/<attempt>/<final relpath>`` (``attempt`` =
-  ``<unit_id>.<random hex>``, unique per try, so two tries of one unit never touch each other's staged files);
+  ``<unit_id>.<random hex>``, :func:`gq_pipeline.layout.new_attempt`, unique per try, so two tries of one unit never
+  touch each other's staged files);
 * its record ``.gq/units/<unit_id>.json`` is then created: the commit point;
 * then each staged file is *published* to its final name.
 
@@ -20,22 +21,12 @@ from __future__ import annotations
 
 import json
 import posixpath
-import uuid
 from typing import Any
 
 from gq_pipeline.layout import CURRENT, Layout
 
-__all__ = ["TornRecordError", "new_attempt", "attempt_unit", "staged_relpath", "parse_record", "read_records",
+__all__ = ["TornRecordError", "staged_relpath", "parse_record", "read_records",
            "staged_files", "committed_paths", "uncommitted_files"]
-
-
-def new_attempt(unit_id: str) -> str:
-    """A staging folder name for one try at committing ``unit_id`` (the unit id first, so gc can tell whose)."""
-    return f"{unit_id}.{uuid.uuid4().hex[:12]}"
-
-
-def attempt_unit(attempt: str) -> str:
-    return attempt.split(".", 1)[0]
 
 
 def staged_relpath(attempt: str, relpath: str, layout: Layout = CURRENT) -> str:

@@ -21,10 +21,11 @@ Version 1 outputs stay readable (:func:`detect`); this gq does not write into th
 from __future__ import annotations
 
 import posixpath
+import uuid
 from dataclasses import dataclass
 
 __all__ = ["Layout", "V1", "V2", "CURRENT", "PARQUET", "WEBDATASET", "DATA_DIRS", "META", "detect",
-           "LEGACY_WIDS_INDEX", "SINK_TMP", "layout_of_version", "shard_ext"]
+           "LEGACY_WIDS_INDEX", "SINK_TMP", "layout_of_version", "shard_ext", "new_attempt", "attempt_unit"]
 
 PARQUET = "parquet"        # token shards, Parquet (both versions)
 WEBDATASET = "webdataset"  # token shards, WebDataset tars (both versions)
@@ -36,6 +37,16 @@ LEGACY_WIDS_INDEX = f"{WEBDATASET}/index.json"
 
 def shard_ext(fmt: str) -> str:
     return "tar" if fmt == WEBDATASET else "parquet"
+
+
+def new_attempt(unit_id: str) -> str:
+    """A staging folder name for one try at committing ``unit_id`` (the unit id first, so gc can tell whose)."""
+    return f"{unit_id}.{uuid.uuid4().hex[:12]}"
+
+
+def attempt_unit(attempt: str) -> str:
+    """The unit id a staging folder name (:func:`new_attempt`) belongs to."""
+    return attempt.split(".", 1)[0]
 
 
 @dataclass(frozen=True)
