@@ -147,7 +147,7 @@ def test_model_failing_on_one_image_marks_that_row(tiny_model, jpegs, monkeypatc
         t({"image": [jpegs["img1.jpg"]]})
 
 
-def test_out_of_memory_halves_the_plugins_batch_as_gq_tokenize_does(tiny_model, jpegs):
+def test_out_of_memory_halves_the_plugins_batch_as_gq_tokenize_does(tiny_model, jpegs, monkeypatch):
     """The plugin batches like gq tokenize's workers: a real CPU allocator failure on batches of more than two
     images halves the batch (kept for later calls) and every image still gets its tokens, equal to a plain run's."""
     import torch
@@ -162,7 +162,7 @@ def test_out_of_memory_halves_the_plugins_batch_as_gq_tokenize_does(tiny_model, 
             torch.empty(1 << 50, dtype=torch.uint8)  # raises RuntimeError from torch's CPU allocator
         return encode(x)
 
-    t.model.encode_moments = allocate_too_much_for_big_batches
+    monkeypatch.setattr(t.model, "encode_moments", allocate_too_much_for_big_batches)  # t.model is the fixture's
     out = t({"image": images})
     assert all(e is None for e in out["gq_error"])
     assert all(np.array_equal(a, b) for a, b in zip(out["tokens"], want))
