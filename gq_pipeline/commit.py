@@ -179,7 +179,7 @@ def commit_unit(store: "OutputStore", ctx: ShardContext, formats: tuple[str, ...
     files are discarded and (that record, None) is returned, so the other run's tokens are not counted twice."""
     staged = stage_unit(store, ctx, formats, done)
     if not commit_staged(store, staged):
-        return json.loads(store.fs.cat_file(store.path(store.layout.record(done.unit.unit_id)))), None
+        return store.read_record(done.unit.unit_id), None
     return staged.record, staged.hist
 
 

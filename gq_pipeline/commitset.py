@@ -25,12 +25,8 @@ from typing import Any
 
 from gq_pipeline.layout import CURRENT, Layout
 
-__all__ = ["TornRecordError", "staged_relpath", "parse_record", "read_records",
+__all__ = ["TornRecordError", "parse_record", "read_records",
            "staged_files", "committed_paths", "uncommitted_files"]
-
-
-def staged_relpath(attempt: str, relpath: str, layout: Layout = CURRENT) -> str:
-    return layout.staged(attempt, relpath)
 
 
 class TornRecordError(ValueError):

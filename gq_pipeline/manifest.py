@@ -88,10 +88,6 @@ class OutputStore:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    @staticmethod
-    def shard_relpath(fmt: str, unit_id: str, model_fp: str) -> str:
-        return _layout.CURRENT.shard(fmt, unit_id, model_fp)
-
     def refuse_older_layout(self) -> None:
         """Raise :class:`OlderLayoutError` when the output is a version-1 one (records and manifest at the root).
 

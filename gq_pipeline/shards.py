@@ -40,7 +40,7 @@ import torch
 
 from gq_model.storage import is_local_protocol, options_for
 from gq_pipeline import layout as _layout
-from gq_pipeline.commitset import read_records, staged_files, staged_relpath
+from gq_pipeline.commitset import read_records, staged_files
 from gq_pipeline.records import FORMAT_VERSION as _WRITTEN_FORMAT_VERSION
 from gq_pipeline.records import READABLE_FORMAT_VERSIONS as _READABLE
 
@@ -268,7 +268,7 @@ def _from_commit_set(fsref: FSRef, path: str, format: str, strict: bool,
     has_staging = meta is None or posixpath.basename(lay.staging) in meta  # the .gq listing said (saves 3 requests)
     for attempt, rels in (staged_files(fs, root, lay) if has_staging else {}).items():
         for rel in rels:
-            staged.setdefault((_layout.attempt_unit(attempt), rel), posixpath.join(root, staged_relpath(attempt, rel, lay)))
+            staged.setdefault((_layout.attempt_unit(attempt), rel), posixpath.join(root, lay.staged(attempt, rel)))
 
     def where(uid: str, rel: str) -> str:
         final = posixpath.join(root, rel)

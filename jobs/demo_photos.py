@@ -241,19 +241,6 @@ def fetch(cache: str, sources: tuple[Source, ...] = SOURCES, pool: str = DEBIAN_
     return out
 
 
-def rgb(path: str):
-    """A picture as an RGB PIL image, transparency composited on white (as the tokenizer does)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            back = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            return Image.alpha_composite(back, im).convert("RGB")
-        return im.convert("RGB")
-
-
 def write_training_set(photos: dict[str, list[str]], folder: str, scales: tuple[int, ...],
                        sources: tuple[Source, ...] = SOURCES) -> list[str]:
     """Each training photo, its shorter side resized to every one of ``scales`` (PIL bicubic), as BMP in ``folder``.
@@ -263,13 +250,17 @@ def write_training_set(photos: dict[str, list[str]], folder: str, scales: tuple[
     BMP (lossless, uncompressed) decodes in a third of a PNG's time: the training job decodes each image per crop."""
     from PIL import Image
 
+    from gq_pipeline.preprocess import to_rgb  # the tokenizer's colour policy (transparency composited on white)
+
     os.makedirs(folder, exist_ok=True)
     written = []
     for src in sources:
         if src.split != "train":
             continue
         for path in photos[src.name]:
-            im = rgb(path)
+            with Image.open(path) as f:
+                f.load()
+                im = to_rgb(f)
             stem = os.path.splitext(os.path.basename(path))[0]
             for s in scales:
                 f = s / min(im.size)
